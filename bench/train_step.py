@@ -1,0 +1,314 @@
+"""Training-step benchmark: rustforge's fast MoE path vs transformers + PEFT, side by side in one run.
+
+GPT-OSS-20B shape (24 layers, random weights), batch 1, LoRA r16 on q/k/v/o and on the experts'
+gate_up/down projections. For each case a fresh subprocess builds the model once and times full training
+steps (forward, backward, AdamW) at increasing sequence lengths until one runs out of memory, so every
+case starts with an empty GPU. Before timing, the GPU-marked correctness tests (our kernels vs their
+references, forward and gradients) run on the same GPU.
+
+    python bench/train_step.py --plan main   --out results.jsonl     # checks + ours (bf16/fp8/mxfp4) + baseline
+    python bench/train_step.py --plan long   --out results.jsonl     # largest context that fits
+    python bench/train_step.py --case ours --fmt mxfp4 --seqs 4096 --shape tiny --device cpu   # smoke test
+
+Useful FLOPs per token = 2*N_active (forward) + 2*N_active (backward to activations; the base is frozen, so
+no weight gradients) + attention scores and values (forward 4*T_k*d per head, backward twice that), not
+counting checkpoint recompute; MFU is that over the measured bf16 matmul ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from rustforge.config import LoraConfig, ModelConfig  # noqa: E402
+from rustforge.model.presets import get_preset  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------- flops model
+def active_params(p) -> tuple[float, float]:
+    """(non-embedding active params per token, lm_head params)."""
+    d, hq, hkv, hd = p.hidden_size, p.num_attention_heads, p.num_key_value_heads, p.head_dim
+    attn = d * hq * hd * 2 + d * hkv * hd * 2
+    experts = p.num_experts_per_tok * (d * 2 * p.intermediate_size + p.intermediate_size * d)
+    router = d * p.num_local_experts
+    return p.num_hidden_layers * (attn + experts + router), d * p.vocab_size
+
+
+def useful_flops(p, seq_len: int, n_docs: int) -> float:
+    body, head = active_params(p)
+    dense = 4 * (body + head) * seq_len  # fwd 2N + bwd-to-activations 2N
+    doc = seq_len / n_docs
+    attn = 0.0
+    for layer in range(p.num_hidden_layers):
+        keys = min(p.sliding_window, doc / 2) if layer % 2 == 0 else doc / 2  # mean keys per query
+        attn += 3 * 4 * seq_len * keys * p.head_dim * p.num_attention_heads  # fwd + 2x bwd
+    return dense + attn
+
+
+# ------------------------------------------------------------------------------------------- ceilings
+def measure_ceilings(device) -> dict:
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    tflops = 2 * n**3 * 10 / (time.perf_counter() - t) / 1e12
+    x = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    for _ in range(2):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(5):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    tbs = 2 * x.numel() * 5 / (time.perf_counter() - t) / 1e12
+    del a, b, x, y
+    torch.cuda.empty_cache()
+    return {"bf16_matmul_tflops": tflops, "copy_tb_s": tbs}
+
+
+# ---------------------------------------------------------------------------------------------- batch
+def packed_batch(seq_len: int, vocab: int, n_docs: int, device):
+    """Random tokens in n_docs equal documents: position ids restart, labels never cross documents."""
+    g = torch.Generator().manual_seed(seq_len)
+    ids = torch.randint(0, vocab, (1, seq_len), generator=g)
+    doc_len = seq_len // n_docs
+    doc_ids = (torch.arange(seq_len) // doc_len).clamp(max=n_docs - 1)[None]
+    starts = torch.searchsorted(doc_ids[0], doc_ids[0], right=False)
+    position_ids = (torch.arange(seq_len) - starts)[None]
+    labels = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], 1)
+    labels[:, :-1][doc_ids[:, 1:] != doc_ids[:, :-1]] = -100
+    batch = {"input_ids": ids, "position_ids": position_ids, "doc_ids": doc_ids, "labels": labels}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------- our path
+def build_ours(args, device):
+    from rustforge.model.gptoss import build_model
+
+    mcfg = ModelConfig(
+        preset=args.shape,
+        attention="flex" if device.type == "cuda" else "eager",
+        experts="grouped",
+        expert_format=args.fmt,
+        dtype="bfloat16" if device.type == "cuda" else "float32",
+        gradient_checkpointing=not args.no_ckpt,
+        offload_activations=args.offload,
+        loss_chunk_size=args.loss_chunk,
+    )
+    return build_model(mcfg, LoraConfig(r=16, alpha=32), device=device)
+
+
+def step_ours(model, opt, batch, device):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = model(**batch)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(out.loss)
+
+
+# --------------------------------------------------------------------------------------- the baseline
+def build_hf_peft(args, device):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import GptOssForCausalLM
+
+    from rustforge.model.presets import hf_config
+
+    cfg = hf_config(get_preset(args.shape))
+    cfg._attn_implementation = args.hf_attn
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with device:
+        model = GptOssForCausalLM(cfg)
+    torch.set_default_dtype(prev)
+    if args.hf_experts:
+        model.config._experts_implementation = args.hf_experts
+    peft_cfg = PeftLoraConfig(
+        r=16,
+        lora_alpha=32,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
+    model = get_peft_model(model, peft_cfg)
+    if not args.no_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def step_hf(model, opt, batch, device):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(out.loss)
+
+
+# ---------------------------------------------------------------------------------------- one case
+def run_case(args) -> None:
+    device = torch.device(args.device)
+    preset = get_preset(args.shape)
+    record = {"case": args.case, "fmt": args.fmt, "hf_attn": args.hf_attn, "hf_experts": args.hf_experts,
+              "ckpt": not args.no_ckpt, "offload": args.offload, "shape": args.shape}
+    t0 = time.perf_counter()
+    model = build_ours(args, device) if args.case == "ours" else build_hf_peft(args, device)
+    step = step_ours if args.case == "ours" else step_hf
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        weights_gb = torch.cuda.memory_allocated() / 2**30
+    else:
+        weights_gb = 0.0
+    _emit(args.out, {**record, "event": "built", "build_s": time.perf_counter() - t0, "weights_gib": weights_gb,
+                     "trainable_params": sum(p.numel() for p in params)})
+    for seq_len in [int(s) for s in args.seqs.split(",")]:
+        rec = {**record, "event": "step", "seq_len": seq_len}
+        try:
+            batch = packed_batch(seq_len, preset.vocab_size if args.shape != "tiny" else 4096, args.docs, device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            for _ in range(args.warmup):
+                loss = step(model, opt, batch, device)
+            times = []
+            for _ in range(args.iters):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                loss = step(model, opt, batch, device)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            times.sort()
+            median = times[len(times) // 2]
+            flops = useful_flops(preset, seq_len, args.docs)
+            rec.update(ok=True, loss=loss, step_s=median, tok_s=seq_len / median, tflops=flops / median / 1e12,
+                       peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0)
+        except torch.OutOfMemoryError as e:
+            rec.update(ok=False, error="OOM", detail=str(e).splitlines()[0][:200])
+        except Exception as e:  # a failure is a result too: record it and stop this case
+            rec.update(ok=False, error=type(e).__name__, detail=traceback.format_exc()[-1500:])
+        _emit(args.out, rec)
+        opt.zero_grad(set_to_none=True)
+        batch = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if not rec["ok"]:
+            break
+    if args.profile_seq and args.case == "ours" and device.type == "cuda":
+        profile(model, opt, packed_batch(args.profile_seq, preset.vocab_size, args.docs, device), device, args)
+
+
+def profile(model, opt, batch, device, args) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    step_ours(model, opt, batch, device)
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step_ours(model, opt, batch, device)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    Path(args.out).with_suffix(f".profile-{args.fmt}.txt").write_text(table)
+    print(table[:6000])
+
+
+def _emit(path: str, rec: dict) -> None:
+    print(json.dumps(rec), flush=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+# ----------------------------------------------------------------------------------------- the plans
+PLANS = {
+    "main": [
+        "--case ours --fmt mxfp4 --seqs 4096,16384,32768,65536 --profile-seq 16384",
+        "--case ours --fmt fp8 --seqs 4096,16384,65536",
+        "--case ours --fmt bf16 --seqs 4096,16384,65536",
+        "--case hf --hf-attn eager --seqs 4096,16384",
+        "--case hf --hf-attn flex_attention --seqs 4096,16384",
+        "--case hf --hf-attn eager --no-ckpt --seqs 1024",
+    ],
+    "long": [
+        "--case ours --fmt mxfp4 --seqs 98304,131072,196608 --iters 1 --warmup 1",
+        "--case ours --fmt mxfp4 --offload --seqs 131072,196608,262144,393216,524288 --iters 1 --warmup 1",
+    ],
+}
+
+
+def run_plan(args) -> None:
+    device = torch.device("cuda")
+    env = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    import transformers
+
+    env["transformers"] = transformers.__version__
+    try:
+        import peft
+
+        env["peft"] = peft.__version__
+    except ImportError:
+        pass
+    _emit(args.out, {"event": "env", **env, **measure_ceilings(device)})
+    if args.checks:
+        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-x", str(ROOT / "tests")],
+                               capture_output=True, text=True, cwd=ROOT)
+        tail = (tests.stdout + tests.stderr)[-3000:]
+        print(tail)
+        _emit(args.out, {"event": "gpu_checks", "returncode": tests.returncode, "tail": tail[-600:]})
+    for case in PLANS[args.plan]:
+        cmd = [sys.executable, __file__, *case.split(), "--out", args.out, "--docs", str(args.docs)]
+        print("+", " ".join(cmd[2:]), flush=True)
+        proc = subprocess.run(cmd, cwd=ROOT, timeout=args.case_timeout)
+        if proc.returncode != 0:
+            _emit(args.out, {"event": "case_failed", "case": case, "returncode": proc.returncode})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plan", choices=sorted(PLANS))
+    p.add_argument("--checks", action="store_true", help="run the GPU correctness tests first")
+    p.add_argument("--case", choices=["ours", "hf"])
+    p.add_argument("--fmt", default="bf16", choices=["bf16", "fp8", "mxfp4"])
+    p.add_argument("--hf-attn", default="eager")
+    p.add_argument("--hf-experts", default=None, help="transformers experts implementation (default: its own)")
+    p.add_argument("--no-ckpt", action="store_true")
+    p.add_argument("--offload", action="store_true")
+    p.add_argument("--seqs", default="4096")
+    p.add_argument("--docs", type=int, default=4, help="documents packed per sequence")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--loss-chunk", type=int, default=4096)
+    p.add_argument("--profile-seq", type=int, default=0)
+    p.add_argument("--shape", default="gpt-oss-20b")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--case-timeout", type=int, default=400)
+    p.add_argument("--out", default="bench_results.jsonl")
+    args = p.parse_args()
+    if args.plan:
+        run_plan(args)
+    else:
+        run_case(args)
+
+
+if __name__ == "__main__":
+    main()

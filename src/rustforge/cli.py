@@ -1,0 +1,126 @@
+"""The `rustforge` command line: one subcommand per pipeline step, all driven by one YAML config.
+
+    rustforge data corpus --config configs/tiny.yaml      harvest Rust source into train/val shards
+    rustforge init --config configs/tiny.yaml             build the embedded tiny base (tokenizer + model)
+    rustforge train --stage lang_rust --config ... [--resume]
+    rustforge pipeline --config configs/tiny.yaml         every stage in order, each resumable
+    rustforge smoke --config configs/tiny.yaml            build the base and run one forward pass
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rustforge.config import ConfigError, RunConfig, dump_config, load_config
+
+STAGES = ("lang_rust",)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        return args.func(cfg, args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rustforge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("--config", required=True, help="run config YAML (see configs/)")
+        c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+        c.add_argument("--no-progress", action="store_true", help="no progress bars")
+        c.set_defaults(func=func)
+        return c
+
+    data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
+    corpus = data.add_parser("corpus", help="harvest Rust source into shards")
+    corpus.add_argument("--config", required=True)
+    corpus.add_argument("--set", action="append", default=[])
+    corpus.add_argument("--source", action="append", default=[], help="extra directory or git repository")
+    corpus.add_argument("--no-debian", action="store_true", help="skip /usr/share/cargo/registry")
+    corpus.add_argument("--no-progress", action="store_true")
+    corpus.set_defaults(func=cmd_corpus)
+
+    command("init", cmd_init, "build the base model directory (tiny preset: tokenizer + weights)")
+    command("smoke", cmd_smoke, "build the base and run one forward pass")
+    train = command("train", cmd_train, "run one training stage")
+    train.add_argument("--stage", required=True, choices=STAGES)
+    train.add_argument("--resume", action="store_true", help="continue from the stage's latest checkpoint")
+    train.add_argument("--max-steps-this-run", type=int, default=None, help="stop after N steps (for testing)")
+    pipe = command("pipeline", cmd_pipeline, "run every stage in order, resuming where it stopped")
+    pipe.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
+    return p
+
+
+def cmd_corpus(cfg: RunConfig, args) -> int:
+    from rustforge.data.corpus import harvest
+
+    cfg.corpus.sources += args.source
+    if args.no_debian:
+        cfg.corpus.debian = False
+    summary = harvest(cfg.corpus, progress=not args.no_progress)
+    print(summary.table())
+    return 0
+
+
+def cmd_init(cfg: RunConfig, args) -> int:
+    from rustforge.model.base import build_tiny_base
+
+    if cfg.model.path:
+        print(f"model.path is set ({cfg.model.path}): nothing to build")
+        return 0
+    print(f"base model written to {build_tiny_base(cfg, progress=not args.no_progress)}")
+    return 0
+
+
+def cmd_smoke(cfg: RunConfig, args) -> int:
+    import torch
+
+    from rustforge.model.base import prepare_base
+
+    model, tok = prepare_base(cfg, torch.device("cpu"), progress=not args.no_progress)
+    ids = tok.encode("fn main() {\n    println!(\"hello\");\n}\n")
+    x = torch.tensor([ids])
+    pos = torch.arange(len(ids))[None]
+    with torch.no_grad():
+        out = model(x, pos, torch.zeros_like(x), torch.cat([x[:, 1:], torch.full((1, 1), -100)], 1))
+    n = sum(p.numel() for p in model.parameters())
+    print(f"tiny GPT-OSS: {n / 1e6:.1f}M parameters, vocab {tok.vocab_size}; loss on a probe: {float(out.loss):.3f}")
+    return 0
+
+
+def cmd_train(cfg: RunConfig, args) -> int:
+    _save_run_config(cfg)
+    if args.stage == "lang_rust":
+        from rustforge.train import lang_rust
+
+        result = lang_rust.run(cfg, resume=args.resume, progress=not args.no_progress, stop_after=args.max_steps_this_run)
+        print(f"lang_rust done: {result}")
+    return 0
+
+
+def cmd_pipeline(cfg: RunConfig, args) -> int:
+    _save_run_config(cfg)
+    from rustforge.train import lang_rust
+
+    result = lang_rust.run(cfg, resume=not args.fresh, progress=not args.no_progress)
+    print(f"lang_rust: {result}")
+    return 0
+
+
+def _save_run_config(cfg: RunConfig) -> None:
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, Path(cfg.run_dir) / "config.yaml")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""GPT-OSS attention over packed documents: masks, a flex-attention kernel with sinks, and a reference.
+
+Builds on transformers' GPT-OSS (`GptOssAttention` looks its attention function up in
+`ALL_ATTENTION_FUNCTIONS` and `GptOssModel.forward` hands each layer the mask stored under its layer
+type when `attention_mask` is a dict) and on torch's `flex_attention`. Our own code is needed for two
+things transformers does not do: masks that keep packed documents apart (per-token document ids, -1 for
+padding), and GPT-OSS's per-head attention sinks on top of flex attention with exact gradients.
+
+Mask semantics, shared by every path here: query i may attend key j iff
+    doc_ids[b, i] == doc_ids[b, j] and doc_ids[b, i] >= 0 and j <= i
+and, on sliding-window layers, also i - j < sliding_window (transformers' `sliding_window_overlay`:
+kv_idx > q_idx - sliding_window). A padding query attends nothing; with a sink its output is exactly 0.
+
+Sinks: GPT-OSS appends a learned per-head logit s_h as an extra softmax column and drops it, so
+    out = sum_j exp(x_j) v_j / (sum_j exp(x_j) + exp(s_h)) = flex_out * sigmoid(lse - s_h)
+with lse the natural-log logsumexp of the (masked, scaled) scores, which flex attention returns.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+FLEX_IMPLEMENTATION_NAME = "rustforge_flex"
+MASK_IMPLS = ("eager", "flex")
+
+try:  # torch >= 2.9 asks for the logsumexp through return_aux; older torch through return_lse
+    from torch.nn.attention.flex_attention import AuxRequest as _AuxRequest
+except ImportError:  # pragma: no cover - depends on the torch version
+    _AuxRequest = None
+
+
+# ----------------------------------------------------------------------------------------------- masks
+
+
+def _check_doc_ids(doc_ids: Tensor, sliding_window: int | None) -> None:
+    if not isinstance(doc_ids, Tensor) or doc_ids.dim() != 2 or doc_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"doc_ids: expected an integer tensor [batch, seq], got "
+            f"{type(doc_ids).__name__} {getattr(doc_ids, 'dtype', '')} {tuple(getattr(doc_ids, 'shape', ()))}"
+        )
+    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+        raise ValueError(f"sliding_window: expected a positive int, got {sliding_window!r}")
+
+
+def allowed_pairs(doc_ids: Tensor, sliding_window: int | None) -> Tensor:
+    """Dense bool [B, T, T]: entry [b, i, j] says query i may attend key j (module-docstring semantics)."""
+    _check_doc_ids(doc_ids, sliding_window)
+    seq_len = doc_ids.shape[1]
+    q_idx = torch.arange(seq_len, device=doc_ids.device)[:, None]
+    kv_idx = torch.arange(seq_len, device=doc_ids.device)[None, :]
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    allowed = same_doc & (doc_ids[:, :, None] >= 0) & (kv_idx <= q_idx)
+    if sliding_window is not None:
+        allowed = allowed & (q_idx - kv_idx < sliding_window)
+    return allowed
+
+
+def document_mask_mod(doc_ids: Tensor, sliding_window: int | None) -> Callable:
+    """flex-attention mask_mod for the same rule, reading document ids from `doc_ids` [B, T]."""
+
+    def document_causal(batch, head, q_idx, kv_idx):
+        q_doc = doc_ids[batch, q_idx]
+        return (q_doc == doc_ids[batch, kv_idx]) & (q_doc >= 0) & (kv_idx <= q_idx)
+
+    if sliding_window is None:
+        return document_causal
+
+    def document_causal_window(batch, head, q_idx, kv_idx):
+        return document_causal(batch, head, q_idx, kv_idx) & (q_idx - kv_idx < sliding_window)
+
+    return document_causal_window
+
+
+def _block_mask(doc_ids: Tensor, sliding_window: int | None):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, seq_len = doc_ids.shape
+    # Compiled construction never materialises the [B, T, T] mask; on CPU the eager one is fine (tests).
+    return create_block_mask(
+        document_mask_mod(doc_ids, sliding_window),
+        batch,
+        None,
+        seq_len,
+        seq_len,
+        device=doc_ids.device,
+        _compile=doc_ids.device.type == "cuda",
+    )
+
+
+def build_attention_masks(
+    doc_ids: Tensor, sliding_window: int, impl: str, dtype: torch.dtype = torch.float32
+) -> dict:
+    """Masks for `GptOssModel.forward(attention_mask=...)`, keyed by transformers' layer types.
+
+    doc_ids: [B, T] document id per token, -1 for padding. impl "eager": additive float masks
+    [B, 1, T, T] of `dtype` (0 allowed, finfo(dtype).min masked), as transformers' eager path builds.
+    impl "flex": flex-attention BlockMasks (one per layer type, built once per batch) on doc_ids' device.
+    """
+    _check_doc_ids(doc_ids, sliding_window)
+    if impl == "eager":
+        min_value = torch.finfo(dtype).min
+        zero = torch.zeros((), dtype=dtype, device=doc_ids.device)
+        masked = torch.full((), min_value, dtype=dtype, device=doc_ids.device)
+
+        def additive(window):
+            return torch.where(allowed_pairs(doc_ids, window), zero, masked)[:, None]
+
+        return {"full_attention": additive(None), "sliding_attention": additive(sliding_window)}
+    if impl == "flex":
+        return {
+            "full_attention": _block_mask(doc_ids, None),
+            "sliding_attention": _block_mask(doc_ids, sliding_window),
+        }
+    raise ValueError(f"attention impl: expected one of {MASK_IMPLS}, got {impl!r}")
+
+
+# ------------------------------------------------------------------------------------ flex attention
+
+_compiled_flex_attention = None
+
+
+def _flex_attention_for(device: torch.device) -> Callable:
+    """Compiled flex attention on GPU (one compile per shape, cached); the plain op on CPU, because
+    inductor's CPU flex kernel cannot return the logsumexp the sinks need."""
+    global _compiled_flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type == "cpu":
+        return flex_attention
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex_attention
+
+
+def flex_attention_with_lse(query: Tensor, key: Tensor, value: Tensor, block_mask, scale: float):
+    """(out [B, Hq, T, D], lse [B, Hq, T] fp32, natural log) with GQA broadcasting of key/value heads."""
+    flex = _flex_attention_for(query.device)
+    common = dict(block_mask=block_mask, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+    if _AuxRequest is not None:
+        out, aux = flex(query, key, value, return_aux=_AuxRequest(lse=True), **common)
+        return out, aux.lse
+    return flex(query, key, value, return_lse=True, **common)  # pragma: no cover - torch < 2.9
+
+
+def apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:
+    """Renormalise attention output [B, H, T, D] as if sink logit sinks[h] were one more softmax column.
+
+    A fully masked row has lse = -inf and out = 0, so its factor and its gradient are 0, not NaN.
+    """
+    factor = torch.sigmoid(lse.float() - sinks.float()[None, :, None])
+    return (out * factor[..., None]).to(out.dtype)
+
+
+def rustforge_flex_attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    s_aux: Tensor | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """transformers attention function: q [B, Hq, T, D], k/v [B, Hkv, T, D] -> ([B, T, Hq, D], None).
+
+    `attention_mask` must be a BlockMask from `build_attention_masks(..., impl="flex")`; it already
+    carries the causal, document and (for sliding layers) window rule, so `sliding_window` is unused.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if not isinstance(attention_mask, BlockMask):
+        raise TypeError(
+            f"{FLEX_IMPLEMENTATION_NAME}: attention_mask must be a flex BlockMask from "
+            f"rustforge.model.attention.build_attention_masks(impl='flex'), got {type(attention_mask).__name__}"
+        )
+    if dropout:
+        raise ValueError(f"{FLEX_IMPLEMENTATION_NAME}: attention dropout is not supported (got {dropout})")
+    if query.device.type == "cpu" and torch.is_grad_enabled() and _any_requires_grad(query, key, value, s_aux):
+        raise NotImplementedError(
+            f"{FLEX_IMPLEMENTATION_NAME}: torch's flex attention has no CPU backward; use the 'eager' "
+            "attention implementation for CPU training"
+        )
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    out, lse = flex_attention_with_lse(query, key, value, attention_mask, scale)
+    if s_aux is not None:
+        out = apply_sinks(out, lse, s_aux)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _any_requires_grad(*tensors) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def register_flex_attention() -> str:
+    """Register `rustforge_flex` with transformers (attention + mask interfaces); returns its name.
+
+    The mask registration lets transformers build its own BlockMask (e.g. in generate) when no mask
+    dict is passed; training always passes `build_attention_masks(..., impl="flex")`.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(FLEX_IMPLEMENTATION_NAME, rustforge_flex_attention)
+    if "flex_attention" in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(FLEX_IMPLEMENTATION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"])
+    return FLEX_IMPLEMENTATION_NAME
+
+
+# ------------------------------------------------------------------------------------------ reference
+
+
+def reference_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    sinks: Tensor | None,
+    doc_ids: Tensor,
+    sliding_window: int | None,
+    scaling: float,
+) -> Tensor:
+    """Obviously-correct attention for tests: one query at a time, keys picked by an explicit loop.
+
+    q [B, Hq, T, D], k/v [B, Hkv, T, D] (query head h uses kv head h // (Hq // Hkv)), sinks [Hq] or
+    None, doc_ids [B, T] (-1 padding). Returns [B, T, Hq, D] in q's dtype (use float64 for tightness).
+    """
+    _check_doc_ids(doc_ids, sliding_window)
+    batch, num_q_heads, seq_len, _ = q.shape
+    group = num_q_heads // k.shape[1]
+    kv_head = torch.arange(num_q_heads, device=q.device) // group
+    rows = []
+    for b in range(batch):
+        row = []
+        for i in range(seq_len):
+            keys = [j for j in range(seq_len) if _may_attend(doc_ids[b], i, j, sliding_window)]
+            row.append(_one_query(q[b, :, i], k[b, kv_head][:, keys], v[b, kv_head][:, keys], sinks, scaling))
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+def _may_attend(doc_row: Tensor, i: int, j: int, sliding_window: int | None) -> bool:
+    doc_i, doc_j = int(doc_row[i]), int(doc_row[j])
+    in_window = sliding_window is None or i - j < sliding_window
+    return doc_i >= 0 and doc_i == doc_j and j <= i and in_window
+
+
+def _one_query(q_i: Tensor, keys: Tensor, values: Tensor, sinks: Tensor | None, scaling: float) -> Tensor:
+    """q_i [H, D], keys/values [H, n, D] -> [H, D]; softmax over [scores, sink], sink column dropped."""
+    scores = torch.einsum("hd,hnd->hn", q_i, keys) * scaling
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.to(scores.dtype)[:, None]], dim=1)
+    if scores.shape[1] == 0:  # padding query without sink: nothing to attend
+        return torch.zeros_like(q_i[:, : values.shape[-1]])
+    probs = torch.softmax(scores, dim=1)[:, : keys.shape[1]]
+    return torch.einsum("hn,hnd->hd", probs, values)

@@ -1,0 +1,81 @@
+"""Where a run's base model comes from.
+
+With `model.path` set, the base is that local gpt-oss directory (its tokenizer.json, or the o200k_harmony
+encoding when it has none). Without it, the base is the embedded default: the `tiny` preset with a
+byte-level BPE trained here on the run's Rust corpus, written once to `<run_dir>/base` in the gpt-oss
+checkpoint layout, so every later stage, export and test loads it exactly as it would load the real model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from rustforge.config import RunConfig
+from rustforge.model.gptoss import RustforgeModel, build_model
+
+
+def base_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.model.path) if cfg.model.path else Path(cfg.run_dir) / "base"
+
+
+def ensure_corpus(cfg: RunConfig, progress: bool = True) -> None:
+    from rustforge.data.corpus import harvest
+
+    out = Path(cfg.corpus.out_dir)
+    if not (out / "summary.json").is_file():
+        summary = harvest(cfg.corpus, progress=progress)
+        print(summary.table())
+
+
+def build_tiny_base(cfg: RunConfig, progress: bool = True) -> Path:
+    """Train the tiny tokenizer on the corpus, initialise the tiny GPT-OSS, write both as a gpt-oss dir."""
+    from transformers import GptOssForCausalLM
+
+    from rustforge.data.corpus import iter_documents
+    from rustforge.data.tokenizer import train_tiny_tokenizer
+    from rustforge.model.loader import write_gptoss
+    from rustforge.model.presets import get_preset, hf_config
+
+    out = base_dir(cfg)
+    if (out / "config.json").is_file():
+        return out
+    ensure_corpus(cfg, progress)
+    texts = [d["text"] for d in iter_documents(cfg.corpus.out_dir, "train")][: cfg.tokenizer.train_files_limit]
+    tokenizer = train_tiny_tokenizer(texts, cfg.tokenizer.vocab_size)
+    hf_cfg = hf_config(
+        get_preset(cfg.model.preset),
+        vocab_size=tokenizer.vocab_size,
+        router_aux_loss_coef=cfg.model.router_aux_loss_coef,
+        pad_token_id=tokenizer.pad_id,
+        eos_token_id=tokenizer.return_id,
+    )
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(cfg.model.seed)
+    model = GptOssForCausalLM(hf_cfg)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_gptoss(model, tmp, expert_format="bf16")
+    tokenizer.save(tmp)
+    tmp.replace(out)
+    return out
+
+
+def prepare_base(cfg: RunConfig, device: torch.device, progress: bool = True, with_lora: bool = True):
+    """(RustforgeModel with LoRA and fast paths, tokenizer) for this run."""
+    from rustforge.data.tokenizer import load_tokenizer
+
+    ensure_corpus(cfg, progress)
+    path = base_dir(cfg) if cfg.model.path else build_tiny_base(cfg, progress)
+    tokenizer = load_tokenizer(str(path))
+    model_cfg = cfg.model if cfg.model.path else _with_path(cfg, path)
+    model: RustforgeModel = build_model(model_cfg, cfg.lora if with_lora else None, device=device)
+    return model, tokenizer
+
+
+def _with_path(cfg: RunConfig, path: Path):
+    from dataclasses import replace
+
+    return replace(cfg.model, path=str(path))

@@ -1,0 +1,189 @@
+"""GPT-OSS for training: transformers' GptOssForCausalLM with rustforge's fast paths swapped in.
+
+transformers' model is the reference implementation and the module tree we keep (so checkpoints, PEFT
+adapters and export use the original names). What we change, each selected by `ModelConfig`:
+- attention: our masks (packed documents never attend to each other) passed as transformers' mask dict,
+  through its eager function (reference) or our flex-attention function with sinks (GPU);
+- experts: the split-LoRA grouped-GEMM module with frozen weights in bf16/FP8/MXFP4 (model/moe.py);
+- loss: chunked cross-entropy from the final hidden states -- the [tokens x vocab] logits never exist;
+- gradient checkpointing per decoder layer, optionally with the saved layer inputs in CPU memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GptOssForCausalLM
+from transformers.models.gpt_oss.modeling_gpt_oss import load_balancing_loss_func
+
+from rustforge.config import LoraConfig, ModelConfig
+from rustforge.model.attention import build_attention_masks, register_flex_attention
+from rustforge.model.loss import chunked_cross_entropy, chunked_token_logprobs
+from rustforge.model.presets import get_preset, hf_config
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # mean token CE + aux coefficient * aux loss, for a single micro-batch
+    ce_sum: torch.Tensor  # summed token cross-entropy, with grad (exact averaging over accumulation)
+    n_tokens: torch.Tensor  # tokens with a label
+    aux_loss: torch.Tensor  # router load-balancing loss, with grad (0 when the coefficient is 0)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "float16":
+        raise ValueError("model.dtype: float16 diverges when training GPT-OSS; use bfloat16 (or float32 on CPU)")
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
+    except KeyError:
+        raise ValueError(f"model.dtype: unknown dtype {cfg.dtype!r}; use auto, bfloat16 or float32") from None
+
+
+def resolve_attention(cfg: ModelConfig, device: torch.device) -> str:
+    impl = cfg.attention
+    if impl == "auto":
+        impl = "flex" if device.type == "cuda" else "eager"
+    if impl not in ("eager", "flex"):
+        raise ValueError(f"model.attention: unknown implementation {impl!r}; use auto, eager or flex")
+    return impl
+
+
+def resolve_experts(cfg: ModelConfig) -> str:
+    impl = "grouped" if cfg.experts == "auto" else cfg.experts
+    if impl not in ("reference", "grouped"):
+        raise ValueError(f"model.experts: unknown implementation {impl!r}; use auto, reference or grouped")
+    if impl == "reference" and cfg.expert_format != "bf16":
+        raise ValueError("model.expert_format: compressed experts need model.experts = grouped")
+    return impl
+
+
+class RustforgeModel(nn.Module):
+    """The trainable model: `hf` holds the weights; forward returns the chunked loss."""
+
+    def __init__(self, hf: GptOssForCausalLM, cfg: ModelConfig, attention: str):
+        super().__init__()
+        self.hf = hf
+        self.cfg = cfg
+        self.attention = attention
+        self.router_logits: dict[int, torch.Tensor] = {}
+        hf.config._attn_implementation = register_flex_attention() if attention == "flex" else "eager"
+        for i, layer in enumerate(hf.model.layers):
+            layer.mlp.router.register_forward_hook(self._keep_router_logits(i))
+        if cfg.gradient_checkpointing:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    @property
+    def config(self):
+        return self.hf.config
+
+    def _keep_router_logits(self, layer: int):
+        def hook(_module, _inputs, output):
+            # keyed by layer: a checkpoint recompute overwrites instead of appending
+            self.router_logits[layer] = output[0]
+
+        return hook
+
+    def hidden_states(self, input_ids, position_ids, doc_ids) -> torch.Tensor:
+        masks = build_attention_masks(
+            doc_ids, self.config.sliding_window, self.attention, self.hf.model.embed_tokens.weight.dtype
+        )
+        offload = (
+            torch.autograd.graph.save_on_cpu(pin_memory=True)
+            if self.cfg.offload_activations and self.training
+            else contextlib.nullcontext()
+        )
+        self.router_logits.clear()
+        with offload:
+            out = self.hf.model(input_ids=input_ids, position_ids=position_ids, attention_mask=masks, use_cache=False)
+        return out.last_hidden_state
+
+    def forward(self, input_ids, position_ids, doc_ids, labels) -> LossOutput:
+        hidden = self.hidden_states(input_ids, position_ids, doc_ids)
+        ce_sum, n_tokens = chunked_cross_entropy(
+            hidden.flatten(0, 1), self.hf.lm_head.weight, labels.flatten(), self.cfg.loss_chunk_size
+        )
+        aux = self.aux_loss(doc_ids)
+        loss = ce_sum / n_tokens.clamp(min=1) + self.config.router_aux_loss_coef * aux
+        return LossOutput(loss=loss, ce_sum=ce_sum, n_tokens=n_tokens, aux_loss=aux)
+
+    def token_logprobs(self, input_ids, position_ids, doc_ids, targets, temperature: float = 1.0):
+        """log p(targets[t] | prefix) per position, [B, T] float32, by the chunked path."""
+        hidden = self.hidden_states(input_ids, position_ids, doc_ids)
+        lp = chunked_token_logprobs(
+            hidden.flatten(0, 1),
+            self.hf.lm_head.weight,
+            targets.flatten().clamp(min=0),
+            self.cfg.loss_chunk_size,
+            temperature=temperature,
+        )
+        return lp.view(targets.shape)
+
+    def aux_loss(self, doc_ids) -> torch.Tensor:
+        coef = self.config.router_aux_loss_coef
+        if coef == 0 or not self.router_logits:
+            return torch.zeros((), device=doc_ids.device)
+        logits = tuple(self.router_logits[i] for i in sorted(self.router_logits))
+        valid = (doc_ids >= 0).to(logits[0].dtype)
+        return load_balancing_loss_func(
+            logits, self.config.num_local_experts, self.config.num_experts_per_tok, valid
+        ).float()
+
+
+def build_model(
+    model_cfg: ModelConfig,
+    lora_cfg: LoraConfig | None,
+    vocab_size: int | None = None,
+    device: torch.device | str = "cpu",
+    special_ids: dict | None = None,
+) -> RustforgeModel:
+    """The base model (local gpt-oss dir, or a preset with seeded random weights) with LoRA and fast paths."""
+    from rustforge.model.lora import apply_lora
+    from rustforge.model.moe import install_experts
+
+    device = torch.device(device)
+    dtype = resolve_dtype(model_cfg, device)
+    attention = resolve_attention(model_cfg, device)
+    experts = resolve_experts(model_cfg)
+    if model_cfg.path:
+        from rustforge.model.loader import load_gptoss
+
+        hf = load_gptoss(model_cfg.path, dtype=dtype, device="cpu")
+        hf.config.router_aux_loss_coef = model_cfg.router_aux_loss_coef
+    else:
+        cfg = hf_config(
+            get_preset(model_cfg.preset),
+            vocab_size=vocab_size,
+            router_aux_loss_coef=model_cfg.router_aux_loss_coef,
+            **(special_ids or {}),
+        )
+        cfg._attn_implementation = "eager"
+        torch.manual_seed(model_cfg.seed)
+        with _default_dtype(dtype), device:  # born on the target device: 20B fp32 on a CPU is 84 GB
+            hf = GptOssForCausalLM(cfg)
+    hf.requires_grad_(False)
+    hf.to(device)
+    install_experts(hf, experts, model_cfg.expert_format, lora_cfg)
+    if lora_cfg is not None:
+        apply_lora(hf, lora_cfg)
+    return RustforgeModel(hf.to(device), model_cfg, attention)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

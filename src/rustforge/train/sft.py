@@ -1,0 +1,230 @@
+"""The supervised fine-tuning loop shared by the lang_rust and core_agent stages.
+
+Own code, not HF Trainer or TRL: the curriculum re-packs the data at a new seq_len in the middle of a run,
+a resume must continue at exactly the same batch with the same RNG, checkpoints hold PEFT-format adapters
+with the expert factors packed as PEFT packs them, and the loss is our chunked one over document-masked
+packed batches. Each of those fights a general trainer; the loop below is short enough to read whole.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from rustforge.config import LoraConfig, TrainConfig
+from rustforge.model.gptoss import RustforgeModel
+from rustforge.train import checkpoint as ckpt
+from rustforge.train.metrics import MetricsLogger
+
+Batch = dict[str, torch.Tensor]
+
+
+class BatchSource:
+    """What the loop needs from a stage's data: deterministic batches and a resumable position."""
+
+    packing_efficiency: float = 1.0
+
+    def next_batch(self) -> Batch:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class StageData:
+    """Builds the train source for curriculum phase `phase` (seq_len given) and the fixed validation batches."""
+
+    train: Callable[[int, int], BatchSource]
+    validation: Callable[[int], list[Batch]]
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup then cosine decay to lr * min_lr_ratio, over the whole curriculum."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def phase_of(step: int, cfg: TrainConfig) -> int:
+    end = 0
+    for i, phase in enumerate(cfg.phases):
+        end += phase.steps
+        if step < end:
+            return i
+    return len(cfg.phases) - 1
+
+
+class SFTTrainer:
+    def __init__(
+        self,
+        model: RustforgeModel,
+        lora_cfg: LoraConfig,
+        cfg: TrainConfig,
+        data: StageData,
+        stage_dir: Path,
+        device: torch.device,
+        progress: bool = True,
+    ):
+        self.model, self.lora_cfg, self.cfg, self.data = model, lora_cfg, cfg, data
+        self.stage_dir, self.device, self.progress = Path(stage_dir), device, progress
+        self.ckpt_root = self.stage_dir / "checkpoints"
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("no trainable parameters: lora.targets matched nothing")
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, foreach=False
+        )
+        self.total_steps = sum(p.steps for p in cfg.phases)
+        self.step = 0
+        self.phase = -1
+        self.source: BatchSource | None = None
+        self.val_cache: dict[int, list[Batch]] = {}
+
+    # ------------------------------------------------------------------ state
+    def _save(self) -> Path:
+        from rustforge.model.lora import save_adapter
+
+        state = {
+            "step": self.step,
+            "phase": self.phase,
+            "optimizer": self.optimizer.state_dict(),
+            "data": self.source.state_dict() if self.source else None,
+            "rng": ckpt.rng_state(),
+        }
+        return ckpt.save_checkpoint(
+            self.ckpt_root, self.step, lambda d: save_adapter(self.model.hf, self.lora_cfg, d), state
+        )
+
+    def _resume(self) -> bool:
+        from rustforge.model.lora import load_adapter
+
+        path = ckpt.latest_checkpoint(self.ckpt_root)
+        if path is None:
+            return False
+        state = ckpt.load_trainer_state(path)
+        load_adapter(self.model.hf, path / "adapter")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.phase = state["step"], state["phase"]
+        if self.phase >= 0:
+            self.source = self.data.train(self.phase, self.cfg.phases[self.phase].seq_len)
+            self.source.load_state_dict(state["data"])
+        ckpt.set_rng_state(state["rng"])
+        return True
+
+    # ------------------------------------------------------------------ loop
+    def run(self, resume: bool = False, stop_after: int | None = None) -> dict:
+        """Train to the end of the curriculum (or `stop_after` steps in this call); returns final metrics."""
+        resumed = resume and self._resume()
+        logger = MetricsLogger(self.stage_dir / "logs", self.total_steps, self.step, self.progress)
+        if resumed:
+            logger.bar.write(f"resumed from step {self.step}")
+        last_val = {}
+        if self.step == 0:
+            last_val = self.evaluate(logger)
+        steps_this_call = 0
+        try:
+            while self.step < self.total_steps and (stop_after is None or steps_this_call < stop_after):
+                self._enter_phase(phase_of(self.step, self.cfg))
+                logger.log(self.step + 1, self.train_step())
+                self.step += 1
+                steps_this_call += 1
+                logger.advance()
+                done = self.step == self.total_steps
+                if self.step % self.cfg.eval_every == 0 or done:
+                    last_val = self.evaluate(logger)
+                if self.step % self.cfg.save_every == 0 or done:
+                    self._save()
+        finally:
+            logger.close()
+        return last_val
+
+    def _enter_phase(self, phase: int) -> None:
+        if phase != self.phase or self.source is None:
+            self.phase = phase
+            self.source = self.data.train(phase, self.cfg.phases[phase].seq_len)
+
+    def train_step(self) -> dict[str, float]:
+        self.model.train()
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, self.total_steps, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batches = [self._to_device(self.source.next_batch()) for _ in range(self.cfg.grad_accum)]
+        n_total = sum(int((b["labels"] != -100).sum()) for b in batches)
+        ce_total, aux_total = 0.0, 0.0
+        for batch in batches:
+            with self._autocast():
+                out = self.model(**batch)
+            loss = out.ce_sum / max(n_total, 1) + self.model.config.router_aux_loss_coef * out.aux_loss / len(batches)
+            loss.backward()
+            ce_total += float(out.ce_sum)
+            aux_total += float(out.aux_loss) / len(batches)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - t0
+        tokens = sum(b["labels"].numel() for b in batches)
+        return {
+            "loss": ce_total / max(n_total, 1),
+            "aux_loss": aux_total,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tok_s": tokens / elapsed,
+            "seq_len": self.cfg.phases[self.phase].seq_len,
+            "phase": self.phase,
+            "packing_efficiency": self.source.packing_efficiency,
+            "memory_gb": _memory_gb(self.device),
+        }
+
+    @torch.no_grad()
+    def evaluate(self, logger: MetricsLogger | None = None) -> dict[str, float]:
+        self.model.eval()
+        seq_len = self.cfg.phases[max(self.phase, 0)].seq_len
+        if seq_len not in self.val_cache:
+            self.val_cache[seq_len] = self.data.validation(seq_len)
+        ce, n = 0.0, 0
+        for batch in self.val_cache[seq_len]:
+            with self._autocast():
+                out = self.model(**self._to_device(batch))
+            ce += float(out.ce_sum)
+            n += int(out.n_tokens)
+        loss = ce / max(n, 1)
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": n}
+        if logger is not None:
+            logger.log(self.step, metrics, split="val")
+        return metrics
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    except Exception:  # pragma: no cover - non-POSIX
+        return 0.0
+
+
+def iterate_forever(items: list) -> Iterator:
+    while True:
+        yield from items

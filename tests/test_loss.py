@@ -1,0 +1,150 @@
+"""Chunked cross-entropy / token log-probs against full-logit torch references, and their memory bound."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from rustforge.model.loss import IGNORE_INDEX, chunked_cross_entropy, chunked_token_logprobs
+
+N, H, V = 37, 16, 50
+
+
+def make_inputs(dtype, n=N, seed=0, ignore=()):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, H, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H, generator=gen, dtype=torch.float64) / H**0.5).to(dtype).requires_grad_()
+    labels = torch.randint(0, V, (n,), generator=gen)
+    labels[list(ignore)] = IGNORE_INDEX
+    return hidden, weight, labels
+
+
+def full_logits(hidden, weight, temperature=1.0):
+    return (hidden @ weight.T).float() / temperature if hidden.dtype != torch.float64 else hidden @ weight.T / temperature
+
+
+# 8 ignored tokens in a row: with chunk 3 (and, before compaction, chunk 4 or 8) whole chunks have no target.
+IGNORED = [0, 5, *range(10, 18), 36]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 8, 64])
+def test_cross_entropy_matches_full_logits_float64(chunk_size):
+    hidden, weight, labels = make_inputs(torch.float64, ignore=IGNORED)
+    loss, n_valid = chunked_cross_entropy(hidden, weight, labels, chunk_size)
+    ref = F.cross_entropy(full_logits(hidden, weight), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    assert n_valid.item() == N - len(IGNORED) and n_valid.dtype == torch.int64
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert grads[0][IGNORED].abs().max() == 0  # ignored tokens get exactly zero gradient
+
+
+def test_cross_entropy_bf16_close_to_full_logits():
+    hidden, weight, labels = make_inputs(torch.bfloat16, n=70, ignore=IGNORED)
+    loss, _ = chunked_cross_entropy(hidden, weight, labels, 16)
+    assert loss.dtype == torch.float32
+    ref = F.cross_entropy(full_logits(hidden, weight), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.6])
+def test_token_logprobs_match_log_softmax_gather(temperature):
+    hidden, weight, targets = make_inputs(torch.float64, seed=1, ignore=[3, 4])
+    logprobs = chunked_token_logprobs(hidden, weight, targets, 5, temperature=temperature)
+    safe_targets = targets.clamp(min=0)
+    ref = F.log_softmax(full_logits(hidden, weight, temperature), dim=-1).gather(1, safe_targets[:, None]).squeeze(1)
+    ref = torch.where(targets == IGNORE_INDEX, torch.zeros_like(ref), ref)
+    torch.testing.assert_close(logprobs, ref, rtol=1e-12, atol=1e-12)
+    assert logprobs[[3, 4]].abs().max() == 0
+    upstream = torch.randn(N, generator=torch.Generator().manual_seed(2))  # a per-token weighting, as in GRPO
+    grads = torch.autograd.grad(logprobs, (hidden, weight), grad_outputs=upstream)
+    ref_grads = torch.autograd.grad(ref, (hidden, weight), grad_outputs=upstream.double())
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_frozen_weight_gets_no_gradient_and_hidden_still_does():
+    hidden, weight, labels = make_inputs(torch.float32)
+    weight = weight.detach()
+    loss, _ = chunked_cross_entropy(hidden, weight, labels, 7)
+    loss.backward()
+    assert weight.grad is None
+    ref_hidden = hidden.detach().clone().requires_grad_()
+    F.cross_entropy(full_logits(ref_hidden, weight), labels, reduction="sum").backward()
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_all_tokens_ignored_gives_zero_loss_and_zero_grad():
+    hidden, weight, labels = make_inputs(torch.float32, ignore=range(N))
+    loss, n_valid = chunked_cross_entropy(hidden, weight, labels, 4)
+    loss.backward()
+    assert loss.item() == 0 and n_valid.item() == 0
+    assert hidden.grad.abs().max() == 0 and weight.grad.abs().max() == 0
+
+
+def test_bad_inputs_raise_clear_errors():
+    hidden, weight, labels = make_inputs(torch.float32)
+    labels[2] = V
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 50\)"):
+        chunked_cross_entropy(hidden, weight, labels, 4)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_cross_entropy(hidden, weight, labels.clamp(max=V - 1), 0)
+    with pytest.raises(ValueError, match="hidden \\[N, H\\]"):
+        chunked_cross_entropy(hidden[:, :-1], weight, labels, 4)
+    with pytest.raises(ValueError, match="reduction"):
+        chunked_cross_entropy(hidden, weight, labels, 4, reduction="mean")
+    with pytest.raises(ValueError, match="temperature"):
+        chunked_token_logprobs(hidden, weight, labels, 4, temperature=0.0)
+
+
+class LargestTensorRecorder(TorchDispatchMode):
+    """Records the element count of every tensor any op produces while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.add(func.__name__.split(".")[0])
+        sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.largest = max([self.largest, *sizes])
+        return out
+
+
+def test_never_allocates_or_saves_a_tokens_by_vocab_tensor():
+    tokens, vocab, width, chunk = 512, 256, 8, 16  # tokens*vocab = 131072 >> chunk*vocab = 4096
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(tokens, width, generator=gen, requires_grad=True)
+    weight = torch.randn(vocab, width, generator=gen, requires_grad=True)
+    labels = torch.randint(0, vocab, (tokens,), generator=gen)
+    saved_sizes = []
+
+    def pack(tensor):
+        saved_sizes.append(tensor.numel())
+        return tensor
+
+    recorder = LargestTensorRecorder()
+    with recorder, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = chunked_cross_entropy(hidden, weight, labels, chunk)
+        loss.backward()
+    assert "index_add_" in recorder.ops  # the backward ran under the recorder too
+    assert recorder.largest <= chunk * vocab
+    assert saved_sizes and max(saved_sizes) <= max(tokens * width, vocab * width)
+
+    # The recorder does see a full-logits loss, so the bound above is a real check.
+    full = LargestTensorRecorder()
+    with full:
+        F.cross_entropy(hidden @ weight.T, labels, reduction="sum").backward()
+    assert full.largest >= tokens * vocab
