@@ -58,6 +58,24 @@ def test_mxfp4_rounds_ties_to_even_and_saturates():
     assert _nibbles(blocks)[9] == 8  # -0.1 keeps its sign bit: -0.0
 
 
+def test_e2m1_rounding_matches_brute_force_nearest_even():
+    # Dense grid plus every midpoint and its float32 neighbours, against argmin distance with ties
+    # broken towards the even code (the E2M1 magnitudes are codes 0..7 in order).
+    magnitudes = torch.tensor(quant.E2M1_VALUES[:8])
+    midpoints = (magnitudes[1:] + magnitudes[:-1]) / 2
+    neighbours = torch.cat(
+        [torch.nextafter(midpoints, torch.tensor(0.0)), midpoints, torch.nextafter(midpoints, torch.tensor(9.0))]
+    )
+    x = torch.cat([torch.linspace(0, 7.5, 30001), neighbours])
+    x = torch.cat([x, -x])
+    distance = (x.abs().unsqueeze(-1) - magnitudes).abs()
+    nearest = distance.min(-1, keepdim=True).values
+    candidates = (distance == nearest) & (torch.arange(8) % 2 == 0)  # an even code if it is nearest
+    expected = torch.where(candidates.any(-1), candidates.int().argmax(-1), distance.argmin(-1))
+    expected = torch.where(x.abs() > 6, 7, expected) | (torch.signbit(x).long() << 3)
+    assert torch.equal(quant._e2m1_encode(x).long(), expected)
+
+
 def test_mxfp4_ceil_scale_rounding_never_clips():
     x = _block(7.5, 0.5)
     _, floor_scales = mxfp4_quantize(x)
@@ -96,8 +114,10 @@ def test_mxfp4_dequantize_matches_transformers_bit_for_bit(dtype):
     ours = mxfp4_dequantize(blocks, scales, dtype)
     theirs = reference(blocks.clone(), scales.clone(), dtype=dtype).transpose(1, 2)  # they return [E, in, out]
     assert ours.dtype == theirs.dtype == dtype
-    assert torch.equal(ours.view(torch.int16 if dtype != torch.float32 else torch.int32),
-                       theirs.contiguous().view(torch.int16 if dtype != torch.float32 else torch.int32))
+    assert torch.equal(
+        ours.view(torch.int16 if dtype != torch.float32 else torch.int32),
+        theirs.contiguous().view(torch.int16 if dtype != torch.float32 else torch.int32),
+    )
 
 
 @pytest.mark.parametrize("scale_rounding, max_err_in_scales", [("floor", 2.0), ("ceil", 1.0)])
@@ -250,7 +270,15 @@ def test_codecs_on_gpu_match_cpu():
     for quantize in (mxfp4_quantize, nvfp4_quantize, fp8_quantize):
         on_cpu, on_gpu = quantize(w), quantize(w.cuda())
         for a, b in zip(on_cpu, on_gpu):
-            assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
-                               (b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b).cpu())
+            assert torch.equal(
+                a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                (b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b).cpu(),
+            )
     blocks, scales = mxfp4_quantize(w.cuda())
     assert torch.equal(mxfp4_dequantize(blocks, scales).cpu(), mxfp4_dequantize(blocks.cpu(), scales.cpu()))
+    for fake_quant in (mxfp4_fake_quant, fp8_fake_quant, nvfp4_fake_quant):
+        on_gpu = w.cuda().requires_grad_()
+        out = fake_quant(on_gpu)
+        assert torch.equal(out.detach().cpu(), fake_quant(w))
+        upstream = torch.randn_like(out)
+        assert torch.equal(torch.autograd.grad(out, on_gpu, upstream)[0], upstream)

@@ -1,9 +1,16 @@
 """Harvest a Rust training corpus: crates -> filtered, deduplicated, crate-split JSONL shards.
 
-Sources are local directories, git repositories (cloned shallow with the `git` CLI) and, by default,
-the Debian cargo registry (/usr/share/cargo/registry: one "name-version" directory per crate, from the
-librust-*-dev packages). A crate is a directory with a Cargo.toml; its `.rs` files and its Cargo.toml
-become documents.
+Sources are local directories, git repositories (cloned shallow with the `git` CLI into
+<out_dir>/../git_cache, reused on later runs) and, by default, the Debian cargo registry
+(/usr/share/cargo/registry: one "name-version" directory per crate, from the librust-*-dev packages).
+A crate is a directory with a Cargo.toml; each .rs file belongs to its nearest enclosing crate (files
+outside any crate form one crate named after the source dir). Its `.rs` files (kind "rust") and its
+Cargo.toml (kind "cargo_toml") become documents.
+
+Output: <out_dir>/train-00000.jsonl..., val-00000.jsonl... (at least one shard per split, maybe empty),
+one record per line {"text", "crate", "version", "path", "license", "kind", "sha256"}, in (crate, version,
+path) order, and summary.json written last. With prefix_path, text starts with "// path: crate/src/x.rs"
+("# path: crate/Cargo.toml" for manifests, where // is not a comment); sha256 is of the text without it.
 
 Pipeline, in this order, every drop counted in `CorpusSummary.dropped` (never silent):
   1. path filters: `build_output` (under a cargo `target/` dir), `vendored` (a vendor/ or third_party/
@@ -499,26 +506,28 @@ def _write_shards(records: list[dict], out_dir: Path, split: str, shard_docs: in
     return paths, total_bytes
 
 
-def harvest(cfg: CorpusConfig, progress: bool = True) -> CorpusSummary:
-    """Run the whole pipeline of the module docstring; writes shards + summary.json into cfg.out_dir."""
-    if cfg.shard_docs < 1:
-        raise CorpusError(f"corpus.shard_docs: must be >= 1, got {cfg.shard_docs}")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise CorpusError(f"corpus.val_fraction: must be in [0, 1), got {cfg.val_fraction}")
-    start = time.perf_counter()
-    out_dir = Path(cfg.out_dir)
-    summary = CorpusSummary(out_dir=str(out_dir))
-    crates = discover_crates(cfg, summary)
-    summary.crates = len(crates)
-    split_of = assign_splits([c.name for c in crates], cfg.val_fraction, cfg.seed)
+def _check_config(cfg: CorpusConfig) -> None:
+    checks = [
+        (cfg.shard_docs >= 1, "shard_docs", "must be >= 1"),
+        (0.0 <= cfg.val_fraction < 1.0, "val_fraction", "must be in [0, 1)"),
+        (0.0 < cfg.near_dup_threshold <= 1.0, "near_dup_threshold", "must be in (0, 1]"),
+        (0 <= cfg.min_file_bytes <= cfg.max_file_bytes, "min_file_bytes", "must be in [0, max_file_bytes]"),
+        (cfg.max_crates is None or cfg.max_crates >= 1, "max_crates", "must be >= 1 or null"),
+    ]
+    for ok, name, rule in checks:
+        if not ok:
+            raise CorpusError(f"corpus.{name}: {rule}, got {getattr(cfg, name)!r}")
 
+
+def _collect_documents(
+    crates: list[Crate], split_of: dict[str, str], cfg: CorpusConfig, summary: CorpusSummary, progress: bool
+) -> list[Document]:
+    """Filtered documents of every crate (drops counted), each tagged with its crate's split."""
     docs: list[Document] = []
     bar = tqdm(crates, desc="harvest", unit="crate", disable=not progress)
     for crate in bar:
-        sources = [(p, "rust") for p in crate.files]
-        if crate.manifest is not None:
-            sources.insert(0, (crate.manifest, "cargo_toml"))
-        for path, kind in sources:
+        sources = [(crate.manifest, "cargo_toml")] if crate.manifest is not None else []
+        for path, kind in sources + [(p, "rust") for p in crate.files]:
             summary.files_seen += 1
             result = _load_document(crate, path, kind, cfg)
             if isinstance(result, str):
@@ -527,10 +536,12 @@ def harvest(cfg: CorpusConfig, progress: bool = True) -> CorpusSummary:
                 result.split = split_of[crate.name]
                 docs.append(result)
         bar.set_postfix(files=summary.files_seen, docs=len(docs), refresh=False)
+    return docs
 
-    docs.sort(key=lambda d: (d.split != "train", d.crate.name, d.crate.version, str(d.crate.root), d.path))
-    kept = deduplicate(docs, cfg, summary, progress)
 
+def _write_output(kept: list[Document], cfg: CorpusConfig, summary: CorpusSummary) -> None:
+    """Shards of both splits (stale ones from an earlier run removed), then summary.json last."""
+    out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").unlink(missing_ok=True)  # no stale summary beside half-written shards
     written: set[Path] = set()
@@ -545,10 +556,25 @@ def harvest(cfg: CorpusConfig, progress: bool = True) -> CorpusSummary:
         if stale not in written:
             stale.unlink()
     summary.kept = len(kept)
-    summary.seconds = time.perf_counter() - start
     _write_atomic(out_dir / "summary.json", json.dumps(asdict(summary), indent=2) + "\n")
-    if progress:
-        print(summary.table())
+
+
+def harvest(cfg: CorpusConfig, progress: bool = True) -> CorpusSummary:
+    """Run the pipeline of the module docstring into cfg.out_dir; `progress` shows tqdm bars.
+
+    Returns the summary (also written to summary.json); callers print `summary.table()`.
+    """
+    _check_config(cfg)
+    start = time.perf_counter()
+    summary = CorpusSummary(out_dir=str(cfg.out_dir))
+    crates = discover_crates(cfg, summary)
+    summary.crates = len(crates)
+    split_of = assign_splits([c.name for c in crates], cfg.val_fraction, cfg.seed)
+    docs = _collect_documents(crates, split_of, cfg, summary, progress)
+    docs.sort(key=lambda d: (d.split != "train", d.crate.name, d.crate.version, str(d.crate.root), d.path))
+    kept = deduplicate(docs, cfg, summary, progress)
+    summary.seconds = time.perf_counter() - start  # the write below is a few hundred ms at most
+    _write_output(kept, cfg, summary)
     return summary
 
 

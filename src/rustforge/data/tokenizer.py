@@ -11,10 +11,13 @@ model; it carries the same Harmony special tokens (at its own small ids), so the
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import quicktok
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 # ------------------------------------------------------------------------------------ special tokens
@@ -87,8 +90,8 @@ O200K_PATTERN = "|".join(
 O200K_PROBE_TEXT = (
     "<|start|>user<|message|>Fix the borrow error in `fn main()`:\n\n"
     "```rust\nuse std::collections::HashMap;\n\nfn main() {\n    let mut m: HashMap<&str, Vec<u32>> = "
-    "HashMap::new();\n    let v = m.entry(\"k\").or_default();\n    v.push(42_u32);\n"
-    '    println!("{:?} — ünïcødé 世界 🦀", m);\n}\n```\n\t\r\n   It\'s DON\'T  12345 3.14e-10<|end|>'
+    'HashMap::new();\n    let v = m.entry("k").or_default();\n    v.push(42_u32);\n'
+    "    println!(\"{:?} — ünïcødé 世界 🦀\", m);\n}\n```\n\t\r\n   It's DON'T  12345 3.14e-10<|end|>"
 )
 
 
@@ -98,10 +101,8 @@ class RustforgeTokenizer:
 
     def __init__(self, tokenizer: Tokenizer, source: str = "<memory>"):
         self._tokenizer = tokenizer
-        # A clone that encodes special-token text as ordinary text (allow_special=False); a separate
-        # object because the flag is per tokenizer and flipping it in place would not be thread safe.
-        self._plain = Tokenizer.from_str(tokenizer.to_str())
-        self._plain.encode_special_tokens = True
+        self._plain_tokenizer: Tokenizer | None = None
+        self._fingerprint: dict | None = None
         missing = [tok for tok in REQUIRED_SPECIAL_TOKENS if tokenizer.token_to_id(tok) is None]
         if missing:
             raise ValueError(f"{source}: tokenizer lacks Harmony special tokens {missing}")
@@ -120,20 +121,46 @@ class RustforgeTokenizer:
         self.special_ids: frozenset[int] = frozenset(
             i for i, added in tokenizer.get_added_tokens_decoder().items() if added.special
         )
+        self._vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
 
     @property
     def hf_tokenizer(self) -> Tokenizer:
         return self._tokenizer
 
     @property
+    def _plain(self) -> Tokenizer:
+        """A clone that encodes special-token text as ordinary text (allow_special=False). A separate
+        object because the flag belongs to the tokenizer and flipping it per call would race between
+        threads; built on first use since cloning o200k takes about a second."""
+        if self._plain_tokenizer is None:
+            plain = Tokenizer.from_str(self._tokenizer.to_str())
+            plain.encode_special_tokens = True
+            self._plain_tokenizer = plain
+        return self._plain_tokenizer
+
+    @property
     def vocab_size(self) -> int:
-        """Number of ids (highest id + 1), special tokens included."""
-        return max(self._tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+        """Number of ids (highest id + 1, specials included): the embedding rows a model needs."""
+        return self._vocab_size
 
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Ids of `text`; with allow_special=False, special-token text such as "<|end|>" is plain text."""
         tokenizer = self._tokenizer if allow_special else self._plain
         return tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str], allow_special: bool = False) -> list[list[int]]:
+        """Ids of many texts, encoded in parallel. Special-token text is plain text by default here,
+        since batches are usually raw documents: a Rust file that mentions "<|endoftext|>" must not
+        end itself."""
+        tokenizer = self._tokenizer if allow_special else self._plain
+        return [e.ids for e in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def fingerprint(self) -> dict:
+        """Identifies the vocabulary and its rules (for cache keys): size and sha256 of tokenizer.json."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256(self._tokenizer.to_str().encode()).hexdigest()
+            self._fingerprint = {"vocab_size": self.vocab_size, "sha256": digest}
+        return dict(self._fingerprint)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`, special tokens written out; bytes that are not valid UTF-8 become U+FFFD."""
@@ -210,7 +237,11 @@ def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int) -> RustforgeToke
 # ------------------------------------------------------------------------------------- o200k_harmony
 def _gpt2_byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map, which byte-level BPE vocabularies are spelt in."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     mapping = {b: chr(b) for b in printable}
     shifted = 0
     for b in range(256):
@@ -222,8 +253,6 @@ def _gpt2_byte_to_unicode() -> dict[int, str]:
 
 def o200k_base_ranks() -> list[bytes]:
     """The byte string of each mergeable o200k token, indexed by rank (= id), from quicktok."""
-    import quicktok
-
     encoding = quicktok.get_encoding("o200k_harmony")
     return [encoding.decode_single_token_bytes(rank) for rank in range(_O200K_BASE_RANKS)]
 
@@ -232,7 +261,10 @@ def _bpe_vocab_and_merges(ranks: list[bytes]) -> tuple[dict[str, int], list[tupl
     """tiktoken ranks -> HF vocab + merges. tiktoken merges the adjacent pair whose concatenation has the
     lowest rank; listing every split of every token, ordered by the rank of the token, reproduces that."""
     byte_to_char = _gpt2_byte_to_unicode()
-    spell = lambda b: "".join(byte_to_char[x] for x in b)  # noqa: E731
+
+    def spell(token: bytes) -> str:
+        return "".join(byte_to_char[b] for b in token)
+
     rank_of = {token: rank for rank, token in enumerate(ranks)}
     vocab = {spell(token): rank for rank, token in enumerate(ranks)}
     merges: list[tuple[str, str]] = []
@@ -260,7 +292,11 @@ def o200k_harmony_tokenizer() -> RustforgeTokenizer:
 
 
 def _assert_special_ids(tokenizer: Tokenizer) -> None:
-    wrong = {t: tokenizer.token_to_id(t) for t, i in HARMONY_SPECIAL_TOKENS.items() if tokenizer.token_to_id(t) != i}
+    wrong = {
+        t: tokenizer.token_to_id(t)
+        for t, i in HARMONY_SPECIAL_TOKENS.items()
+        if tokenizer.token_to_id(t) != i
+    }
     if wrong:
         raise RuntimeError(f"o200k_harmony special tokens got wrong ids: {dict(list(wrong.items())[:5])}")
 
@@ -270,8 +306,6 @@ def check_tokenizer_against_o200k(tok: RustforgeTokenizer, probe_text: str = O20
 
     The reference is quicktok's own encoder, so this also works without building the HF o200k tokenizer.
     """
-    import quicktok
-
     reference = quicktok.get_encoding("o200k_harmony")
     mismatches = []
     for token in REQUIRED_SPECIAL_TOKENS:
@@ -281,10 +315,14 @@ def check_tokenizer_against_o200k(tok: RustforgeTokenizer, probe_text: str = O20
     ours_ids = tok.encode(probe_text, allow_special=True)
     theirs_ids = reference.encode(probe_text, allowed_special="all")
     if ours_ids != theirs_ids:
-        at = next((i for i, (a, b) in enumerate(zip(ours_ids, theirs_ids)) if a != b), min(len(ours_ids), len(theirs_ids)))
+        at = next(
+            (i for i, (a, b) in enumerate(zip(ours_ids, theirs_ids, strict=False)) if a != b),
+            min(len(ours_ids), len(theirs_ids)),
+        )
         mismatches.append(
             f"probe text: ids differ from o200k_harmony at token {at} "
-            f"(ours {ours_ids[at:at + 5]}, o200k {theirs_ids[at:at + 5]}; lengths {len(ours_ids)} vs {len(theirs_ids)})"
+            f"(ours {ours_ids[at : at + 5]}, o200k {theirs_ids[at : at + 5]}; "
+            f"lengths {len(ours_ids)} vs {len(theirs_ids)})"
         )
     return mismatches
 
@@ -305,8 +343,6 @@ def load_tokenizer(model_dir: str | Path | None) -> RustforgeTokenizer:
 def write_tiktoken_file(path: str | Path) -> Path:
     """Write o200k_base.tiktoken (base64 token, space, rank per line) -- the file tiktoken and
     openai-harmony download -- from quicktok's ranks, byte-identical to OpenAI's published file."""
-    import base64
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = (f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(o200k_base_ranks()))

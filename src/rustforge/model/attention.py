@@ -60,17 +60,17 @@ def allowed_pairs(doc_ids: Tensor, sliding_window: int | None) -> Tensor:
 
 
 def document_mask_mod(doc_ids: Tensor, sliding_window: int | None) -> Callable:
-    """flex-attention mask_mod for the same rule, reading document ids from `doc_ids` [B, T]."""
+    """flex-attention mask_mod for the same rule, reading document ids from `doc_ids` [B, T].
 
-    def document_causal(batch, head, q_idx, kv_idx):
-        q_doc = doc_ids[batch, q_idx]
-        return (q_doc == doc_ids[batch, kv_idx]) & (q_doc >= 0) & (kv_idx <= q_idx)
-
-    if sliding_window is None:
-        return document_causal
+    Full attention is the same function with a window of T: one code object and tensor-valued captures
+    mean compiled flex attention reuses one graph for both layer types and for every new batch layout.
+    """
+    window = torch.tensor(doc_ids.shape[1] if sliding_window is None else sliding_window, device=doc_ids.device)
 
     def document_causal_window(batch, head, q_idx, kv_idx):
-        return document_causal(batch, head, q_idx, kv_idx) & (q_idx - kv_idx < sliding_window)
+        q_doc = doc_ids[batch, q_idx]
+        same_doc = (q_doc == doc_ids[batch, kv_idx]) & (q_doc >= 0)
+        return same_doc & (kv_idx <= q_idx) & (q_idx - kv_idx < window)
 
     return document_causal_window
 
@@ -124,8 +124,13 @@ _compiled_flex_attention = None
 
 
 def _flex_attention_for(device: torch.device) -> Callable:
-    """Compiled flex attention on GPU (one compile per shape, cached); the plain op on CPU, because
-    inductor's CPU flex kernel cannot return the logsumexp the sinks need."""
+    """Compiled flex attention on GPU; the plain op on CPU, because inductor's CPU flex kernel cannot
+    return the logsumexp the sinks need.
+
+    dynamic=False: one compile per (batch, seq_len, heads, dtype, requires_grad), shared by both layer
+    types and all document layouts. Keep seq_len fixed (packing): dynamo stops compiling a function after
+    torch._dynamo.config.recompile_limit (default 8) variants and runs the slow unfused path instead.
+    """
     global _compiled_flex_attention
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -181,7 +186,7 @@ def rustforge_flex_attention(
         )
     if dropout:
         raise ValueError(f"{FLEX_IMPLEMENTATION_NAME}: attention dropout is not supported (got {dropout})")
-    if query.device.type == "cpu" and torch.is_grad_enabled() and _any_requires_grad(query, key, value, s_aux):
+    if query.device.type == "cpu" and any(t.requires_grad for t in (query, key, value)):
         raise NotImplementedError(
             f"{FLEX_IMPLEMENTATION_NAME}: torch's flex attention has no CPU backward; use the 'eager' "
             "attention implementation for CPU training"
@@ -191,10 +196,6 @@ def rustforge_flex_attention(
     if s_aux is not None:
         out = apply_sinks(out, lse, s_aux)
     return out.transpose(1, 2).contiguous(), None
-
-
-def _any_requires_grad(*tensors) -> bool:
-    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def register_flex_attention() -> str:

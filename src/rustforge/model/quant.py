@@ -34,6 +34,14 @@ _E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 _TIES_ROUND_UP = (False, True, False, True, False, True, False)
 
 
+def _e2m1_code_boundaries(device: torch.device) -> torch.Tensor:
+    """float32 boundaries b with code(|x|) = #{b < |x|}: a tie that rounds up moves its boundary one
+    float32 ulp down, so `x > b` means `x >= midpoint` there, exactly."""
+    midpoints = torch.tensor(_E2M1_MIDPOINTS, dtype=torch.float32, device=device)
+    lowered = torch.nextafter(midpoints, torch.zeros_like(midpoints))
+    return torch.where(torch.tensor(_TIES_ROUND_UP, device=device), lowered, midpoints)
+
+
 # ---------------------------------------------------------------------------------------------
 # E2M1 element codec shared by MXFP4 and NVFP4
 # ---------------------------------------------------------------------------------------------
@@ -41,12 +49,8 @@ _TIES_ROUND_UP = (False, True, False, True, False, True, False)
 
 def _e2m1_magnitude_code(scaled: torch.Tensor) -> torch.Tensor:
     """|scaled| rounded to the nearest E2M1 magnitude (ties to even, saturating at 6) as codes 0..7."""
-    magnitude = scaled.abs()
-    code = torch.zeros(scaled.shape, dtype=torch.uint8, device=scaled.device)
-    for midpoint, tie_up in zip(_E2M1_MIDPOINTS, _TIES_ROUND_UP):
-        above = magnitude >= midpoint if tie_up else magnitude > midpoint
-        code += above.to(torch.uint8)
-    return code
+    # bucketize(right=False) counts the boundaries strictly below each value.
+    return torch.bucketize(scaled.abs(), _e2m1_code_boundaries(scaled.device)).to(torch.uint8)
 
 
 def _e2m1_encode(scaled: torch.Tensor) -> torch.Tensor:
@@ -56,6 +60,12 @@ def _e2m1_encode(scaled: torch.Tensor) -> torch.Tensor:
     triton_kernels quantiser does."""
     sign = torch.signbit(scaled).to(torch.uint8) << 3
     return sign | _e2m1_magnitude_code(scaled)
+
+
+def _divide(x: torch.Tensor, constant: float) -> torch.Tensor:
+    """x / constant, correctly rounded on every device: CUDA turns division by a Python scalar into
+    multiplication by its reciprocal, which can differ from CPU results in the last bit."""
+    return x / torch.full((), constant, dtype=x.dtype, device=x.device)
 
 
 def _e2m1_lut(device: torch.device) -> torch.Tensor:
@@ -117,7 +127,7 @@ def _mxfp4_scale_exponents(blocked: torch.Tensor, scale_rounding: str) -> torch.
         biased = ((amax.view(torch.int32) >> 23) & 0xFF) - 2
     elif scale_rounding == "ceil":
         # triton_kernels' ROUND_UP: 2**ceil(log2(amax / 6)), never clips at the cost of range.
-        dequant_scale = (amax / E2M1_MAX).view(torch.int32)
+        dequant_scale = _divide(amax, E2M1_MAX).view(torch.int32)
         biased = ((dequant_scale + 0x007FFFFF) & 0x7F800000) >> 23
     else:
         raise ValueError(f"mxfp4: scale_rounding must be 'floor' or 'ceil', got {scale_rounding!r}")
@@ -126,7 +136,7 @@ def _mxfp4_scale_exponents(blocked: torch.Tensor, scale_rounding: str) -> torch.
 
 def _mxfp4_codes(w: torch.Tensor, scale_rounding: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(E2M1 codes [..., G, 32] uint8, biased exponents [..., G] int32)."""
-    blocked = w.float().reshape(*w.shape[:-1], w.shape[-1] // MXFP4_BLOCK, MXFP4_BLOCK)
+    blocked = w.float().contiguous().reshape(*w.shape[:-1], w.shape[-1] // MXFP4_BLOCK, MXFP4_BLOCK)
     exponents = _mxfp4_scale_exponents(blocked, scale_rounding)
     # Dividing by a power of two is exact; ldexp keeps 2**-127 representable (subnormal) in float32.
     inverse_scale = torch.ldexp(torch.ones_like(exponents, dtype=torch.float32), E8M0_BIAS - exponents)
@@ -154,9 +164,7 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise ValueError(f"mxfp4_dequantize: blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
     if blocks.ndim < 2 or blocks.shape[-1] != MXFP4_BLOCK // 2 or blocks.shape[:-1] != scales.shape:
-        raise ValueError(
-            f"mxfp4_dequantize: blocks {tuple(blocks.shape)} must be scales {tuple(scales.shape)} + (16,)"
-        )
+        raise ValueError(f"mxfp4_dequantize: blocks {tuple(blocks.shape)} must be scales {tuple(scales.shape)} + (16,)")
     values = _e2m1_lut(blocks.device)[_unpack_nibbles(blocks)]
     out = torch.ldexp(values, (scales.to(torch.int32) - E8M0_BIAS).unsqueeze(-1))
     return out.reshape(*scales.shape[:-1], scales.shape[-1] * MXFP4_BLOCK).to(dtype)
@@ -192,11 +200,11 @@ def _fp8_codes(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]
         raise ValueError(f"fp8: block must be positive, got {block}")
     if w.ndim == 0 or not w.is_floating_point():
         raise ValueError(f"fp8: expected a floating-point tensor with at least one dim, got {w.dtype} {tuple(w.shape)}")
-    padded = _pad_last_dim(w.float(), block)
+    padded = _pad_last_dim(w.float().contiguous(), block)
     blocked = padded.reshape(*padded.shape[:-1], -1, block)
     amax = blocked.abs().amax(dim=-1)
     # An all-zero block has no natural scale; 1.0 keeps 0 / scale finite and dequantises to 0.
-    scales = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
+    scales = torch.where(amax > 0, _divide(amax, FP8_E4M3_MAX), torch.ones_like(amax))
     scaled = (blocked / scales.unsqueeze(-1)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
     q = scaled.to(torch.float8_e4m3fn).reshape(padded.shape)[..., : w.shape[-1]]
     return q, scales
@@ -239,11 +247,11 @@ def fp8_fake_quant(w: torch.Tensor, block: int = 128) -> torch.Tensor:
 def _nvfp4_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(E2M1 codes [..., K/16, 16], block scales e4m3 [..., K/16], global scale float32 [])."""
     _check_last_dim(w, NVFP4_BLOCK, "nvfp4")
-    blocked = w.float().reshape(*w.shape[:-1], w.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK)
+    blocked = w.float().contiguous().reshape(*w.shape[:-1], w.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK)
     amax = blocked.abs().amax()
-    global_scale = torch.where(amax > 0, amax / (E2M1_MAX * FP8_E4M3_MAX), torch.ones_like(amax))
+    global_scale = torch.where(amax > 0, _divide(amax, E2M1_MAX * FP8_E4M3_MAX), torch.ones_like(amax))
     block_amax = blocked.abs().amax(dim=-1)
-    block_scales = (block_amax / E2M1_MAX / global_scale).clamp(max=FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    block_scales = (_divide(block_amax, E2M1_MAX) / global_scale).clamp(max=FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     effective = block_scales.float() * global_scale
     # A block whose scale underflows to 0 in e4m3 can only encode zeros.
     safe = torch.where(effective > 0, effective, torch.ones_like(effective))
@@ -263,10 +271,14 @@ def nvfp4_dequantize(
 ) -> torch.Tensor:
     """Inverse of nvfp4_quantize: value * block_scale * global_scale, computed in float32."""
     if packed.dtype != torch.uint8 or block_scales.dtype != torch.float8_e4m3fn:
-        raise ValueError(f"nvfp4_dequantize: need uint8 packed and e4m3 block scales, got {packed.dtype}, {block_scales.dtype}")
+        raise ValueError(
+            f"nvfp4_dequantize: need uint8 packed and e4m3 block scales, got {packed.dtype}, {block_scales.dtype}"
+        )
     k = packed.shape[-1] * 2
     if packed.shape[:-1] != block_scales.shape[:-1] or block_scales.shape[-1] * NVFP4_BLOCK != k:
-        raise ValueError(f"nvfp4_dequantize: block scales {tuple(block_scales.shape)} do not fit packed {tuple(packed.shape)}")
+        raise ValueError(
+            f"nvfp4_dequantize: block scales {tuple(block_scales.shape)} do not fit packed {tuple(packed.shape)}"
+        )
     values = _e2m1_lut(packed.device)[_unpack_nibbles(packed)]
     blocked = values.reshape(*block_scales.shape, NVFP4_BLOCK)
     scale = block_scales.float() * global_scale.float()

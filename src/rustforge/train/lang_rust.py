@@ -38,8 +38,8 @@ class PackedBatches(BatchSource):
         self.dataset.load_state_dict(state)
 
 
-def tokenize_split(cfg: RunConfig, tokenizer, split: str, cache_dir: Path) -> list[list[int]]:
-    """Token ids of every document of a corpus split, each ending with <|endoftext|>; cached on disk."""
+def tokenize_split(cfg: RunConfig, tokenizer, split: str, cache_dir: Path) -> list:
+    """Token ids (int32 arrays) of every document of a corpus split, each ending with <|endoftext|>; cached."""
     from rustforge.data.corpus import iter_documents
 
     docs = list(iter_documents(cfg.corpus.out_dir, split))
@@ -48,18 +48,17 @@ def tokenize_split(cfg: RunConfig, tokenizer, split: str, cache_dir: Path) -> li
         key.update(d["sha256"].encode())
     key.update(json.dumps(tokenizer.fingerprint()).encode())
     cache = cache_dir / f"tokens-{split}-{key.hexdigest()[:16]}.npz"
-    if cache.is_file():
-        data = np.load(cache)
-        ids, offsets = data["ids"], data["offsets"]
-        return [ids[offsets[i] : offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]
-    eos = tokenizer.endoftext_id
-    ids = [tokens + [eos] for tokens in tokenizer.encode_batch([d["text"] for d in docs])]
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    offsets = np.cumsum([0] + [len(x) for x in ids])
-    tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, ids=np.concatenate([np.asarray(x, dtype=np.int32) for x in ids]), offsets=offsets)
-    tmp.replace(cache)
-    return ids
+    if not cache.is_file():
+        eos = tokenizer.endoftext_id
+        ids = [tokens + [eos] for tokens in tokenizer.encode_batch([d["text"] for d in docs])]
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        offsets = np.cumsum([0] + [len(x) for x in ids])
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, ids=np.concatenate([np.asarray(x, dtype=np.int32) for x in ids]), offsets=offsets)
+        tmp.replace(cache)
+    data = np.load(cache)
+    ids, offsets = data["ids"], data["offsets"]
+    return [ids[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
 
 
 def stage_data(cfg: RunConfig, tokenizer, stage_dir: Path) -> StageData:
@@ -75,7 +74,8 @@ def stage_data(cfg: RunConfig, tokenizer, stage_dir: Path) -> StageData:
 
     def validation(seq_len: int):
         packed = pack_documents(val_docs, seq_len, cfg.packing, seed=train_cfg.seed)
-        seqs = packed.sequences[: train_cfg.eval_batches * train_cfg.batch_size]
+        n = min(train_cfg.eval_batches * train_cfg.batch_size, len(packed))
+        seqs = [packed.sequence(i) for i in range(n)]
         return [
             collate(seqs[i : i + train_cfg.batch_size], seq_len, pad)
             for i in range(0, len(seqs), train_cfg.batch_size)

@@ -1,0 +1,333 @@
+"""LoRA for GPT-OSS (attention projections and MoE experts) and its exchange in PEFT's adapter format.
+
+Own modules instead of wrapping the model with PEFT: PEFT's `target_parameters` LoRA materialises
+`W + scaling * A @ B` for every expert stack on every forward, which the split-LoRA experts of
+model/moe.py avoid. The adapters we save are nevertheless PEFT's exactly (adapter_config.json +
+adapter_model.safetensors), so `peft.PeftModel.from_pretrained` and servers that read PEFT adapters
+load them unchanged.
+
+PEFT's layout for a 3-D expert parameter W [E, in, out] (transformers' GptOssExperts is
+`is_transposed`, so in/out are not swapped): lora_A.weight is (E*r, in) read expert-slowest, i.e.
+`reshape(E, r, in)`, while lora_B.weight is (out, E*r) read expert-FASTEST, i.e. `reshape(out, r, E)`
+(see ParamWrapper.get_delta_weight: einsum "o r e, e r i -> e i o"). When both gate_up_proj and
+down_proj of one `mlp.experts` are targeted PEFT nests two ParamWrappers in the order the parameters
+are registered, so gate_up_proj's keys carry an extra `.base_layer`:
+  ...mlp.experts.base_layer.lora_{A,B}.weight -> gate_up_proj,  ...mlp.experts.lora_{A,B}.weight -> down_proj.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rustforge.config import LoraConfig
+from rustforge.model.moe import (
+    EXPERT_TARGETS,
+    GroupedExperts,
+    ReferenceLoraExperts,
+    add_expert_lora,
+    expert_lora_targets,
+    lora_param_names,
+)
+
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+KNOWN_TARGETS = ATTENTION_TARGETS + EXPERT_TARGETS
+PEFT_PREFIX = "base_model.model."
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class LoraLinear(nn.Module):
+    """base_layer(x) + B(A(dropout(x))) * alpha / r around a frozen nn.Linear (PEFT's lora.Linear math).
+
+    A and B are float32 (PEFT's autocast_adapter_dtype) and cast to the input dtype in forward, so the
+    activations autograd saves stay in the model dtype."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LoraLinear wraps nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer.requires_grad_(False)
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.r, self.scaling = r, alpha / r
+        device = base_layer.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        # drawn on the CPU so the init does not depend on the device
+        a = torch.empty(self.lora_A.shape)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        with torch.no_grad():
+            self.lora_A.copy_(a)
+            self.lora_B.zero_()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lora = F.linear(F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return self.base_layer(x) + lora * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling}"
+
+
+# --------------------------------------------------------------------------------------------- apply
+def _validate(cfg: LoraConfig) -> None:
+    unknown = [t for t in cfg.targets if t not in KNOWN_TARGETS]
+    if unknown:
+        raise ValueError(f"lora.targets: unknown target(s) {unknown}; known: {list(KNOWN_TARGETS)}")
+    if not cfg.targets:
+        raise ValueError("lora.targets: empty; name at least one of " + ", ".join(KNOWN_TARGETS))
+    if cfg.r <= 0:
+        raise ValueError(f"lora.r: must be positive, got {cfg.r}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"lora.dropout: must be in [0, 1), got {cfg.dropout}")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The GptOssForCausalLM inside a RustforgeModel (attribute `hf`), or the model itself."""
+    return getattr(model, "hf", model)
+
+
+def apply_lora(hf_model: nn.Module, cfg: LoraConfig) -> nn.Module:
+    """Freeze everything, then add LoRA to cfg.targets: LoraLinear around q/k/v/o_proj and expert LoRA
+    on `mlp.experts` (transformers' GptOssExperts becomes a ReferenceLoraExperts; ours keep their type).
+
+    Every LoRA parameter is (re)initialised here, layer by layer in a fixed order, so the init under
+    torch.manual_seed is the same whatever experts module is installed."""
+    _validate(cfg)
+    hf_model.requires_grad_(False)
+    expert_targets = [t for t in EXPERT_TARGETS if t in cfg.targets]
+    for layer in hf_model.model.layers:
+        attn = layer.self_attn
+        for name in ATTENTION_TARGETS:
+            if name in cfg.targets:
+                current = getattr(attn, name)
+                base = current.base_layer if isinstance(current, LoraLinear) else current
+                setattr(attn, name, LoraLinear(base, cfg.r, cfg.alpha, cfg.dropout))
+        if expert_targets:
+            experts = layer.mlp.experts
+            if not isinstance(experts, (ReferenceLoraExperts, GroupedExperts)):
+                experts = ReferenceLoraExperts.from_module(experts)
+                layer.mlp.experts = experts
+            add_expert_lora(experts, cfg.r, cfg.alpha, expert_targets)
+    return hf_model
+
+
+# ---------------------------------------------------------------------------------------------- PEFT
+def _expert_key_prefixes(module_name: str, targets: list[str]) -> dict[str, str]:
+    """PEFT's module path of each targeted expert parameter (nested ParamWrappers, see module doc)."""
+    nested = len(targets) == 2
+    return {
+        proj: f"{PEFT_PREFIX}{module_name}" + (".base_layer" if nested and proj == "gate_up_proj" else "")
+        for proj in targets
+    }
+
+
+def _lora_modules(model: nn.Module):
+    """(name, module) of every module carrying LoRA, in module order."""
+    for name, module in _unwrap(model).named_modules():
+        if isinstance(module, LoraLinear) or (name and expert_lora_targets(module)):
+            yield name, module
+
+
+def expert_lora_to_peft(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ours (A [E, in, r], B [E, r, out]) -> PEFT's (lora_A (E*r, in), lora_B (out, E*r) expert-fastest)."""
+    E, d_in, r = lora_A.shape
+    peft_A = lora_A.detach().transpose(1, 2).reshape(E * r, d_in).contiguous()
+    peft_B = lora_B.detach().permute(2, 1, 0).reshape(lora_B.shape[2], r * E).contiguous()
+    return peft_A, peft_B
+
+
+def expert_lora_from_peft(peft_A: torch.Tensor, peft_B: torch.Tensor, num_experts: int):
+    """Inverse of expert_lora_to_peft."""
+    d_in, d_out = peft_A.shape[1], peft_B.shape[0]
+    r = peft_A.shape[0] // num_experts
+    lora_A = peft_A.reshape(num_experts, r, d_in).transpose(1, 2)
+    lora_B = peft_B.reshape(d_out, r, num_experts).permute(2, 1, 0)
+    return lora_A, lora_B
+
+
+def lora_state_dict_peft(model: nn.Module) -> dict[str, torch.Tensor]:
+    """All LoRA weights under PEFT's saved key names and shapes (what adapter_model.safetensors holds)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, module in _lora_modules(model):
+        if isinstance(module, LoraLinear):
+            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A.detach()
+            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B.detach()
+            continue
+        targets = expert_lora_targets(module)
+        for proj, prefix in _expert_key_prefixes(name, targets).items():
+            name_A, name_B = lora_param_names(proj)
+            peft_A, peft_B = expert_lora_to_peft(getattr(module, name_A), getattr(module, name_B))
+            out[f"{prefix}.lora_A.weight"] = peft_A
+            out[f"{prefix}.lora_B.weight"] = peft_B
+    return out
+
+
+def _lora_settings(model: nn.Module) -> tuple[int, float, list[str], list[str]]:
+    """(r, scaling, target_modules, target_parameters) found on the model; one r and scaling only."""
+    ranks, scalings, modules, params = set(), set(), set(), set()
+    for name, module in _lora_modules(model):
+        if isinstance(module, LoraLinear):
+            ranks.add(module.r)
+            scalings.add(module.scaling)
+            modules.add(name.rsplit(".", 1)[-1])
+        else:
+            ranks.add(module.lora_r)
+            scalings.add(module.lora_scaling)
+            params.update(f"mlp.experts.{p}" for p in expert_lora_targets(module))
+    if not ranks:
+        raise ValueError("model has no LoRA modules; call apply_lora first")
+    if len(ranks) > 1 or len(scalings) > 1:
+        raise ValueError(f"model mixes LoRA ranks {sorted(ranks)} / scalings {sorted(scalings)}; PEFT needs one")
+    ordered_params = [f"mlp.experts.{p}" for p in EXPERT_TARGETS if f"mlp.experts.{p}" in params]
+    return ranks.pop(), scalings.pop(), sorted(modules), ordered_params
+
+
+def peft_adapter_config(cfg: LoraConfig, base_model_name_or_path: str | None = None) -> dict:
+    """adapter_config.json content for cfg. PEFT refuses dropout on parameter targets (it cannot be
+    factored out of x @ (W + dW)); dropout only matters in training, so it is recorded as 0 then."""
+    _validate(cfg)
+    target_modules = [t for t in ATTENTION_TARGETS if t in cfg.targets]
+    target_parameters = [f"mlp.experts.{t}" for t in EXPERT_TARGETS if t in cfg.targets]
+    alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "r": cfg.r,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0 if target_parameters else cfg.dropout,
+        # [] (not None): None would let PEFT substitute its default targets for the architecture
+        "target_modules": sorted(target_modules),
+        "target_parameters": target_parameters or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def _check_cfg_matches_model(model: nn.Module, cfg: LoraConfig) -> None:
+    r, scaling, modules, params = _lora_settings(model)
+    want = peft_adapter_config(cfg)
+    if r != cfg.r or not math.isclose(scaling, cfg.alpha / cfg.r):
+        raise ValueError(f"lora: model has r={r}, scaling={scaling} but the config says r={cfg.r}, alpha={cfg.alpha}")
+    if modules != want["target_modules"] or params != (want["target_parameters"] or []):
+        raise ValueError(
+            f"lora.targets: model has LoRA on {modules + params}, config targets "
+            f"{want['target_modules'] + (want['target_parameters'] or [])}"
+        )
+
+
+def save_adapter(model: nn.Module, cfg: LoraConfig, directory: str | Path, base_model_name_or_path: str | None = None):
+    """Write a PEFT adapter (adapter_config.json + adapter_model.safetensors) atomically: everything goes
+    to a temporary sibling directory that is then renamed over `directory`."""
+    _check_cfg_matches_model(model, cfg)
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict_peft(model).items()}
+    save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = peft_adapter_config(cfg, base_model_name_or_path)
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def _read_adapter_config(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: adapter config not found")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    checks = {
+        "peft_type": lambda v: v == "LORA",
+        "r": lambda v: isinstance(v, int) and v > 0,
+        "lora_alpha": lambda v: isinstance(v, (int, float)),
+        "use_rslora": lambda v: not v,
+        "use_dora": lambda v: not v,
+        "rank_pattern": lambda v: not v,
+        "alpha_pattern": lambda v: not v,
+    }
+    for key, ok in checks.items():
+        if key in ("peft_type", "r", "lora_alpha") and key not in config:
+            raise ValueError(f"{path}: missing field {key!r}")
+        if key in config and not ok(config[key]):
+            raise ValueError(f"{path}: field {key!r} = {config[key]!r} is not supported")
+    return config
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Load a PEFT adapter into the model's LoRA parameters (the model must already have LoRA on the
+    same targets with the same rank); scaling is taken from the file's lora_alpha / r."""
+    directory = Path(directory)
+    config = _read_adapter_config(directory / ADAPTER_CONFIG)
+    weights_path = directory / ADAPTER_WEIGHTS
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path}: adapter weights not found")
+    loaded = load_file(str(weights_path))
+    expected = lora_state_dict_peft(model)
+    missing = [k for k in expected if k not in loaded]
+    if missing:
+        raise KeyError(f"{weights_path}: missing key {missing[0]!r} ({len(missing)} missing in all)")
+    unexpected = [k for k in loaded if k not in expected]
+    if unexpected:
+        raise KeyError(f"{weights_path}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all)")
+    for key, tensor in expected.items():
+        if loaded[key].shape != tensor.shape:
+            raise ValueError(
+                f"{weights_path}: key {key!r} has shape {tuple(loaded[key].shape)}, the model expects {tuple(tensor.shape)}"
+            )
+    scaling = config["lora_alpha"] / config["r"]
+    with torch.no_grad():
+        for name, module in _lora_modules(model):
+            if isinstance(module, LoraLinear):
+                module.lora_A.copy_(loaded[f"{PEFT_PREFIX}{name}.lora_A.weight"])
+                module.lora_B.copy_(loaded[f"{PEFT_PREFIX}{name}.lora_B.weight"])
+                module.scaling = scaling
+                continue
+            targets = expert_lora_targets(module)
+            for proj, prefix in _expert_key_prefixes(name, targets).items():
+                lora_A, lora_B = expert_lora_from_peft(
+                    loaded[f"{prefix}.lora_A.weight"], loaded[f"{prefix}.lora_B.weight"], module.num_experts
+                )
+                name_A, name_B = lora_param_names(proj)
+                getattr(module, name_A).copy_(lora_A)
+                getattr(module, name_B).copy_(lora_B)
+            module.lora_scaling = scaling
+    return model

@@ -1,0 +1,624 @@
+"""GPT-OSS mixture-of-experts with LoRA: a reference module and the split-LoRA grouped-GEMM module.
+
+Both modules replace `mlp.experts` of transformers' GptOssForCausalLM and keep its call signature
+`experts(hidden [N, H], router_indices [N, k], routing_weights [N, k]) -> [N, H]` and its math
+(transformers' GptOssExperts: `x @ gate_up_proj[e] + bias`, interleaved gate/up columns, clamped
+SwiGLU `(up + 1) * gate * sigmoid(alpha * gate)`, `@ down_proj[e] + bias`, weighted by the router).
+
+Expert LoRA parameters live on the experts module under the same names in both modules, so state
+dicts interchange: `lora_gate_up_A [E, H, r]`, `lora_gate_up_B [E, r, 2I]`, `lora_down_A [E, I, r]`,
+`lora_down_B [E, r, H]`, used as `x @ A_e @ B_e * scaling` (the `x @ W_e` convention of the weights).
+
+- `ReferenceLoraExperts`: transformers' per-expert loop with `W_e + scaling * A_e @ B_e` materialised,
+  which is what PEFT's `target_parameters` LoRA computes. Slow, obviously right.
+- `GroupedExperts`: tokens sorted by expert once per layer, the frozen expert GEMMs as grouped GEMMs
+  (torch's `grouped_mm`, a per-expert loop where it is unavailable) and LoRA as `(x @ A_e) @ B_e` over
+  the same groups, never forming `A_e @ B_e`. Own autograd Functions save only the sorted inputs,
+  `x @ A` [S, r] and the offsets; frozen weights (bf16, block-scaled FP8 or MXFP4) are dequantised just
+  in time in forward and again in backward. Own code: transformers' grouped path has no LoRA and
+  PEFT's materialises a delta the size of every expert stack.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EXPERT_TARGETS = ("gate_up_proj", "down_proj")
+EXPERT_FORMATS = ("bf16", "fp8", "mxfp4")
+FP8_BLOCK = 128
+_DEQUANT_EXPERTS_PER_CHUNK = 8  # bounds the float32 temporaries of dequantisation
+_LORA_PREFIX = {"gate_up_proj": "lora_gate_up", "down_proj": "lora_down"}
+
+_NATIVE_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+# ------------------------------------------------------------------------------------ grouped GEMM
+def _strides_aligned(t: torch.Tensor) -> bool:
+    """grouped_mm needs 16-byte aligned leading strides and base pointer."""
+    size = t.element_size()
+    if any(stride * size % 16 for stride in t.stride() if stride != 1):
+        return False
+    return torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
+
+
+def native_grouped_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether torch's grouped_mm kernel takes these operands (CPU any float; CUDA bf16 on sm90+)."""
+    if _NATIVE_GROUPED_MM is None or a.dtype != b.dtype or a.device != b.device:
+        return False
+    if a.device.type == "cuda":
+        if a.dtype != torch.bfloat16 or torch.cuda.get_device_capability(a.device) < (9, 0):
+            return False
+    elif a.device.type != "cpu":
+        return False
+    return _strides_aligned(a) and _strides_aligned(b)
+
+
+def _grouped_mm_loop(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    ends = offs.tolist()  # the one host sync of the fallback
+    starts = [0] + ends[:-1]
+    if b.dim() == 3:
+        out = a.new_zeros(a.shape[0], b.shape[-1])
+        for e, (lo, hi) in enumerate(zip(starts, ends)):
+            if hi > lo:
+                out[lo:hi] = a[lo:hi] @ b[e]
+        return out
+    out = a.new_zeros(len(ends), a.shape[0], b.shape[-1])
+    for e, (lo, hi) in enumerate(zip(starts, ends)):
+        if hi > lo:
+            out[e] = a[:, lo:hi] @ b[lo:hi]
+    return out
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Grouped matmul over row groups ending at `offs` (int32 [E], cumulative).
+
+    a [S, K] with b [E, K, N] -> [S, N], rows of group e multiplied by b[e];
+    a [M, S] with b [S, N]    -> [E, M, N], group e = a[:, group] @ b[group] (zero for empty groups).
+    """
+    if native_grouped_mm_supported(a, b):
+        return _NATIVE_GROUPED_MM(a, b, offs=offs)
+    return _grouped_mm_loop(a, b, offs)
+
+
+def _zero_empty_groups(per_group: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    # The K-grouped kernel leaves no guarantee about groups with no rows; their gradient is zero.
+    counts = torch.diff(offs, prepend=offs.new_zeros(1))
+    return per_group.masked_fill_((counts == 0).view(-1, 1, 1), 0)
+
+
+# ------------------------------------------------------------------------------ frozen weight storage
+def _dequant_by_chunks(fn, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    first = fn(a[:_DEQUANT_EXPERTS_PER_CHUNK], b[:_DEQUANT_EXPERTS_PER_CHUNK], dtype)
+    if a.shape[0] <= _DEQUANT_EXPERTS_PER_CHUNK:
+        return first
+    out = first.new_empty(a.shape[0], *first.shape[1:])
+    out[:_DEQUANT_EXPERTS_PER_CHUNK] = first
+    for lo in range(_DEQUANT_EXPERTS_PER_CHUNK, a.shape[0], _DEQUANT_EXPERTS_PER_CHUNK):
+        hi = lo + _DEQUANT_EXPERTS_PER_CHUNK
+        out[lo:hi] = fn(a[lo:hi], b[lo:hi], dtype)
+    return out
+
+
+def _fp8_dequant(q_bytes: torch.Tensor, scale_bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    from rustforge.model.quant import fp8_dequantize
+
+    return fp8_dequantize(q_bytes.view(torch.float8_e4m3fn), scale_bits.view(torch.float32), dtype, block=FP8_BLOCK)
+
+
+def _mxfp4_dequant(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    from rustforge.model.quant import mxfp4_dequantize
+
+    return mxfp4_dequantize(blocks, scales, dtype)
+
+
+def dense_expert_weight(fmt: str, storage: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The frozen weight as [E, in, out] in dtype (for quantised formats a transposed view)."""
+    if fmt == "bf16":
+        return storage[0].to(dtype)
+    if fmt == "fp8":
+        return _dequant_by_chunks(_fp8_dequant, *storage, dtype).transpose(1, 2)
+    if fmt == "mxfp4":
+        return _dequant_by_chunks(_mxfp4_dequant, *storage, dtype).transpose(1, 2)
+    raise ValueError(f"model.expert_format: unknown format {fmt!r}; known: {list(EXPERT_FORMATS)}")
+
+
+def quantize_expert_weight(fmt: str, weight_in_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """[E, in, out] dense weight -> the storage tensors of `fmt`, quantised along `in` ([E, out, in] layout,
+    as the gpt-oss checkpoint). FP8 codes and scales are stored as uint8 / int32 bit views so that
+    `module.to(dtype)` can never cast them."""
+    if fmt == "bf16":
+        return (weight_in_out.detach(),)
+    from rustforge.model.quant import fp8_quantize, mxfp4_quantize
+
+    out_in = weight_in_out.detach().transpose(1, 2).contiguous()
+    if fmt == "fp8":
+        q, scales = fp8_quantize(out_in, block=FP8_BLOCK)
+        return q.contiguous().view(torch.uint8), scales.contiguous().view(torch.int32)
+    if fmt == "mxfp4":
+        return mxfp4_quantize(out_in)
+    raise ValueError(f"model.expert_format: unknown format {fmt!r}; known: {list(EXPERT_FORMATS)}")
+
+
+def _storage_names(fmt: str, proj: str) -> tuple[str, ...]:
+    return {"bf16": (proj,), "fp8": (f"{proj}_fp8", f"{proj}_fp8_scales"), "mxfp4": (f"{proj}_blocks", f"{proj}_scales")}[
+        fmt
+    ]
+
+
+# ---------------------------------------------------------------------------------- autograd pieces
+def _padded_rank(r: int) -> int:
+    # LoRA rank + one column of ones for the bias, rounded up to 8 elements (16-byte grouped_mm strides)
+    return (r + 1 + 7) // 8 * 8
+
+
+def _bias_augmented_lora(lora_A, lora_B, bias, scaling, d_in: int):
+    """(A' [E, in, p], B' [E, p, out]) with x @ A' @ B' = scaling * x @ A @ B once column r of x @ A' is
+    set to 1 (row r of B' is the bias), so the bias rides on the LoRA GEMM instead of a gathered add."""
+    E, d_out = bias.shape
+    r = 0 if lora_A is None else lora_A.shape[-1]
+    p = _padded_rank(r)
+    aug_A = bias.new_zeros(E, d_in, p)
+    aug_B = bias.new_zeros(E, p, d_out)
+    if lora_A is not None:
+        aug_A[:, :, :r] = lora_A
+        torch.mul(lora_B, scaling, out=aug_B[:, :r])
+    aug_B[:, r] = bias
+    return aug_A, aug_B, r
+
+
+class _GroupedLoraLinear(torch.autograd.Function):
+    """y = x @ W_e + b_e + scaling * (x @ A_e) @ B_e on expert-sorted rows; W, b frozen.
+
+    Saves x, x @ A (plus the bias column) and the offsets; W is dequantised again in backward (kept on
+    ctx as a reference to the module's storage, not as a saved tensor, so activation offloading never
+    copies weights)."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, bias, offs, scaling, fmt, storage):
+        weight = dense_expert_weight(fmt, storage, x.dtype)
+        y = grouped_mm(x, weight, offs)
+        del weight
+        aug_A, aug_B, r = _bias_augmented_lora(lora_A, lora_B, bias.to(x.dtype), scaling, x.shape[-1])
+        xa = grouped_mm(x, aug_A, offs)  # [S, p]; columns past r are zero
+        xa[:, r] = 1
+        y.add_(grouped_mm(xa, aug_B, offs))
+        ctx.save_for_backward(x, xa, offs, lora_A, lora_B)
+        ctx.scaling, ctx.fmt, ctx.storage, ctx.rank = scaling, fmt, storage, r
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, xa, offs, lora_A, lora_B = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        grad_x = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            weight = dense_expert_weight(ctx.fmt, ctx.storage, grad_y.dtype)
+            grad_x = grouped_mm(grad_y, weight.transpose(1, 2), offs)
+            del weight
+        if lora_A is not None:
+            grad_xa = grouped_mm(grad_y, lora_B.transpose(1, 2), offs).mul_(ctx.scaling)  # [S, r]
+            if grad_x is not None:
+                grad_x.add_(grouped_mm(grad_xa, lora_A.transpose(1, 2), offs))
+            if ctx.needs_input_grad[1]:
+                grad_A = _zero_empty_groups(grouped_mm(x.t(), grad_xa, offs), offs)
+            if ctx.needs_input_grad[2]:
+                xa_lora = xa[:, : ctx.rank]
+                grad_B = _zero_empty_groups(grouped_mm(xa_lora.t(), grad_y, offs), offs).mul_(ctx.scaling)
+        return grad_x, grad_A, grad_B, None, None, None, None, None
+
+
+class _GatherSorted(torch.autograd.Function):
+    """hidden [N, H] -> its rows in expert order [N*k, H]; backward gathers back and sums the k copies
+    (no scatter-add: deterministic, no atomics)."""
+
+    @staticmethod
+    def forward(ctx, hidden, token_of_row, inverse, top_k):
+        ctx.save_for_backward(inverse)
+        ctx.top_k = top_k
+        return hidden.index_select(0, token_of_row)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (inverse,) = ctx.saved_tensors
+        grad = grad_rows.index_select(0, inverse)
+        return grad.view(-1, ctx.top_k, grad.shape[-1]).sum(dim=1), None, None, None
+
+
+class _SumUnsorted(torch.autograd.Function):
+    """Rows in expert order [N*k, H] -> per-token sums [N, H]; backward is a gather."""
+
+    @staticmethod
+    def forward(ctx, rows, inverse, token_of_row, top_k):
+        ctx.save_for_backward(token_of_row)
+        return rows.index_select(0, inverse).view(-1, top_k, rows.shape[-1]).sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_tokens):
+        (token_of_row,) = ctx.saved_tensors
+        return grad_tokens.index_select(0, token_of_row), None, None, None
+
+
+def swiglu_reference(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """transformers' GptOssExperts._apply_gate: interleaved gate/up columns, clamped SwiGLU."""
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    gate = gate.clamp(min=None, max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+_SWIGLU_CHUNK_ELEMENTS = 1 << 24  # bounds the temporaries of the SwiGLU backward
+
+
+def _swiglu_grad(gate_up: torch.Tensor, grad_out: torch.Tensor, alpha: float, limit: float, out: torch.Tensor):
+    """Writes d swiglu_reference / d gate_up (interleaved) into `out`, in the input dtype as autograd
+    of the reference would (torch's clamp passes gradient where min <= x <= max, bounds included)."""
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    gate_c = gate.clamp(max=limit)
+    sig = torch.sigmoid(gate_c * alpha)
+    glu = gate_c * sig
+    out[..., 1::2] = (grad_out * glu).masked_fill_(up.abs() > limit, 0)
+    # d/dg [g * sigmoid(alpha g)] = sig + alpha * glu * (1 - sig)
+    d_glu = torch.addcmul(sig, glu, torch.sub(1, sig), value=alpha)
+    d_glu.mul_(up.clamp(-limit, limit).add_(1)).mul_(grad_out).masked_fill_(gate > limit, 0)
+    out[..., ::2] = d_glu
+
+
+class _ClampedSwiGLU(torch.autograd.Function):
+    """swiglu_reference saving only its input (autograd of the reference keeps ~5 [S, I] tensors);
+    the backward runs over row chunks so its temporaries stay small."""
+
+    @staticmethod
+    def forward(ctx, gate_up, alpha, limit):
+        ctx.save_for_backward(gate_up)
+        ctx.alpha, ctx.limit = alpha, limit
+        return swiglu_reference(gate_up, alpha, limit)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (gate_up,) = ctx.saved_tensors
+        grad = torch.empty_like(gate_up)
+        rows = max(1, _SWIGLU_CHUNK_ELEMENTS // max(1, grad_out.shape[-1]))
+        for lo in range(0, gate_up.shape[0], rows):
+            hi = lo + rows
+            _swiglu_grad(gate_up[lo:hi], grad_out[lo:hi], ctx.alpha, ctx.limit, grad[lo:hi])
+        return grad, None, None
+
+
+# --------------------------------------------------------------------------------------- expert LoRA
+def lora_param_names(proj: str) -> tuple[str, str]:
+    prefix = _LORA_PREFIX[proj]
+    return f"{prefix}_A", f"{prefix}_B"
+
+
+def expert_lora_targets(module: nn.Module) -> list[str]:
+    """The expert projections that carry LoRA on this module, in EXPERT_TARGETS order."""
+    return [p for p in EXPERT_TARGETS if getattr(module, lora_param_names(p)[0], None) is not None]
+
+
+def _lora_shapes(module: nn.Module, proj: str, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    E, H, I = module.num_experts, module.hidden_size, module.intermediate_size
+    d_in, d_out = (H, 2 * I) if proj == "gate_up_proj" else (I, H)
+    return (E, d_in, r), (E, r, d_out)
+
+
+def add_expert_lora(module: nn.Module, r: int, alpha: float, targets: list[str] | tuple[str, ...]) -> None:
+    """(Re)create expert LoRA on `module` with PEFT's init (A kaiming-uniform a=sqrt(5), B zero).
+
+    A is drawn on the CPU exactly as PEFT draws its (E*r, in) lora_A, so the init is device independent
+    and identical to PEFT's under the same seed. Parameters are float32 (PEFT's autocast_adapter_dtype)."""
+    if r <= 0:
+        raise ValueError(f"lora.r: must be positive, got {r}")
+    unknown = [t for t in targets if t not in EXPERT_TARGETS]
+    if unknown:
+        raise ValueError(f"lora.targets: {unknown} are not expert projections; known: {list(EXPERT_TARGETS)}")
+    device = next(t.device for t in list(module.parameters()) + list(module.buffers()))
+    for proj in EXPERT_TARGETS:
+        name_A, name_B = lora_param_names(proj)
+        if proj not in targets:
+            module.register_parameter(name_A, None)
+            module.register_parameter(name_B, None)
+            continue
+        shape_A, shape_B = _lora_shapes(module, proj, r)
+        E, d_in, _ = shape_A
+        a = torch.empty(E * r, d_in)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        a = a.view(E, r, d_in).transpose(1, 2).contiguous()
+        module.register_parameter(name_A, nn.Parameter(a.to(device)))
+        module.register_parameter(name_B, nn.Parameter(torch.zeros(shape_B, device=device)))
+    module.lora_r = r
+    module.lora_scaling = alpha / r
+
+
+def copy_expert_lora(src: nn.Module, dst: nn.Module) -> None:
+    """Give `dst` the LoRA parameters (values and scaling) of `src`."""
+    targets = expert_lora_targets(src)
+    if not targets:
+        return
+    add_expert_lora(dst, src.lora_r, src.lora_scaling * src.lora_r, targets)
+    with torch.no_grad():
+        for proj in targets:
+            for name in lora_param_names(proj):
+                getattr(dst, name).copy_(getattr(src, name))
+
+
+def _expert_dims(bias_gate_up: torch.Tensor, bias_down: torch.Tensor) -> tuple[int, int, int]:
+    return bias_gate_up.shape[0], bias_down.shape[1], bias_gate_up.shape[1] // 2
+
+
+def dense_expert_params(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gate_up [E, H, 2I], gate_up_bias, down [E, I, H], down_bias) of any experts module, detached."""
+    if isinstance(experts, GroupedExperts):
+        dtype = experts.dtype
+        return (
+            experts.dense_weight("gate_up_proj", dtype),
+            experts.gate_up_proj_bias.detach(),
+            experts.dense_weight("down_proj", dtype),
+            experts.down_proj_bias.detach(),
+        )
+    for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+        p = getattr(experts, name, None)
+        if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+            raise TypeError(
+                f"{type(experts).__name__}.{name}: expected dense expert weights (transformers' GptOssExperts), "
+                f"got {type(p).__name__ if p is None else p.dtype}"
+            )
+    return (
+        experts.gate_up_proj.detach(),
+        experts.gate_up_proj_bias.detach(),
+        experts.down_proj.detach(),
+        experts.down_proj_bias.detach(),
+    )
+
+
+# -------------------------------------------------------------------------------- reference experts
+class ReferenceLoraExperts(nn.Module):
+    """transformers' GptOssExperts loop with the LoRA delta folded into each expert's weight."""
+
+    def __init__(self, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, *, alpha: float, limit: float):
+        super().__init__()
+        self.num_experts, self.hidden_size, self.intermediate_size = _expert_dims(gate_up_proj_bias, down_proj_bias)
+        self.alpha, self.limit = alpha, limit
+        self.gate_up_proj = nn.Parameter(gate_up_proj, requires_grad=False)
+        self.gate_up_proj_bias = nn.Parameter(gate_up_proj_bias, requires_grad=False)
+        self.down_proj = nn.Parameter(down_proj, requires_grad=False)
+        self.down_proj_bias = nn.Parameter(down_proj_bias, requires_grad=False)
+        for proj in EXPERT_TARGETS:
+            for name in lora_param_names(proj):
+                self.register_parameter(name, None)
+        self.lora_r, self.lora_scaling = 0, 0.0
+
+    @classmethod
+    def from_module(cls, experts: nn.Module, lora_cfg=None) -> "ReferenceLoraExperts":
+        """From transformers' GptOssExperts (sharing its weights) or any of our experts modules; keeps the
+        source's LoRA, else adds a fresh one for `lora_cfg`'s expert targets."""
+        module = cls(*dense_expert_params(experts), alpha=experts.alpha, limit=experts.limit)
+        _carry_or_add_lora(experts, module, lora_cfg)
+        return module
+
+    def expert_weight(self, proj: str, e: int) -> torch.Tensor:
+        weight = getattr(self, proj)[e]
+        name_A, name_B = lora_param_names(proj)
+        lora_A, lora_B = getattr(self, name_A), getattr(self, name_B)
+        if lora_A is None:
+            return weight
+        delta = lora_A[e].to(weight.dtype) @ lora_B[e].to(weight.dtype)
+        return weight + self.lora_scaling * delta
+
+    def forward(self, hidden_states, router_indices, routing_weights):
+        next_states = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = F.one_hot(router_indices, num_classes=self.num_experts).permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for e in expert_hit[:, 0].tolist():
+            top_k_pos, token_idx = torch.where(expert_mask[e])
+            current = hidden_states[token_idx]
+            gate_up = current @ self.expert_weight("gate_up_proj", e) + self.gate_up_proj_bias[e]
+            gated = swiglu_reference(gate_up, self.alpha, self.limit)
+            out = gated @ self.expert_weight("down_proj", e) + self.down_proj_bias[e]
+            weighted = out * routing_weights[token_idx, top_k_pos, None]
+            next_states.index_add_(0, token_idx, weighted.to(hidden_states.dtype))
+        return next_states
+
+
+# ---------------------------------------------------------------------------------- grouped experts
+class GroupedExperts(nn.Module):
+    """Split-LoRA experts over grouped GEMMs with frozen weights stored as bf16 (the model dtype), FP8
+    e4m3 with 1x128 block scales, or MXFP4 (checkpoint layout, ~4.25 bits per weight).
+
+    State dict names: bf16 -> HF's `gate_up_proj` / `down_proj`; fp8 -> `{proj}_fp8` (uint8 view) and
+    `{proj}_fp8_scales` (int32 view of float32); mxfp4 -> the checkpoint's `{proj}_blocks` / `{proj}_scales`.
+    Biases are `gate_up_proj_bias` / `down_proj_bias` in every format; LoRA as in ReferenceLoraExperts."""
+
+    def __init__(
+        self,
+        fmt: str,
+        gate_up_storage: tuple[torch.Tensor, ...],
+        gate_up_proj_bias: torch.Tensor,
+        down_storage: tuple[torch.Tensor, ...],
+        down_proj_bias: torch.Tensor,
+        *,
+        alpha: float,
+        limit: float,
+        dtype: torch.dtype,
+    ):
+        super().__init__()
+        if fmt not in EXPERT_FORMATS:
+            raise ValueError(f"model.expert_format: unknown format {fmt!r}; known: {list(EXPERT_FORMATS)}")
+        self.fmt, self.alpha, self.limit = fmt, alpha, limit
+        self.num_experts, self.hidden_size, self.intermediate_size = _expert_dims(gate_up_proj_bias, down_proj_bias)
+        for proj, storage in (("gate_up_proj", gate_up_storage), ("down_proj", down_storage)):
+            for name, tensor in zip(_storage_names(fmt, proj), storage, strict=True):
+                if fmt == "bf16":
+                    self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+                else:
+                    self.register_buffer(name, tensor)
+        self.gate_up_proj_bias = nn.Parameter(gate_up_proj_bias.to(dtype), requires_grad=False)
+        self.down_proj_bias = nn.Parameter(down_proj_bias.to(dtype), requires_grad=False)
+        for proj in EXPERT_TARGETS:
+            for name in lora_param_names(proj):
+                self.register_parameter(name, None)
+        self.lora_r, self.lora_scaling = 0, 0.0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model dtype, read off the biases so that it follows `module.to(dtype)`."""
+        return self.gate_up_proj_bias.dtype
+
+    # ---- construction
+    @classmethod
+    def from_dense(
+        cls, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, *, fmt: str, alpha: float, limit: float
+    ) -> "GroupedExperts":
+        """From HF-layout dense weights (gate_up [E, H, 2I], down [E, I, H]); quantises for fp8/mxfp4."""
+        return cls(
+            fmt,
+            quantize_expert_weight(fmt, gate_up_proj),
+            gate_up_proj_bias.detach(),
+            quantize_expert_weight(fmt, down_proj),
+            down_proj_bias.detach(),
+            alpha=alpha,
+            limit=limit,
+            dtype=gate_up_proj.dtype,
+        )
+
+    @classmethod
+    def from_hf(cls, experts: nn.Module, fmt: str = "bf16", lora_cfg=None) -> "GroupedExperts":
+        """From transformers' GptOssExperts or one of our experts modules; keeps the source's LoRA, else
+        adds a fresh one for `lora_cfg`'s expert targets. bf16 shares the source's weight tensors."""
+        if isinstance(experts, GroupedExperts) and experts.fmt == fmt:
+            storage = {p: tuple(getattr(experts, n) for n in _storage_names(fmt, p)) for p in EXPERT_TARGETS}
+            module = cls(
+                fmt,
+                tuple(t.detach() for t in storage["gate_up_proj"]),
+                experts.gate_up_proj_bias.detach(),
+                tuple(t.detach() for t in storage["down_proj"]),
+                experts.down_proj_bias.detach(),
+                alpha=experts.alpha,
+                limit=experts.limit,
+                dtype=experts.dtype,
+            )
+        else:
+            module = cls.from_dense(*dense_expert_params(experts), fmt=fmt, alpha=experts.alpha, limit=experts.limit)
+        _carry_or_add_lora(experts, module, lora_cfg)
+        return module
+
+    @classmethod
+    def from_mxfp4(
+        cls,
+        gate_up_blocks: torch.Tensor,
+        gate_up_scales: torch.Tensor,
+        gate_up_bias: torch.Tensor,
+        down_blocks: torch.Tensor,
+        down_scales: torch.Tensor,
+        down_bias: torch.Tensor,
+        *,
+        alpha: float,
+        limit: float,
+        dtype: torch.dtype = torch.bfloat16,
+        lora_cfg=None,
+    ) -> "GroupedExperts":
+        """From a gpt-oss checkpoint's tensors: `*_blocks` uint8 [E, out, in/32, 16], `*_scales` uint8
+        [E, out, in/32], biases [E, out]; `dtype` is the compute dtype."""
+        E, H, I = _expert_dims(gate_up_bias, down_bias)
+        expected = {
+            "gate_up_blocks": (gate_up_blocks, (E, 2 * I, H // 32, 16)),
+            "gate_up_scales": (gate_up_scales, (E, 2 * I, H // 32)),
+            "down_blocks": (down_blocks, (E, H, I // 32, 16)),
+            "down_scales": (down_scales, (E, H, I // 32)),
+        }
+        for name, (tensor, shape) in expected.items():
+            if tuple(tensor.shape) != shape or tensor.dtype != torch.uint8:
+                raise ValueError(
+                    f"GroupedExperts.from_mxfp4: {name} must be uint8 {shape}, got {tensor.dtype} {tuple(tensor.shape)}"
+                )
+        module = cls(
+            "mxfp4",
+            (gate_up_blocks, gate_up_scales),
+            gate_up_bias,
+            (down_blocks, down_scales),
+            down_bias,
+            alpha=alpha,
+            limit=limit,
+            dtype=dtype,
+        )
+        _carry_or_add_lora(None, module, lora_cfg)
+        return module
+
+    # ---- weights
+    def storage(self, proj: str) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, name) for name in _storage_names(self.fmt, proj))
+
+    def dense_weight(self, proj: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The frozen (dequantised) weight [E, in, out], detached."""
+        return dense_expert_weight(self.fmt, tuple(t.detach() for t in self.storage(proj)), dtype or self.dtype)
+
+    def _lora(self, proj: str, dtype: torch.dtype):
+        name_A, name_B = lora_param_names(proj)
+        lora_A, lora_B = getattr(self, name_A), getattr(self, name_B)
+        if lora_A is None:
+            return None, None
+        return lora_A.to(dtype), lora_B.to(dtype)
+
+    def _project(self, proj: str, x, offs):
+        lora_A, lora_B = self._lora(proj, x.dtype)
+        storage = tuple(t.detach() for t in self.storage(proj))
+        bias = getattr(self, f"{proj}_bias").detach()
+        return _GroupedLoraLinear.apply(x, lora_A, lora_B, bias, offs, self.lora_scaling, self.fmt, storage)
+
+    # ---- forward
+    def forward(self, hidden_states, router_indices, routing_weights):
+        top_k = router_indices.shape[1]
+        expert_ids = router_indices.reshape(-1)
+        # one stable sort per layer; gate_up and down reuse the permutation and the offsets
+        sorted_ids, perm = torch.sort(expert_ids, stable=True)
+        all_experts = torch.arange(self.num_experts, device=expert_ids.device, dtype=sorted_ids.dtype)
+        offs = torch.searchsorted(sorted_ids, all_experts, right=True, out_int32=True)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        token_of_row = perm // top_k
+
+        x = _GatherSorted.apply(hidden_states, token_of_row, inverse, top_k)
+        gate_up = self._project("gate_up_proj", x, offs)
+        gated = _ClampedSwiGLU.apply(gate_up, self.alpha, self.limit)
+        out = self._project("down_proj", gated, offs)
+        # routing weights stay in plain autograd so the gradient reaches the router and hidden states
+        out = out * routing_weights.reshape(-1)[perm].to(out.dtype).unsqueeze(-1)
+        return _SumUnsorted.apply(out, inverse, token_of_row, top_k)
+
+    def extra_repr(self) -> str:
+        return (
+            f"fmt={self.fmt}, num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+            f"intermediate_size={self.intermediate_size}, lora={expert_lora_targets(self)}, r={self.lora_r}"
+        )
+
+
+def _carry_or_add_lora(src: nn.Module | None, dst: nn.Module, lora_cfg) -> None:
+    if src is not None and expert_lora_targets(src):
+        copy_expert_lora(src, dst)
+    elif lora_cfg is not None:
+        targets = [t for t in lora_cfg.targets if t in EXPERT_TARGETS]
+        if targets:
+            add_expert_lora(dst, lora_cfg.r, lora_cfg.alpha, targets)
+
+
+# ---------------------------------------------------------------------------------------- install
+def install_experts(hf_model: nn.Module, impl: str, fmt: str = "bf16", lora_cfg=None) -> nn.Module:
+    """Replace every layer's `mlp.experts` with ReferenceLoraExperts ("reference", bf16 only) or
+    GroupedExperts ("grouped"); existing expert LoRA is carried over, else `lora_cfg` adds it."""
+    if impl not in ("reference", "grouped"):
+        raise ValueError(f"model.experts: unknown implementation {impl!r}; use reference or grouped")
+    if fmt not in EXPERT_FORMATS:
+        raise ValueError(f"model.expert_format: unknown format {fmt!r}; known: {list(EXPERT_FORMATS)}")
+    if impl == "reference" and fmt != "bf16":
+        raise ValueError("model.expert_format: compressed experts need model.experts = grouped")
+    for layer in hf_model.model.layers:
+        old = layer.mlp.experts
+        if impl == "reference":
+            layer.mlp.experts = ReferenceLoraExperts.from_module(old, lora_cfg)
+        else:
+            layer.mlp.experts = GroupedExperts.from_hf(old, fmt, lora_cfg)
+    return hf_model
