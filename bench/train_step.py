@@ -240,18 +240,19 @@ def _emit(path: str, rec: dict) -> None:
 
 # ----------------------------------------------------------------------------------------- the plans
 PLANS = {
+    # the one-call plan: each case in its own process, cheapest claims first
     "main": [
-        "--case ours --fmt mxfp4 --seqs 4096,16384,32768,65536 --profile-seq 16384",
-        "--case ours --fmt fp8 --seqs 4096,16384,65536",
-        "--case ours --fmt bf16 --seqs 4096,16384,65536",
-        "--case hf --hf-attn eager --seqs 4096,16384",
-        "--case hf --hf-attn flex_attention --seqs 4096,16384",
-        "--case hf --hf-attn eager --no-ckpt --seqs 1024",
+        "--case ours --fmt mxfp4 --seqs 4096,16384,65536,131072 --warmup 1 --iters 2",
+        "--case hf --hf-attn eager --seqs 4096,16384 --warmup 1 --iters 2",
+        "--case ours --fmt bf16 --seqs 4096,16384 --warmup 1 --iters 2",
+        "--case ours --fmt fp8 --seqs 4096 --warmup 1 --iters 2",
+        "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 2",
     ],
     "long": [
         "--case ours --fmt mxfp4 --seqs 98304,131072,196608 --iters 1 --warmup 1",
         "--case ours --fmt mxfp4 --offload --seqs 131072,196608,262144,393216,524288 --iters 1 --warmup 1",
     ],
+    "profile": ["--case ours --fmt mxfp4 --seqs 16384 --profile-seq 16384 --warmup 1 --iters 2"],
 }
 
 

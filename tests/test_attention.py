@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 
@@ -175,6 +176,7 @@ def test_packed_documents_never_see_each_other():
 # ------------------------------------------------------------------------------------ flex on CPU
 
 
+@functools.cache
 def flex_runs_on_cpu() -> bool:
     try:
         q = torch.randn(1, 1, 4, 8)

@@ -110,6 +110,12 @@ def bf16_dir(model, tmp_path_factory):
     return write_gptoss(model, tmp_path_factory.mktemp("ckpt") / "bf16", max_shard_bytes=2**20)
 
 
+@pytest.fixture(scope="module")
+def mxfp4_dir(model, tmp_path_factory):
+    """An MXFP4 checkpoint with one tensor per shard: every blocks/scales pair is split across two files."""
+    return write_gptoss(model, tmp_path_factory.mktemp("ckpt") / "mxfp4", expert_format="mxfp4", max_shard_bytes=1)
+
+
 def _logits(model, input_ids) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=input_ids).logits
@@ -176,9 +182,8 @@ def test_bf16_round_trip_sharded_gives_identical_logits(model, input_ids, bf16_d
     assert torch.equal(_logits(loaded_bf16, input_ids), _logits(cast, input_ids))
 
 
-def test_mxfp4_round_trip_gives_logits_of_fake_quantised_experts(model, input_ids, tmp_path):
-    # One tensor per shard, so every blocks/scales pair is split across two files.
-    directory = write_gptoss(model, tmp_path / "mx", expert_format="mxfp4", max_shard_bytes=1)
+def test_mxfp4_round_trip_gives_logits_of_fake_quantised_experts(model, input_ids, mxfp4_dir):
+    directory = mxfp4_dir
     config = json.loads((directory / "config.json").read_text())
     assert config["quantization_config"] == {
         "modules_to_not_convert": MXFP4_MODULES_TO_NOT_CONVERT,
@@ -293,11 +298,12 @@ def test_unexpected_tensor(bf16_dir, tmp_path):
         load_gptoss(directory)
 
 
-def test_mxfp4_tensors_with_wrong_dtype(model, tmp_path):
-    directory = write_gptoss(model, tmp_path / "mx", expert_format="mxfp4")
+def test_mxfp4_tensors_with_wrong_dtype(mxfp4_dir, tmp_path):
+    directory = _copy_checkpoint(mxfp4_dir, tmp_path)
     name = "model.layers.0.mlp.experts.down_proj_scales"
-    _rewrite_shard(directory, "model.safetensors", lambda t: t.update({name: t[name].float()}))
-    with pytest.raises(ValueError, match=rf"model\.safetensors: {name} has dtype F32, expected U8"):
+    shard = _shard_of(directory, name)
+    _rewrite_shard(directory, shard, lambda t: t.update({name: t[name].float()}))
+    with pytest.raises(ValueError, match=re.escape(f"{shard}: {name} has dtype F32, expected U8")):
         load_gptoss(directory)
 
 

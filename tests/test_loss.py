@@ -148,3 +148,30 @@ def test_never_allocates_or_saves_a_tokens_by_vocab_tensor():
     with full:
         F.cross_entropy(hidden @ weight.T, labels, reduction="sum").backward()
     assert full.largest >= tokens * vocab
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_matches_full_logits_within_chunk_sized_memory():
+    tokens, width, vocab, chunk = 4096, 256, 32768, 256
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(tokens, width, generator=gen).cuda().bfloat16().requires_grad_()
+    weight = (torch.randn(vocab, width, generator=gen) / width**0.5).cuda().bfloat16().requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), generator=gen).cuda()
+    labels[: tokens // 4] = IGNORE_INDEX
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss, n_valid = chunked_cross_entropy(hidden, weight, labels, chunk)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    peak = torch.cuda.max_memory_allocated() - before
+    # fp32 and bf16 copies of one chunk's logits, plus the fp32 grad_weight accumulator and the grads
+    budget = chunk * vocab * (4 + 4 + 2) + vocab * width * (4 + 2 + 2) + tokens * width * 2 * 3 + (1 << 20)
+    assert peak <= budget < tokens * vocab * 4, (peak, budget)
+
+    ref = F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    assert n_valid.item() == tokens - tokens // 4
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-2)
+    for got, want in zip(grads, ref_grads):  # bf16 grads summed in another order: ~1 ulp (1/128 at |g| < 2)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=1e-2)

@@ -80,11 +80,11 @@ def _run(module, x, idx, w, grad_out):
 
 def _assert_close(got: dict, want: dict, rtol: float, atol_frac: float) -> None:
     assert got.keys() == want.keys()
-    for key in want:
-        scale = want[key].float().abs().max().item()
+    for key, want_value in want.items():
+        scale = want_value.float().abs().max().item()
         assert scale > 0, f"{key}: reference is all zero, the comparison would be vacuous"
         torch.testing.assert_close(
-            got[key].float(), want[key].float(), rtol=rtol, atol=atol_frac * scale, msg=lambda m, k=key: f"{k}: {m}"
+            got[key].float(), want_value.float(), rtol=rtol, atol=atol_frac * scale, msg=lambda m, k=key: f"{k}: {m}"
         )
 
 
@@ -92,8 +92,8 @@ def _assert_close_lowp(got: dict, want: dict, max_rel_err: float = 0.02) -> None
     """Low-precision comparison by relative Frobenius error: bf16 rounding moves a few pre-activations
     across the SwiGLU clamp, which flips single gradient entries but not the norm."""
     assert got.keys() == want.keys()
-    for key in want:
-        want_f, got_f = want[key].float(), got[key].float().to(want[key].device)
+    for key, want_value in want.items():
+        want_f, got_f = want_value.float(), got[key].float().to(want_value.device)
         assert want_f.norm() > 0, f"{key}: reference is all zero, the comparison would be vacuous"
         rel = ((got_f - want_f).norm() / want_f.norm()).item()
         assert rel < max_rel_err, f"{key}: relative error {rel:.4f} >= {max_rel_err}"
@@ -147,7 +147,7 @@ def test_grouped_lora_matches_reference_forward_and_grads(n_tokens):
 
 
 def test_lora_changes_the_output():
-    ref, grouped = _lora_pair()
+    _, grouped = _lora_pair()
     plain = ReferenceLoraExperts.from_module(_hf_experts())
     x = torch.randn(20, H, generator=torch.Generator().manual_seed(5))
     idx, w = _routing(20)
@@ -417,7 +417,9 @@ def test_gpu_grouped_mm_native_matches_loop():
     offs = torch.tensor([64, 64, 200, 200, 256], dtype=torch.int32, device="cuda")
     a = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(5, 256, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # column-major
-    torch.testing.assert_close(grouped_mm(a, b, offs).float(), _grouped_mm_loop(a, b, offs).float(), rtol=2e-2, atol=2e-1)
+    torch.testing.assert_close(
+        grouped_mm(a, b, offs).float(), _grouped_mm_loop(a, b, offs).float(), rtol=2e-2, atol=2e-1
+    )
     g = torch.randn(256, 16, device="cuda", dtype=torch.bfloat16)
     got = grouped_mm(a.t(), g, offs)
     torch.testing.assert_close(got.float(), _grouped_mm_loop(a.t(), g, offs).float(), rtol=2e-2, atol=2e-1)

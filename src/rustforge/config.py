@@ -85,6 +85,56 @@ class CurriculumPhase:
     steps: int
 
 
+
+# ---------------------------------------------------------------------------------------------- rust
+@dataclass
+class SandboxConfig:
+    timeout_s: float = 120.0  # wall clock for one run; the process group is SIGKILLed after it
+    cpu_s: int = 300  # RLIMIT_CPU per process (soft: SIGXCPU, hard one second later: SIGKILL)
+    memory_mb: int = 4096  # RLIMIT_AS per process; rustc + LLVM need ~1-2 GiB of address space
+    nproc: int = 256  # RLIMIT_NPROC: tasks (processes and threads) of the sandbox user
+    fsize_mb: int = 512  # RLIMIT_FSIZE: largest file the program may write
+    tmpfs_mb: int = 512  # size of /tmp inside the sandbox (RAM-backed)
+    output_limit_bytes: int = 1_000_000  # per stream; head and tail halves are kept
+    allow_unsandboxed: bool = False  # CLI --unsafe-no-sandbox: run with rlimits only if bwrap can't
+    cargo_jobs: int = 0  # `cargo -j`; 0 = cargo's default (number of CPUs)
+    registry: str = "/usr/share/cargo/registry"  # directory source replacing crates.io (offline)
+    bwrap: str = "bwrap"
+    uid_base: int = 3_000_000  # root only: first uid of the pool sandboxed programs run as
+    uid_count: int = 1024  # root only: size of that pool (= max concurrent sandboxes)
+
+    def __post_init__(self):
+        positive = ("timeout_s", "cpu_s", "memory_mb", "nproc", "fsize_mb", "tmpfs_mb", "output_limit_bytes",
+                    "uid_count")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"SandboxConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.uid_base <= 0:
+            raise ValueError(f"SandboxConfig.uid_base must be a non-root uid, got {self.uid_base}")
+
+
+@dataclass
+class RewardConfig:
+    compiles: float = 0.2  # the crate and its tests build
+    tests_pass: float = 0.5  # times the fraction of tests passing
+    all_tests_pass: float = 0.3  # bonus when every test passes (and there is at least one)
+    harmony_format: float = 0.2  # the completion is well-formed Harmony (validator's verdict)
+    endless_reasoning: float = -0.8  # analysis past the budget and no final message
+    analysis_token_budget: int = 4096
+    patch_size: float = -0.2  # reached at patch_size_max_lines changed lines, linear from the free allowance
+    patch_size_free_lines: int = 40
+    patch_size_max_lines: int = 400
+
+    def __post_init__(self):
+        if self.patch_size_max_lines <= self.patch_size_free_lines:
+            raise ValueError(
+                f"RewardConfig.patch_size_max_lines ({self.patch_size_max_lines}) must exceed "
+                f"patch_size_free_lines ({self.patch_size_free_lines})"
+            )
+        if self.analysis_token_budget < 0:
+            raise ValueError(f"RewardConfig.analysis_token_budget must be >= 0, got {self.analysis_token_budget}")
+
+
 # --------------------------------------------------------------------------------------------- train
 @dataclass
 class TrainConfig:
@@ -113,6 +163,8 @@ class RunConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
     lang_rust: TrainConfig = field(default_factory=TrainConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -155,7 +207,10 @@ def from_dict(cls: type, data: Any, source: str = "<config>", prefix: str = "") 
     ]
     if missing:
         raise ConfigError(f"{where}: missing required field(s) {missing}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _convert(tp: Any, value: Any, source: str, path: str) -> Any:

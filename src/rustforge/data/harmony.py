@@ -759,6 +759,17 @@ def _message_problems(
 
 
 __all__ = [
+    "AFTER_END_OF_TURN",
+    "BAD_HEADER",
+    "BAD_TOOL_JSON",
+    "ENDLESS_REASONING",
+    "MISSING_MESSAGE_TOKEN",
+    "NO_FINAL",
+    "TEXT_OUTSIDE",
+    "UNEXPECTED_ROLE",
+    "UNKNOWN_CHANNEL",
+    "UNKNOWN_TOOL",
+    "UNTERMINATED",
     "CHANNELS",
     "ROLES",
     "Conversation",

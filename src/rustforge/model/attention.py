@@ -75,20 +75,22 @@ def document_mask_mod(doc_ids: Tensor, sliding_window: int | None) -> Callable:
     return document_causal_window
 
 
+_compiled_create_block_mask = None
+
+
 def _block_mask(doc_ids: Tensor, sliding_window: int | None):
+    """BlockMask for one layer type; compiled on GPU so the [B, T, T] mask is never materialised
+    (what create_block_mask(_compile=True) did before torch deprecated that flag)."""
+    global _compiled_create_block_mask
     from torch.nn.attention.flex_attention import create_block_mask
 
+    create = create_block_mask
+    if doc_ids.device.type == "cuda":
+        if _compiled_create_block_mask is None:
+            _compiled_create_block_mask = torch.compile(create_block_mask)
+        create = _compiled_create_block_mask
     batch, seq_len = doc_ids.shape
-    # Compiled construction never materialises the [B, T, T] mask; on CPU the eager one is fine (tests).
-    return create_block_mask(
-        document_mask_mod(doc_ids, sliding_window),
-        batch,
-        None,
-        seq_len,
-        seq_len,
-        device=doc_ids.device,
-        _compile=doc_ids.device.type == "cuda",
-    )
+    return create(document_mask_mod(doc_ids, sliding_window), batch, None, seq_len, seq_len, device=doc_ids.device)
 
 
 def build_attention_masks(
@@ -120,35 +122,15 @@ def build_attention_masks(
 
 # ------------------------------------------------------------------------------------ flex attention
 
-_compiled_flex_attention = None
-
-
-def _flex_attention_for(device: torch.device) -> Callable:
-    """Compiled flex attention on GPU; the plain op on CPU, because inductor's CPU flex kernel cannot
-    return the logsumexp the sinks need.
-
-    dynamic=False: one compile per (batch, seq_len, heads, dtype, requires_grad), shared by both layer
-    types and all document layouts. Keep seq_len fixed (packing): dynamo stops compiling a function after
-    torch._dynamo.config.recompile_limit (default 8) variants and runs the slow unfused path instead.
-    """
-    global _compiled_flex_attention
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if device.type == "cpu":
-        return flex_attention
-    if _compiled_flex_attention is None:
-        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex_attention
-
-
 def flex_attention_with_lse(query: Tensor, key: Tensor, value: Tensor, block_mask, scale: float):
     """(out [B, Hq, T, D], lse [B, Hq, T] fp32, natural log) with GQA broadcasting of key/value heads."""
-    flex = _flex_attention_for(query.device)
+    from torch.nn.attention.flex_attention import flex_attention
+
     common = dict(block_mask=block_mask, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
     if _AuxRequest is not None:
-        out, aux = flex(query, key, value, return_aux=_AuxRequest(lse=True), **common)
+        out, aux = flex_attention(query, key, value, return_aux=_AuxRequest(lse=True), **common)
         return out, aux.lse
-    return flex(query, key, value, return_lse=True, **common)  # pragma: no cover - torch < 2.9
+    return flex_attention(query, key, value, return_lse=True, **common)  # pragma: no cover - torch < 2.9
 
 
 def apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:
@@ -158,6 +140,35 @@ def apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:
     """
     factor = torch.sigmoid(lse.float() - sinks.float()[None, :, None])
     return (out * factor[..., None]).to(out.dtype)
+
+
+def flex_attention_with_sinks(
+    query: Tensor, key: Tensor, value: Tensor, block_mask, sinks: Tensor | None, scale: float
+) -> Tensor:
+    """Flex attention, sink renormalisation and the [B, T, Hq, D] layout transformers expects."""
+    out, lse = flex_attention_with_lse(query, key, value, block_mask, scale)
+    if sinks is not None:
+        out = apply_sinks(out, lse, sinks)
+    return out.transpose(1, 2).contiguous()
+
+
+_compiled_flex_attention_with_sinks = None
+
+
+def _flex_attention_with_sinks_for(device: torch.device) -> Callable:
+    """Compiled on GPU (flex kernel with the sink epilogue fused in: about 1.4x faster forward+backward
+    than compiling flex alone, H100); plain on CPU, whose compiled flex kernel cannot return the lse.
+
+    dynamic=False: one compile per (batch, seq_len, heads, dtype, requires_grad), shared by both layer
+    types and all document layouts. Keep seq_len fixed (packing): dynamo stops compiling a function after
+    torch._dynamo.config.recompile_limit (default 8) variants and runs the slow unfused path instead.
+    """
+    global _compiled_flex_attention_with_sinks
+    if device.type == "cpu":
+        return flex_attention_with_sinks
+    if _compiled_flex_attention_with_sinks is None:
+        _compiled_flex_attention_with_sinks = torch.compile(flex_attention_with_sinks, dynamic=False)
+    return _compiled_flex_attention_with_sinks
 
 
 def rustforge_flex_attention(
@@ -192,10 +203,8 @@ def rustforge_flex_attention(
             "attention implementation for CPU training"
         )
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-    out, lse = flex_attention_with_lse(query, key, value, attention_mask, scale)
-    if s_aux is not None:
-        out = apply_sinks(out, lse, s_aux)
-    return out.transpose(1, 2).contiguous(), None
+    attend = _flex_attention_with_sinks_for(query.device)
+    return attend(query, key, value, attention_mask, s_aux, scale), None
 
 
 def register_flex_attention() -> str:

@@ -123,7 +123,7 @@ class RustforgeModel(nn.Module):
         lp = chunked_token_logprobs(
             hidden.flatten(0, 1),
             self.hf.lm_head.weight,
-            targets.flatten().clamp(min=0),
+            targets.flatten(),
             self.cfg.loss_chunk_size,
             temperature=temperature,
         )

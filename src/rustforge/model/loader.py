@@ -442,8 +442,18 @@ def _stream_parameters(directory: Path, inventory: dict[str, StoredTensor], dtyp
                     pending[name] = tensor
                     continue
                 blocks, scales = (tensor, pending.pop(partner)) if kind == "blocks" else (pending.pop(partner), tensor)
-                dequantised = mxfp4_dequantize(blocks.to(device), scales.to(device), dtype=dtype)
-                yield base, dequantised.transpose(-1, -2).contiguous()  # stored [E, out, in] -> [E, in, out]
+                yield base, _dequantise_experts(blocks, scales, dtype, device)
+
+
+def _dequantise_experts(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, device: torch.device):
+    """Stored [E, out, in] MXFP4 -> [E, in, out] parameter, one expert at a time so the float32 and
+    index scratch stays one expert's size (a whole 20B layer would need ~10 GB of it)."""
+    experts, fan_out, groups = scales.shape
+    out = torch.empty(experts, groups * MXFP4_BLOCK, fan_out, dtype=dtype, device=device)
+    for expert in range(experts):
+        dequantised = mxfp4_dequantize(blocks[expert].to(device), scales[expert].to(device), dtype=dtype)
+        out[expert] = dequantised.transpose(0, 1)
+    return out
 
 
 def load_gptoss(

@@ -311,7 +311,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     for key, tensor in expected.items():
         if loaded[key].shape != tensor.shape:
             raise ValueError(
-                f"{weights_path}: key {key!r} has shape {tuple(loaded[key].shape)}, the model expects {tuple(tensor.shape)}"
+                f"{weights_path}: key {key!r} has shape {tuple(loaded[key].shape)}, "
+                f"the model expects {tuple(tensor.shape)}"
             )
     scaling = config["lora_alpha"] / config["r"]
     with torch.no_grad():

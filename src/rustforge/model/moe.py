@@ -27,10 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rustforge.model.quant import fp8_dequantize, fp8_quantize, mxfp4_dequantize, mxfp4_quantize
+
 EXPERT_TARGETS = ("gate_up_proj", "down_proj")
 EXPERT_FORMATS = ("bf16", "fp8", "mxfp4")
 FP8_BLOCK = 128
-_DEQUANT_EXPERTS_PER_CHUNK = 8  # bounds the float32 temporaries of dequantisation
+_EXPERTS_PER_CHUNK = 4  # bounds the float32 / int64 temporaries of (de)quantisation
 _LORA_PREFIX = {"gate_up_proj": "lora_gate_up", "down_proj": "lora_down"}
 
 _NATIVE_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -91,39 +93,43 @@ def _zero_empty_groups(per_group: torch.Tensor, offs: torch.Tensor) -> torch.Ten
 
 
 # ------------------------------------------------------------------------------ frozen weight storage
-def _dequant_by_chunks(fn, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    first = fn(a[:_DEQUANT_EXPERTS_PER_CHUNK], b[:_DEQUANT_EXPERTS_PER_CHUNK], dtype)
-    if a.shape[0] <= _DEQUANT_EXPERTS_PER_CHUNK:
-        return first
-    out = first.new_empty(a.shape[0], *first.shape[1:])
-    out[:_DEQUANT_EXPERTS_PER_CHUNK] = first
-    for lo in range(_DEQUANT_EXPERTS_PER_CHUNK, a.shape[0], _DEQUANT_EXPERTS_PER_CHUNK):
-        hi = lo + _DEQUANT_EXPERTS_PER_CHUNK
-        out[lo:hi] = fn(a[lo:hi], b[lo:hi], dtype)
-    return out
+def _quantize_by_expert_chunks(fn, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """fn over a few experts at a time, outputs concatenated along experts (dim 0)."""
+    pieces = [fn(weight[lo : lo + _EXPERTS_PER_CHUNK]) for lo in range(0, weight.shape[0], _EXPERTS_PER_CHUNK)]
+    if len(pieces) == 1:
+        return pieces[0]
+    return tuple(torch.cat(parts) for parts in zip(*pieces))
 
 
 def _fp8_dequant(q_bytes: torch.Tensor, scale_bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    from rustforge.model.quant import fp8_dequantize
-
     return fp8_dequantize(q_bytes.view(torch.float8_e4m3fn), scale_bits.view(torch.float32), dtype, block=FP8_BLOCK)
 
 
-def _mxfp4_dequant(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    from rustforge.model.quant import mxfp4_dequantize
+def _fp8_quant(out_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    q, scales = fp8_quantize(out_in.contiguous(), block=FP8_BLOCK)
+    return q.contiguous().view(torch.uint8), scales.contiguous().view(torch.int32)
 
-    return mxfp4_dequantize(blocks, scales, dtype)
+
+def _mxfp4_quant(out_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return mxfp4_quantize(out_in.contiguous())
 
 
 def dense_expert_weight(fmt: str, storage: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
     """The frozen weight as [E, in, out] in dtype (for quantised formats a transposed view)."""
     if fmt == "bf16":
         return storage[0].to(dtype)
-    if fmt == "fp8":
-        return _dequant_by_chunks(_fp8_dequant, *storage, dtype).transpose(1, 2)
-    if fmt == "mxfp4":
-        return _dequant_by_chunks(_mxfp4_dequant, *storage, dtype).transpose(1, 2)
-    raise ValueError(f"model.expert_format: unknown format {fmt!r}; known: {list(EXPERT_FORMATS)}")
+    dequantize = {"fp8": _fp8_dequant, "mxfp4": mxfp4_dequantize}.get(fmt)
+    if dequantize is None:
+        raise ValueError(f"model.expert_format: unknown format {fmt!r}; known: {list(EXPERT_FORMATS)}")
+    first, num_experts = dequantize(*(t[:_EXPERTS_PER_CHUNK] for t in storage), dtype), storage[0].shape[0]
+    if num_experts <= _EXPERTS_PER_CHUNK:
+        return first.transpose(1, 2)
+    out_in = first.new_empty(num_experts, *first.shape[1:])  # filled chunk by chunk: peak = output + a chunk
+    out_in[:_EXPERTS_PER_CHUNK] = first
+    del first
+    for lo in range(_EXPERTS_PER_CHUNK, num_experts, _EXPERTS_PER_CHUNK):
+        out_in[lo : lo + _EXPERTS_PER_CHUNK] = dequantize(*(t[lo : lo + _EXPERTS_PER_CHUNK] for t in storage), dtype)
+    return out_in.transpose(1, 2)
 
 
 def quantize_expert_weight(fmt: str, weight_in_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -132,21 +138,18 @@ def quantize_expert_weight(fmt: str, weight_in_out: torch.Tensor) -> tuple[torch
     `module.to(dtype)` can never cast them."""
     if fmt == "bf16":
         return (weight_in_out.detach(),)
-    from rustforge.model.quant import fp8_quantize, mxfp4_quantize
-
-    out_in = weight_in_out.detach().transpose(1, 2).contiguous()
-    if fmt == "fp8":
-        q, scales = fp8_quantize(out_in, block=FP8_BLOCK)
-        return q.contiguous().view(torch.uint8), scales.contiguous().view(torch.int32)
-    if fmt == "mxfp4":
-        return mxfp4_quantize(out_in)
-    raise ValueError(f"model.expert_format: unknown format {fmt!r}; known: {list(EXPERT_FORMATS)}")
+    quantize = {"fp8": _fp8_quant, "mxfp4": _mxfp4_quant}.get(fmt)
+    if quantize is None:
+        raise ValueError(f"model.expert_format: unknown format {fmt!r}; known: {list(EXPERT_FORMATS)}")
+    return _quantize_by_expert_chunks(quantize, weight_in_out.detach().transpose(1, 2))
 
 
 def _storage_names(fmt: str, proj: str) -> tuple[str, ...]:
-    return {"bf16": (proj,), "fp8": (f"{proj}_fp8", f"{proj}_fp8_scales"), "mxfp4": (f"{proj}_blocks", f"{proj}_scales")}[
-        fmt
-    ]
+    return {
+        "bf16": (proj,),
+        "fp8": (f"{proj}_fp8", f"{proj}_fp8_scales"),
+        "mxfp4": (f"{proj}_blocks", f"{proj}_scales"),
+    }[fmt]
 
 
 # ---------------------------------------------------------------------------------- autograd pieces
@@ -308,8 +311,8 @@ def _lora_shapes(module: nn.Module, proj: str, r: int) -> tuple[tuple[int, ...],
 def add_expert_lora(module: nn.Module, r: int, alpha: float, targets: list[str] | tuple[str, ...]) -> None:
     """(Re)create expert LoRA on `module` with PEFT's init (A kaiming-uniform a=sqrt(5), B zero).
 
-    A is drawn on the CPU exactly as PEFT draws its (E*r, in) lora_A, so the init is device independent
-    and identical to PEFT's under the same seed. Parameters are float32 (PEFT's autocast_adapter_dtype)."""
+    A is drawn on the CPU the way PEFT draws its (E*r, in) lora_A (same distribution and layout), so the
+    init does not depend on the device. Parameters are float32 (PEFT's autocast_adapter_dtype)."""
     if r <= 0:
         raise ValueError(f"lora.r: must be positive, got {r}")
     unknown = [t for t in targets if t not in EXPERT_TARGETS]
@@ -392,7 +395,7 @@ class ReferenceLoraExperts(nn.Module):
         self.lora_r, self.lora_scaling = 0, 0.0
 
     @classmethod
-    def from_module(cls, experts: nn.Module, lora_cfg=None) -> "ReferenceLoraExperts":
+    def from_module(cls, experts: nn.Module, lora_cfg=None) -> ReferenceLoraExperts:
         """From transformers' GptOssExperts (sharing its weights) or any of our experts modules; keeps the
         source's LoRA, else adds a fresh one for `lora_cfg`'s expert targets."""
         module = cls(*dense_expert_params(experts), alpha=experts.alpha, limit=experts.limit)
@@ -472,7 +475,7 @@ class GroupedExperts(nn.Module):
     @classmethod
     def from_dense(
         cls, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, *, fmt: str, alpha: float, limit: float
-    ) -> "GroupedExperts":
+    ) -> GroupedExperts:
         """From HF-layout dense weights (gate_up [E, H, 2I], down [E, I, H]); quantises for fp8/mxfp4."""
         return cls(
             fmt,
@@ -486,7 +489,7 @@ class GroupedExperts(nn.Module):
         )
 
     @classmethod
-    def from_hf(cls, experts: nn.Module, fmt: str = "bf16", lora_cfg=None) -> "GroupedExperts":
+    def from_hf(cls, experts: nn.Module, fmt: str = "bf16", lora_cfg=None) -> GroupedExperts:
         """From transformers' GptOssExperts or one of our experts modules; keeps the source's LoRA, else
         adds a fresh one for `lora_cfg`'s expert targets. bf16 shares the source's weight tensors."""
         if isinstance(experts, GroupedExperts) and experts.fmt == fmt:
@@ -520,7 +523,7 @@ class GroupedExperts(nn.Module):
         limit: float,
         dtype: torch.dtype = torch.bfloat16,
         lora_cfg=None,
-    ) -> "GroupedExperts":
+    ) -> GroupedExperts:
         """From a gpt-oss checkpoint's tensors: `*_blocks` uint8 [E, out, in/32, 16], `*_scales` uint8
         [E, out, in/32], biases [E, out]; `dtype` is the compute dtype."""
         E, H, I = _expert_dims(gate_up_bias, down_bias)

@@ -25,32 +25,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Self
 
+from rustforge.config import RewardConfig
 from rustforge.rust.sandbox import Sandbox
 from rustforge.rust.tools import SKIPPED_DIRS, CargoReport, run_cargo
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RewardConfig:
-    compiles: float = 0.2  # the crate and its tests build
-    tests_pass: float = 0.5  # times the fraction of tests passing
-    all_tests_pass: float = 0.3  # bonus when every test passes (and there is at least one)
-    harmony_format: float = 0.2  # the completion is well-formed Harmony (validator's verdict)
-    endless_reasoning: float = -0.8  # analysis past the budget and no final message
-    analysis_token_budget: int = 4096
-    patch_size: float = -0.2  # reached at patch_size_max_lines changed lines, linear from the free allowance
-    patch_size_free_lines: int = 40
-    patch_size_max_lines: int = 400
+# RewardConfig lives in rustforge.config with every other default.
 
-    def __post_init__(self):
-        if self.patch_size_max_lines <= self.patch_size_free_lines:
-            raise ValueError(
-                f"RewardConfig.patch_size_max_lines ({self.patch_size_max_lines}) must exceed "
-                f"patch_size_free_lines ({self.patch_size_free_lines})"
-            )
-        if self.analysis_token_budget < 0:
-            raise ValueError(f"RewardConfig.analysis_token_budget must be >= 0, got {self.analysis_token_budget}")
 
 
 @dataclass

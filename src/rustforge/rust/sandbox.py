@@ -56,6 +56,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from rustforge.config import SandboxConfig
+
 log = logging.getLogger(__name__)
 
 SANDBOX_WORKSPACE = "/workspace"
@@ -81,30 +83,8 @@ class SandboxUnavailable(RuntimeError):
     """bubblewrap cannot run here; the message says why and how to proceed."""
 
 
-@dataclass
-class SandboxConfig:
-    timeout_s: float = 120.0  # wall clock for one run; the process group is SIGKILLed after it
-    cpu_s: int = 300  # RLIMIT_CPU per process (soft: SIGXCPU, hard one second later: SIGKILL)
-    memory_mb: int = 4096  # RLIMIT_AS per process; rustc + LLVM need ~1-2 GiB of address space
-    nproc: int = 256  # RLIMIT_NPROC: tasks (processes and threads) of the sandbox user
-    fsize_mb: int = 512  # RLIMIT_FSIZE: largest file the program may write
-    tmpfs_mb: int = 512  # size of /tmp inside the sandbox (RAM-backed)
-    output_limit_bytes: int = 1_000_000  # per stream; head and tail halves are kept
-    allow_unsandboxed: bool = False  # CLI --unsafe-no-sandbox: run with rlimits only if bwrap can't
-    cargo_jobs: int = 0  # `cargo -j`; 0 = cargo's default (number of CPUs)
-    registry: str = "/usr/share/cargo/registry"  # directory source replacing crates.io (offline)
-    bwrap: str = "bwrap"
-    uid_base: int = 3_000_000  # root only: first uid of the pool sandboxed programs run as
-    uid_count: int = 1024  # root only: size of that pool (= max concurrent sandboxes)
+# SandboxConfig lives in rustforge.config with every other default.
 
-    def __post_init__(self):
-        positive = ("timeout_s", "cpu_s", "memory_mb", "nproc", "fsize_mb", "tmpfs_mb", "output_limit_bytes",
-                    "uid_count")  # fmt: skip
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"SandboxConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.uid_base <= 0:
-            raise ValueError(f"SandboxConfig.uid_base must be a non-root uid, got {self.uid_base}")
 
 
 @dataclass
