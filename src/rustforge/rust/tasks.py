@@ -43,6 +43,7 @@ import difflib
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -86,6 +87,7 @@ class TaskMiningConfig:
     max_tasks_per_crate: int = 16
     max_candidates_per_crate: int = 48  # mutants tried per crate at most
     max_per_function: int = 3  # tasks (and candidates) per function at most
+    max_kind_share: float = 0.5  # of a crate's max_tasks_per_crate, per mutation kind (keeps kinds mixed)
     max_body_lines: int = 60  # longer functions are not mutated
     max_removed_body_lines: int = 30  # body_removal only for bodies this short
     crate_budget_s: float = 240.0  # wall clock for one crate's mutants (its baseline not counted)
@@ -103,6 +105,8 @@ class TaskMiningConfig:
                      "max_body_lines", "max_removed_body_lines", "max_source_kb"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"TaskMiningConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        if not 0.0 < self.max_kind_share <= 1.0:
+            raise ValueError(f"TaskMiningConfig.max_kind_share must be in (0, 1], got {self.max_kind_share!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"TaskMiningConfig.val_fraction must be in [0, 1), got {self.val_fraction!r}")
         self.kinds = tuple(self.kinds)
@@ -558,11 +562,38 @@ def library_sources(crate_root: Path) -> list[Path]:
     return sorted(files)
 
 
+_TEST_FILE = re.compile(r"(^|/)(tests?|benches)(/|\.rs$)|_tests?\.rs$")
+
+
+def test_module_files(crate_root: Path, files: Iterable[Path]) -> set[Path]:
+    """Files that are test modules: named like one (tests.rs, foo_test.rs, a tests/ dir) or declared by
+    `#[cfg(test)] mod name;` in another file."""
+    out = set()
+    for path in files:
+        rel = path.relative_to(crate_root).as_posix()
+        if _TEST_FILE.search(rel.split("/", 1)[-1] if "/" in rel else rel):
+            out.add(path)
+        try:
+            src = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        mask = code_mask(src)
+        module_dir = path.parent if path.name in ("lib.rs", "main.rs", "mod.rs") else path.parent / path.stem
+        for start, end in _test_regions(mask):
+            if m := re.search(r"\bmod\s+(\w+)\s*;", mask[start : end + 1]):
+                out |= {module_dir / f"{m.group(1)}.rs", module_dir / m.group(1) / "mod.rs"}
+    return out
+
+
 def crate_mutants(crate_root: Path, cfg: TaskMiningConfig) -> list[Mutant]:
     """Candidate mutants of the crate's library sources, in a deterministic crate-specific shuffled order that
     alternates between kinds and keeps at most cfg.max_per_function per function."""
     by_kind: dict[str, list[Mutant]] = {k: [] for k in cfg.kinds}
-    for path in library_sources(crate_root):
+    sources = library_sources(crate_root)
+    test_files = test_module_files(crate_root, sources)
+    for path in sources:
+        if path in test_files:
+            continue
         rel = path.relative_to(crate_root).as_posix()
         try:
             src = path.read_text(encoding="utf-8")
@@ -1081,6 +1112,9 @@ class _Miner:
         sandbox = Sandbox(replace(self.sandbox.cfg, timeout_s=timeout))
         tasks_here = sum(1 for o in state.tried.values() if o == "task")
         tried_here = len(state.tried)
+        kind_of = {m.key: m.kind for m in candidates}
+        per_kind = Counter(kind_of.get(k) for k, o in state.tried.items() if o == "task")
+        kind_cap = max(1, math.ceil(cfg.max_kind_share * cfg.max_tasks_per_crate))
         if scratch.exists():
             shutil.rmtree(scratch)
         shutil.copytree(base, scratch, symlinks=True)
@@ -1092,7 +1126,7 @@ class _Miner:
             if time.monotonic() > deadline:
                 log.info("%s: crate budget of %.0f s spent", crate.key, cfg.crate_budget_s)
                 break
-            if mutant.key in state.tried:
+            if mutant.key in state.tried or per_kind[mutant.kind] >= kind_cap:
                 continue
             outcome, record = self._try_mutant(crate, base, scratch, target, sandbox, mutant, state)
             tried_here += 1
@@ -1102,6 +1136,7 @@ class _Miner:
                 self.summary.candidates_tried += 1
             if record is not None:
                 tasks_here += 1
+                per_kind[mutant.kind] += 1
                 written += self.writer.append(record)
             self._save(crate, state)
         return written
