@@ -181,6 +181,8 @@ def run_case(args) -> None:
         weights_gb = torch.cuda.memory_allocated() / 2**30
     else:
         weights_gb = 0.0
+    if args.case == "ours":
+        _emit(args.out, {**record, "event": "dtype_audit", **dtype_audit(model, preset, device)})
     _emit(args.out, {**record, "event": "built", "build_s": time.perf_counter() - t0, "weights_gib": weights_gb,
                      "trainable_params": sum(p.numel() for p in params)})
     for seq_len in [int(s) for s in args.seqs.split(",")]:
@@ -203,7 +205,7 @@ def run_case(args) -> None:
             times.sort()
             median = times[len(times) // 2]
             flops = useful_flops(preset, seq_len, args.docs)
-            rec.update(ok=True, loss=loss, step_s=median, tok_s=seq_len / median, tflops=flops / median / 1e12,
+            rec.update(ok=True, loss=loss, step_s=median, all_step_s=times, tok_s=seq_len / median, tflops=flops / median / 1e12,
                        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0)
         except torch.OutOfMemoryError as e:
             rec.update(ok=False, error="OOM", detail=str(e).splitlines()[0][:200])
@@ -220,6 +222,30 @@ def run_case(args) -> None:
         profile(model, opt, packed_batch(args.profile_seq, preset.vocab_size, args.docs, device), device, args)
 
 
+def dtype_audit(model, preset, device) -> dict:
+    """Output dtype of each kind of module in layer 0 and of the final hidden states, under autocast."""
+    seen: dict[str, str] = {}
+    layer = model.hf.model.layers[0]
+    named = {"input_norm": layer.input_layernorm, "attn": layer.self_attn, "o_proj": layer.self_attn.o_proj,
+             "post_norm": layer.post_attention_layernorm, "router": layer.mlp.router, "experts": layer.mlp.experts,
+             "embed": model.hf.model.embed_tokens}
+    def record(key):
+        def hook(_module, _inputs, out):
+            seen.setdefault(key, str((out[0] if isinstance(out, tuple) else out).dtype))
+
+        return hook
+
+    hooks = [m.register_forward_hook(record(k)) for k, m in named.items()]
+    batch = packed_batch(256, preset.vocab_size, 2, device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        hidden = model.hidden_states(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
+    for h in hooks:
+        h.remove()
+    seen["final_hidden"] = str(hidden.dtype)
+    seen["norm_weight"] = str(layer.post_attention_layernorm.weight.dtype)
+    return seen
+
+
 def profile(model, opt, batch, device, args) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -227,7 +253,7 @@ def profile(model, opt, batch, device, args) -> None:
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         step_ours(model, opt, batch, device)
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60)
     Path(args.out).with_suffix(f".profile-{args.fmt}.txt").write_text(table)
     print(table[:6000])
 
@@ -248,6 +274,11 @@ PLANS = {
         "--case ours --fmt fp8 --seqs 4096 --warmup 1 --iters 2",
         "--case ours --fmt mxfp4 --seqs 131072,196608 --warmup 1 --iters 1",
         "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 2",
+    ],
+    "ours": [
+        "--case ours --fmt mxfp4 --seqs 4096,16384,65536 --warmup 1 --iters 2",
+        "--case ours --fmt bf16 --seqs 4096 --warmup 1 --iters 2",
+        "--case ours --fmt fp8 --seqs 4096 --warmup 1 --iters 2",
     ],
     "long": [
         "--case ours --fmt mxfp4 --offload --seqs 131072,196608,262144,393216,524288 --iters 1 --warmup 1",

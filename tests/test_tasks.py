@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -129,9 +130,15 @@ mod tests {
 
 #[test]
 fn a_test() {}
+
+#[cfg(all(unix, test))]
+fn only_in_tests() {}
+
+#[cfg(any(test, feature = "std"))]
+fn also_in_normal_builds() {}
 """
     found = T.find_functions(src)
-    assert [f.qualname for f in found] == ["top", "Shape::double", "Vec::area", "Shape::area"]
+    assert [f.qualname for f in found] == ["top", "Shape::double", "Vec::area", "Shape::area", "also_in_normal_builds"]
     top = found[0]
     assert top.doc == "Doc line." and top.return_type == "Option<u8>" and top.line == 3
     assert src[top.item_start :].startswith("/// Doc line.")
@@ -154,6 +161,19 @@ def test_mutants_of_each_kind_are_local_to_the_function():
         assert m.start < LIB.index("#[cfg(test)]")
 
 
+def test_test_module_files_are_not_mutated(tmp_path):
+    (tmp_path / "src" / "parse").mkdir(parents=True)
+    (tmp_path / "src" / "lib.rs").write_text("mod parse;\n#[cfg(test)]\nmod checks;\npub fn f() -> u8 { 1 }\n")
+    (tmp_path / "src" / "checks.rs").write_text("pub fn helper() -> u8 { 2 }\n")
+    (tmp_path / "src" / "parse" / "mod.rs").write_text("pub fn g() -> u8 { 3 }\n")
+    (tmp_path / "src" / "parse" / "parse_tests.rs").write_text("pub fn h() -> u8 { 4 }\n")
+    sources = T.library_sources(tmp_path)
+    tests = {p.relative_to(tmp_path).as_posix() for p in T.test_module_files(tmp_path, sources) if p.exists()}
+    assert tests == {"src/checks.rs", "src/parse/parse_tests.rs"}
+    mutated = {m.file for m in T.crate_mutants(tmp_path, T.TaskMiningConfig())}
+    assert mutated == {"src/lib.rs", "src/parse/mod.rs"}
+
+
 # ---------------------------------------------------------------------------------- manifests/semver
 @pytest.mark.parametrize(
     "req, version, ok",
@@ -168,10 +188,9 @@ def test_version_requirements(req, version, ok):
 def test_unavailable_dev_dependencies_are_stripped_in_both_table_styles():
     text = (
         '[package]\nname = "x"\nversion = "1.0.0"\n\n[dev-dependencies]\nrand = "0.8"\ncriterion = "0.3"\n\n'
-        '[dev-dependencies.quickcheck]\nversion = "0.9"\n\n[target."cfg(unix)".dev-dependencies.libc]\nversion = "0.2"\n'
+        '[dev-dependencies.quickcheck]\nversion = "0.9"\n\n'
+        '[target."cfg(unix)".dev-dependencies.libc]\nversion = "0.2"\n'
     )
-    import tomllib
-
     index = {"rand": ["0.8.5"], "quickcheck": ["1.0.3"], "libc": ["0.2.139"]}
     missing = T.unavailable_dev_dependencies(tomllib.loads(text), index)
     assert missing == {"criterion", "quickcheck"}
@@ -281,3 +300,12 @@ def test_load_tasks_errors_name_the_file(tmp_path):
         T.load_tasks(tmp_path)
     with pytest.raises(ValueError, match="split must be one of"):
         T.load_tasks(tmp_path, "test")
+
+
+@needs_sandbox
+def test_time_budget_stops_before_any_crate_starts(tmp_path):
+    write_crate(tmp_path / "crates" / "tinytask")
+    cfg = T.TaskMiningConfig(time_budget_s=1e-9, workers=1)
+    summary = T.mine_tasks([tmp_path / "crates"], tmp_path / "out", cfg, Sandbox(), progress=False)
+    assert summary.crates_skipped == {"time_budget (re-run to continue)": 1} and summary.candidates_tried == 0
+    assert not (tmp_path / "out" / "state" / "tinytask-0.1.0.json").exists()  # nothing recorded: a re-run mines it

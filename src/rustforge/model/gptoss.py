@@ -111,7 +111,7 @@ class RustforgeModel(nn.Module):
     def forward(self, input_ids, position_ids, doc_ids, labels) -> LossOutput:
         hidden = self.hidden_states(input_ids, position_ids, doc_ids)
         ce_sum, n_tokens = chunked_cross_entropy(
-            hidden.flatten(0, 1), self.hf.lm_head.weight, labels.flatten(), self.cfg.loss_chunk_size
+            hidden.flatten(0, 1).to(self.hf.lm_head.weight.dtype), self.hf.lm_head.weight, labels.flatten(), self.cfg.loss_chunk_size
         )
         aux = self.aux_loss(doc_ids)
         loss = ce_sum / n_tokens.clamp(min=1) + self.config.router_aux_loss_coef * aux
@@ -121,7 +121,7 @@ class RustforgeModel(nn.Module):
         """log p(targets[t] | prefix) per position, [B, T] float32, by the chunked path."""
         hidden = self.hidden_states(input_ids, position_ids, doc_ids)
         lp = chunked_token_logprobs(
-            hidden.flatten(0, 1),
+            hidden.flatten(0, 1).to(self.hf.lm_head.weight.dtype),
             self.hf.lm_head.weight,
             targets.flatten(),
             self.cfg.loss_chunk_size,

@@ -91,6 +91,7 @@ class TaskMiningConfig:
     max_body_lines: int = 60  # longer functions are not mutated
     max_removed_body_lines: int = 30  # body_removal only for bodies this short
     crate_budget_s: float = 240.0  # wall clock for one crate's mutants (its baseline not counted)
+    time_budget_s: float | None = 1200.0  # whole run: no crate starts after it (a re-run goes on); None = no limit
     baseline_timeout_s: float = 300.0
     mutant_timeout_min_s: float = 30.0  # per mutant: max(this, build + factor * baseline test time)
     mutant_timeout_factor: float = 10.0
@@ -101,6 +102,8 @@ class TaskMiningConfig:
         unknown = [k for k in self.kinds if k not in MUTATION_KINDS]
         if unknown or not self.kinds:
             raise ValueError(f"TaskMiningConfig.kinds: {unknown or 'empty'}; expected some of {MUTATION_KINDS}")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ValueError(f"TaskMiningConfig.time_budget_s must be > 0 or None, got {self.time_budget_s!r}")
         for name in ("workers", "max_tasks_per_crate", "max_candidates_per_crate", "max_per_function",
                      "max_body_lines", "max_removed_body_lines", "max_source_kb"):  # fmt: skip
             if getattr(self, name) < 1:
@@ -229,7 +232,6 @@ _IMPL = re.compile(r"\bimpl\b")
 _TRAIT = re.compile(r"\btrait\s+([A-Za-z_]\w*)")
 _MACRO_RULES = re.compile(r"\bmacro_rules!\s*[A-Za-z_]\w*\s*[({\[]")
 _TEST_ATTR = re.compile(r"\s*(\w+::)*test\s*$")
-_NOT_TEST = re.compile(r"not\s*\(\s*test\s*\)")
 
 
 def _skip_ws_back(mask: str, i: int) -> int:
@@ -265,10 +267,27 @@ def _test_regions(mask: str) -> list[tuple[int, int]]:
         if close is None:
             continue
         content = mask[m.end() : close]
-        is_cfg_test = re.match(r"\s*cfg\s*\(", content) and re.search(r"\btest\b", content)
-        if _TEST_ATTR.match(content) or (is_cfg_test and not _NOT_TEST.search(content)):
+        if _TEST_ATTR.match(content) or _is_cfg_test(content):
             regions.append((m.start(), _item_end(mask, close + 1)))
     return regions
+
+
+def _is_cfg_test(attribute: str) -> bool:
+    """cfg(test) or cfg(all(..., test, ...)): compiled only for tests (cfg(any(test, ...)) is not)."""
+    text = "".join(attribute.split())
+    if text == "cfg(test)":
+        return True
+    if not (text.startswith("cfg(all(") and text.endswith("))")):
+        return False
+    depth, args, current = 0, [], ""
+    for c in text[len("cfg(all(") : -2]:
+        if c == "," and depth == 0:
+            args.append(current)
+            current = ""
+            continue
+        depth += (c == "(") - (c == ")")
+        current += c
+    return "test" in args + [current]
 
 
 def _macro_regions(mask: str) -> list[tuple[int, int]]:
@@ -440,8 +459,19 @@ def find_functions(src: str) -> list[RustFunction]:
         doc, item_start = _doc_and_item_start(src, line_start)
         indent = re.match(r"[ \t]*", src[line_start:]).group(0)
         found.append(
-            RustFunction(name, qualname, item_start, line_start, open_at, close, _line_of(src, m.start()),
-                         signature, ret, doc, indent)  # fmt: skip
+            RustFunction(
+                name,
+                qualname,
+                item_start,
+                line_start,
+                open_at,
+                close,
+                _line_of(src, m.start()),
+                signature,
+                ret,
+                doc,
+                indent,
+            )
         )
     return found
 
@@ -490,7 +520,7 @@ _OPERATOR = re.compile(r" (?:<=|>=|==|!=|&&|\|\||\+=|-=|<|>|\+|-) ")
 _INT_LITERAL = re.compile(r"(?<![\w.])(\d[\d_]*)(?:(u8|u16|u32|u64|u128|usize|i8|i16|i32|i64|i128|isize))?(?![\w.])")
 _RANGE = re.compile(r"(?<=[\w)\]])\.\.(=?)(?=[\w(])")
 _BOOL = re.compile(r"(?<![\w.])(true|false)(?!\w)")
-_INTEGER_TYPES = frozenset("u8 u16 u32 u64 u128 usize i8 i16 i32 i64 i128 isize".split())
+_INTEGER_TYPES = frozenset(["u8", "u16", "u32", "u64", "u128", "usize", "i8", "i16", "i32", "i64", "i128", "isize"])
 
 
 def _default_return(return_type: str, pick: int) -> str | None:
@@ -527,7 +557,13 @@ def function_mutants(src: str, mask: str, file: str, fn: RustFunction, kinds: It
     if "operator" in kinds:
         for m in _OPERATOR.finditer(body):
             old = m.group(0)
-            add("operator", lo + m.start(), lo + m.end(), _OPERATOR_SWAPS[old], f"`{old.strip()}` -> `{_OPERATOR_SWAPS[old].strip()}`")
+            add(
+                "operator",
+                lo + m.start(),
+                lo + m.end(),
+                _OPERATOR_SWAPS[old],
+                f"`{old.strip()}` -> `{_OPERATOR_SWAPS[old].strip()}`",
+            )
     if "off_by_one" in kinds:
         for m in _INT_LITERAL.finditer(body):
             digits = m.group(1).replace("_", "")
@@ -608,9 +644,9 @@ def crate_mutants(crate_root: Path, cfg: TaskMiningConfig) -> list[Mutant]:
             for mutant in function_mutants(src, mask, rel, fn, kinds):
                 by_kind[mutant.kind].append(mutant)
     rng = random.Random(f"{cfg.seed}\0{crate_root.name}")
-    for kind in by_kind:
-        by_kind[kind].sort(key=lambda m: m.key)
-        rng.shuffle(by_kind[kind])
+    for queue in by_kind.values():
+        queue.sort(key=lambda m: m.key)
+        rng.shuffle(queue)
     ordered, per_function = [], Counter()
     queues = [list(q) for q in by_kind.values()]
     while any(queues):
@@ -830,9 +866,11 @@ def drop_target_files(crate_root: Path, rel_files: set[str]) -> None:
     for key, lines in _split_tables(manifest.read_text()):
         if key in ("test", "example", "bench"):
             body = "\n".join(lines)
-            path = re.search(r'^\s*path\s*=\s*"([^"]+)"', body, re.M)
-            name = re.search(r'^\s*name\s*=\s*"([^"]+)"', body, re.M)
-            target_path = path.group(1).removeprefix("./") if path else f"{_target_dir(key)}/{name.group(1) if name else ''}.rs"
+            path = re.search(r'^\s*path\s*=\s*"([^"]+)"', body, re.MULTILINE)
+            name = re.search(r'^\s*name\s*=\s*"([^"]+)"', body, re.MULTILINE)
+            target_path = (
+                path.group(1).removeprefix("./") if path else f"{_target_dir(key)}/{name.group(1) if name else ''}.rs"
+            )
             if target_path in rel_files:
                 continue
         out += lines
@@ -893,7 +931,11 @@ def discover_task_crates(crate_dirs: Iterable[str | Path]) -> list[CrateSource]:
         top = Path(raw).expanduser()
         if not top.is_dir():
             raise TaskError(f"crate dir {raw}: not a directory")
-        roots = [top] if (top / "Cargo.toml").is_file() else sorted(p for p in top.iterdir() if (p / "Cargo.toml").is_file())
+        roots = (
+            [top]
+            if (top / "Cargo.toml").is_file()
+            else sorted(p for p in top.iterdir() if (p / "Cargo.toml").is_file())
+        )
         for root in roots:
             try:
                 package = tomllib.loads((root / "Cargo.toml").read_text(encoding="utf-8")).get("package") or {}
@@ -999,6 +1041,11 @@ class _Miner:
         self.lock = threading.Lock()
         self.n_workers = 0
         self.summary = MiningSummary(out_dir=str(out_dir))
+        budget = cfg.time_budget_s
+        self.deadline = None if budget is None else time.monotonic() + budget
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
 
     # ------------------------------------------------------------------------------ bookkeeping
     def _count(self, table: str, key: str) -> None:
@@ -1030,21 +1077,29 @@ class _Miner:
         if state.done_limits is not None and all(a >= b for a, b in zip(state.done_limits, limits)):
             self._finish_counts(state)
             return 0
+        if self.out_of_time():
+            self._count("crates_skipped", "time_budget (re-run to continue)")
+            return 0
         if crate.source_bytes > self.cfg.max_source_kb * 1024:
             state.baseline = state.baseline or "too_large"
         target, scratch = self._worker_dirs()
         base = self.out / "bases" / crate.key
         if not state.baseline:
             state.baseline = self._baseline(crate, base, state, target)
+            if state.baseline != "ok":  # the verdict is remembered; the snapshot is not needed
+                shutil.rmtree(base, ignore_errors=True)
             self._save(crate, state)
         if state.baseline != "ok":
             self._count("crates_skipped", state.baseline.split(":")[0])
             return 0
         with self.lock:
             self.summary.crates_usable += 1
-        written = self._mine_mutants(crate, base, scratch, target, state)
-        state.done_limits = limits
-        self._save(crate, state)
+        written, finished = self._mine_mutants(crate, base, scratch, target, state)
+        if finished:
+            state.done_limits = limits
+            self._save(crate, state)
+        else:
+            self._count("crates_skipped", "time_budget (re-run to continue)")
         return written
 
     def _finish_counts(self, state: _CrateState) -> None:
@@ -1105,7 +1160,10 @@ class _Miner:
         state.passing_tests = len(passing)
         return "ok"
 
-    def _mine_mutants(self, crate: CrateSource, base: Path, scratch: Path, target: Path, state: _CrateState) -> int:
+    def _mine_mutants(
+        self, crate: CrateSource, base: Path, scratch: Path, target: Path, state: _CrateState
+    ) -> tuple[int, bool]:
+        """(tasks written, finished); not finished when the run's time budget interrupted the crate."""
         cfg = self.cfg
         candidates = crate_mutants(base, cfg)
         timeout = max(cfg.mutant_timeout_min_s, cfg.mutant_timeout_factor * state.test_s)
@@ -1123,6 +1181,8 @@ class _Miner:
         for mutant in candidates:
             if tasks_here >= cfg.max_tasks_per_crate or tried_here >= cfg.max_candidates_per_crate:
                 break
+            if self.out_of_time():
+                return written, False
             if time.monotonic() > deadline:
                 log.info("%s: crate budget of %.0f s spent", crate.key, cfg.crate_budget_s)
                 break
@@ -1139,7 +1199,7 @@ class _Miner:
                 per_kind[mutant.kind] += 1
                 written += self.writer.append(record)
             self._save(crate, state)
-        return written
+        return written, True
 
     def _try_mutant(self, crate, base, scratch, target, sandbox, mutant: Mutant, state) -> tuple[str, dict | None]:
         path = scratch / mutant.file
@@ -1159,7 +1219,9 @@ class _Miner:
             return ("crashed" if report.crashed_binaries else "survived"), None
         return "task", self._record(crate, mutant, original, mutated, failing, state)
 
-    def _record(self, crate: CrateSource, mutant: Mutant, original: str, mutated: str, failing: list[str], state) -> dict:
+    def _record(
+        self, crate: CrateSource, mutant: Mutant, original: str, mutated: str, failing: list[str], state
+    ) -> dict:
         fn = mutant.function
         line = _line_of(mutated, mutated.find("fn", fn.fn_start))
         shown = replace(fn, line=line)
@@ -1276,7 +1338,13 @@ def materialise(task: Task, dest_dir: str | Path) -> Path:
 
 def check_report_fixed(report: CargoReport) -> bool:
     """The crate builds and every test passes (what a correct fix achieves)."""
-    return report.compiled and not report.timed_out and report.failed == 0 and report.crashed_binaries == 0 and report.passed > 0
+    return (
+        report.compiled
+        and not report.timed_out
+        and report.failed == 0
+        and report.crashed_binaries == 0
+        and report.passed > 0
+    )
 
 
 __all__ = [

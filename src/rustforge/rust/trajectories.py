@@ -106,7 +106,9 @@ def _quote(names: Sequence[str], limit: int = 3) -> str:
     return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
 
 
-def agent_preamble(tools: Iterable[dict], instructions: str = AGENT_INSTRUCTIONS, reasoning_effort: str = "medium") -> list[Message]:
+def agent_preamble(
+    tools: Iterable[dict], instructions: str = AGENT_INSTRUCTIONS, reasoning_effort: str = "medium"
+) -> list[Message]:
     """The system message and the developer message carrying the instructions and tool definitions."""
     return [system_message(reasoning_effort=reasoning_effort), developer_message(instructions, list(tools))]
 
@@ -198,7 +200,8 @@ def _opening_thought(task: Task) -> str:
     where = f"`{task.function}` in {task.file}"
     if task.kind == "body_removal":
         return _variant(task.id, "open", [
-            f"The user wants {where} implemented; its body is `todo!()`. First I'll run the tests to see which ones exercise it.",
+            (f"The user wants {where} implemented; its body is `todo!()`. "
+             "First I'll run the tests to see which ones exercise it."),
             f"{where} is a `todo!()` stub. Let me run `cargo test` to see what is expected of it.",
         ])  # fmt: skip
     return _variant(task.id, "open", [
@@ -223,7 +226,8 @@ def _after_failure_thought(task: Task, report: CargoReport | None, first: int, l
     panic = _first_panic(report)
     why = f" The first one panics with: {panic}" if panic else ""
     return _variant(task.id, "after_fail", [
-        f"{len(failing)} test(s) fail: {tests}.{why} Let me read `{task.function}` (lines {first}-{last} of {task.file}).",
+        (f"{len(failing)} test(s) fail: {tests}.{why} "
+         f"Let me read `{task.function}` (lines {first}-{last} of {task.file})."),
         f"Confirmed: {tests} fail.{why} Now the code of `{task.function}` in {task.file}.",
     ])  # fmt: skip
 
@@ -396,7 +400,9 @@ def validate_conversation(conv: Conversation, tokenizer, tool_names: Iterable[st
             if last.is_tool_call and index < len(messages):
                 answer = messages[index]
                 if answer.role != "tool" or answer.name != last.recipient:
-                    problems.append(f"message {index + 1}: {last.recipient} is answered by {answer.name or answer.role}")
+                    problems.append(
+                        f"message {index + 1}: {last.recipient} is answered by {answer.name or answer.role}"
+                    )
             turn = []
     if not messages or messages[-1].role != "assistant" or messages[-1].channel != "final":
         problems.append("the conversation does not end with an assistant final answer")
@@ -504,21 +510,25 @@ def read_trajectories(path: str | Path) -> list[Conversation]:
     convs = []
     for where, record in _jsonl_records(path):
         if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-            raise TrajectoryError(f"{where}: expected {{\"messages\": [...]}}")
-        convs.append(Conversation([message_from_dict(m, f"{where}: message {i + 1}") for i, m in enumerate(record["messages"])]))
+            raise TrajectoryError(f'{where}: expected {{"messages": [...]}}')
+        convs.append(
+            Conversation([message_from_dict(m, f"{where}: message {i + 1}") for i, m in enumerate(record["messages"])])
+        )
     return convs
+
+
+def _decode_messages(record: dict, key: str, where: str) -> list[Message]:
+    return [message_from_dict(m, f"{where}: {key} message {i + 1}") for i, m in enumerate(record[key])]
 
 
 def read_pairs(path: str | Path) -> list[PreferencePair]:
     pairs = []
     for where, record in _jsonl_records(path):
-        if not isinstance(record, dict) or not all(isinstance(record.get(k), list) for k in ("prompt", "chosen", "rejected")):
+        keys = ("prompt", "chosen", "rejected")
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), list) for k in keys):
             raise TrajectoryError(f"{where}: expected task_id, prompt, chosen and rejected message lists")
-
-        def decode(key: str) -> list[Message]:
-            return [message_from_dict(m, f"{where}: {key} message {i + 1}") for i, m in enumerate(record[key])]
-
-        pairs.append(PreferencePair(str(record.get("task_id", "")), Conversation(decode("prompt")), decode("chosen"), decode("rejected")))
+        prompt, chosen, rejected = (_decode_messages(record, k, where) for k in keys)
+        pairs.append(PreferencePair(str(record.get("task_id", "")), Conversation(prompt), chosen, rejected))
     return pairs
 
 
@@ -548,16 +558,20 @@ def _tool_definitions(raw, where: str) -> list[dict]:
         spec = tool.get("function", tool) if isinstance(tool, dict) else None
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise TrajectoryError(f"{where}: tools[{i}] needs a function name")
-        out.append({"name": spec["name"], "description": spec.get("description", ""), "parameters": spec.get("parameters")})
+        out.append(
+            {"name": spec["name"], "description": spec.get("description", ""), "parameters": spec.get("parameters")}
+        )
     return out
 
 
-def openai_to_conversation(record, where: str = "<record>", default_tools: Sequence[dict] = (), reasoning_effort: str = "medium") -> Conversation:
+def openai_to_conversation(
+    record, where: str = "<record>", default_tools: Sequence[dict] = (), reasoning_effort: str = "medium"
+) -> Conversation:
     """One OpenAI-format chat ({"messages": [...], "tools": [...]} or a bare message list) as a Conversation."""
     if isinstance(record, list):
         record = {"messages": record}
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list) or not record["messages"]:
-        raise TrajectoryError(f"{where}: expected {{\"messages\": [...]}} with at least one message")
+        raise TrajectoryError(f'{where}: expected {{"messages": [...]}} with at least one message')
     tools = _tool_definitions(record.get("tools"), where) or list(default_tools)
     tool_names = {t["name"] for t in tools}
     instructions: list[str] = []
@@ -604,7 +618,9 @@ def openai_to_conversation(record, where: str = "<record>", default_tools: Seque
     return Conversation(preamble + body)
 
 
-def _assistant_messages(raw: dict, at: str, tool_names: set[str], pending: dict[str, str], body: list[Message]) -> list[str]:
+def _assistant_messages(
+    raw: dict, at: str, tool_names: set[str], pending: dict[str, str], body: list[Message]
+) -> list[str]:
     """Append the Harmony messages of one OpenAI assistant message; returns the names it calls."""
     reasoning = raw.get("reasoning_content", raw.get("thinking", raw.get("reasoning")))
     if reasoning:
