@@ -21,6 +21,7 @@ def tiny_config_dict(run_dir: Path, corpus_dir: Path) -> dict:
         "model": {"preset": "tiny", "loss_chunk_size": 256},
         "lora": {"r": 8, "alpha": 16},
         "tokenizer": {"vocab_size": 1024, "train_files_limit": 400},
+        "tiny_base": {"pretrain_steps": 40, "seq_len": 128, "batch_size": 4},
         "corpus": {"out_dir": str(corpus_dir), "max_crates": 14, "val_fraction": 0.2, "seed": 0},
         "lang_rust": {
             "lr": 3.0e-3,

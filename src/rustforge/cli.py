@@ -104,7 +104,7 @@ def cmd_train(cfg: RunConfig, args) -> int:
         from rustforge.train import lang_rust
 
         result = lang_rust.run(cfg, resume=args.resume, progress=not args.no_progress, stop_after=args.max_steps_this_run)
-        print(f"lang_rust done: {result}")
+        print(_stage_line("lang_rust", result))
     return 0
 
 
@@ -113,8 +113,16 @@ def cmd_pipeline(cfg: RunConfig, args) -> int:
     from rustforge.train import lang_rust
 
     result = lang_rust.run(cfg, resume=not args.fresh, progress=not args.no_progress)
-    print(f"lang_rust: {result}")
+    print("\nstage       metric                     before     after")
+    print(_stage_line("lang_rust", result))
     return 0
+
+
+def _stage_line(stage: str, r: dict) -> str:
+    return (
+        f"{stage:<11} held-out Rust loss (ppl)   {r['val_loss_start']:.3f} ({r['val_ppl_start']:.0f})"
+        f"   {r['val_loss_end']:.3f} ({r['val_ppl_end']:.0f})   after {r['steps']} steps"
+    )
 
 
 def _save_run_config(cfg: RunConfig) -> None:

@@ -49,6 +49,18 @@ class LoraConfig:
 
 
 @dataclass
+class TinyBaseConfig:
+    """Full-parameter pretraining of the embedded tiny base on the corpus, so that later stages start from
+    a model that knows some Rust (a random base with frozen random lm_head barely moves under LoRA)."""
+
+    pretrain_steps: int = 300
+    seq_len: int = 256
+    batch_size: int = 8
+    lr: float = 3e-3
+    warmup_steps: int = 20
+
+
+@dataclass
 class TokenizerConfig:
     path: str | None = None  # tokenizer.json to use; None = the model directory's, or the tiny one
     vocab_size: int = 4096  # size of the BPE trained for the tiny model (specials included)
@@ -149,6 +161,7 @@ class TrainConfig:
     phases: list[CurriculumPhase] = field(default_factory=lambda: [CurriculumPhase(512, 100)])
     eval_every: int = 50
     eval_batches: int = 8
+    eval_seq_len: int | None = None  # one fixed validation set for the whole run; None = first phase's seq_len
     save_every: int = 50
     log_every: int = 1
     seed: int = 0
@@ -160,6 +173,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    tiny_base: TinyBaseConfig = field(default_factory=TinyBaseConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
     lang_rust: TrainConfig = field(default_factory=TrainConfig)

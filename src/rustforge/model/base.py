@@ -55,12 +55,52 @@ def build_tiny_base(cfg: RunConfig, progress: bool = True) -> Path:
     hf_cfg._attn_implementation = "eager"
     torch.manual_seed(cfg.model.seed)
     model = GptOssForCausalLM(hf_cfg)
+    pretrain_tiny(model, tokenizer, cfg, progress)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     write_gptoss(model, tmp, expert_format="bf16")
     tokenizer.save(tmp)
     tmp.replace(out)
     return out
+
+
+def pretrain_tiny(model, tokenizer, cfg: RunConfig, progress: bool = True) -> list[float]:
+    """Full-parameter training of the tiny base on the corpus's train split (CPU, eager reference path,
+    full logits: the vocabulary is small). Returns the losses. Deterministic for a given config."""
+    import math
+
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from rustforge.data.packing import PackedDataset
+    from rustforge.model.attention import build_attention_masks
+    from rustforge.data.tokens import tokenize_split
+
+    pcfg = cfg.tiny_base
+    if pcfg.pretrain_steps <= 0:
+        return []
+    docs = tokenize_split(cfg.corpus.out_dir, tokenizer, "train", Path(cfg.run_dir) / "token_cache")
+    data = PackedDataset(docs, pcfg.seq_len, cfg.packing, seed=cfg.model.seed, pad_id=tokenizer.pad_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=pcfg.lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    bar = tqdm(range(pcfg.pretrain_steps), desc="tiny base pretraining", disable=not progress)
+    for step in bar:
+        warm = min(1.0, (step + 1) / max(1, pcfg.warmup_steps))
+        for group in opt.param_groups:
+            group["lr"] = pcfg.lr * warm * 0.5 * (1 + math.cos(math.pi * step / pcfg.pretrain_steps))
+        batch = data.next_batch(pcfg.batch_size)
+        masks = build_attention_masks(batch["doc_ids"], model.config.sliding_window, "eager", torch.float32)
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=masks).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
 
 
 def prepare_base(cfg: RunConfig, device: torch.device, progress: bool = True, with_lora: bool = True):

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -168,8 +168,8 @@ class SFTTrainer:
                 out = self.model(**batch)
             loss = out.ce_sum / max(n_total, 1) + self.model.config.router_aux_loss_coef * out.aux_loss / len(batches)
             loss.backward()
-            ce_total += float(out.ce_sum)
-            aux_total += float(out.aux_loss) / len(batches)
+            ce_total += float(out.ce_sum.detach())
+            aux_total += float(out.aux_loss.detach()) / len(batches)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -190,7 +190,7 @@ class SFTTrainer:
     @torch.no_grad()
     def evaluate(self, logger: MetricsLogger | None = None) -> dict[str, float]:
         self.model.eval()
-        seq_len = self.cfg.phases[max(self.phase, 0)].seq_len
+        seq_len = self.cfg.eval_seq_len or self.cfg.phases[0].seq_len  # fixed: losses compare across phases
         if seq_len not in self.val_cache:
             self.val_cache[seq_len] = self.data.validation(seq_len)
         ce, n = 0.0, 0
@@ -224,7 +224,3 @@ def _memory_gb(device: torch.device) -> float:
     except Exception:  # pragma: no cover - non-POSIX
         return 0.0
 
-
-def iterate_forever(items: list) -> Iterator:
-    while True:
-        yield from items
