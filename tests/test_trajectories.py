@@ -154,6 +154,18 @@ def test_trajectories_round_trip_through_jsonl(trajectory, tmp_path):
     assert len(loaded) == 2 and loaded[0].messages == trajectory.messages
 
 
+@needs_sandbox
+def test_build_dataset_writes_replayable_jsonl(mined, sandbox, tmp_path):
+    tasks, target = mined
+    tasks_dir = tasks["operator"].root
+    out = tmp_path / "trajectories.jsonl"
+    counts = TR.build_dataset(tasks_dir, out, "trajectories", split="train", sandbox=sandbox, limit=1, workers=1,
+                              target_root=target.parent / "replays", progress=False)  # fmt: skip
+    assert counts == {"written": 1, "skipped": 0}
+    (conv,) = TR.read_trajectories(out)
+    assert conv.messages[-1].channel == "final" and conv.messages[2].role == "user"
+
+
 # --------------------------------------------------------------------------------- OpenAI format
 TOOLS = [{"type": "function", "function": {"name": "cargo_test", "description": "run tests",
                                            "parameters": {"type": "object", "properties": {}}}}]  # fmt: skip

@@ -175,6 +175,7 @@ def build_model(
     hf.to(device)
     install_experts(hf, experts, model_cfg.expert_format, lora_cfg)
     if lora_cfg is not None:
+        torch.manual_seed(model_cfg.seed)  # the adapter's init depends on the seed alone, not on what ran before
         apply_lora(hf, lora_cfg)
     return RustforgeModel(hf.to(device), model_cfg, attention)
 

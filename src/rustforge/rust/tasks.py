@@ -90,6 +90,7 @@ class TaskMiningConfig:
     max_kind_share: float = 0.5  # of a crate's max_tasks_per_crate, per mutation kind (keeps kinds mixed)
     max_body_lines: int = 60  # longer functions are not mutated
     max_removed_body_lines: int = 30  # body_removal only for bodies this short
+    give_up_after: int = 16  # stop a crate after this many mutants in a row made no task (weak tests)
     crate_budget_s: float = 240.0  # wall clock for one crate's mutants (its baseline not counted)
     time_budget_s: float | None = 1200.0  # whole run: no crate starts after it (a re-run goes on); None = no limit
     baseline_timeout_s: float = 300.0
@@ -104,7 +105,7 @@ class TaskMiningConfig:
             raise ValueError(f"TaskMiningConfig.kinds: {unknown or 'empty'}; expected some of {MUTATION_KINDS}")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ValueError(f"TaskMiningConfig.time_budget_s must be > 0 or None, got {self.time_budget_s!r}")
-        for name in ("workers", "max_tasks_per_crate", "max_candidates_per_crate", "max_per_function",
+        for name in ("workers", "give_up_after", "max_tasks_per_crate", "max_candidates_per_crate", "max_per_function",
                      "max_body_lines", "max_removed_body_lines", "max_source_kb"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"TaskMiningConfig.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -901,7 +902,9 @@ class MiningSummary:
     def table(self) -> str:
         lines = [f"task mining summary: {self.out_dir}",
                  f"  crates              {self.crates} (usable {self.crates_usable})"]  # fmt: skip
-        lines += [f"    skipped: {r:<20} {n}" for r, n in sorted(self.crates_skipped.items())]
+        lines += [f"    skipped: {r:<17} {n}" for r, n in sorted(self.crates_skipped.items())]
+        if self.crates_skipped.get("time_budget"):
+            lines.append("    (time_budget: the run's time_budget_s ran out; run again to continue)")
         lines.append(f"  mutants tried       {self.candidates_tried}")
         lines += [f"    {o:<26} {n}" for o, n in sorted(self.outcomes.items())]
         lines.append(f"  tasks               {self.tasks_total} ({self.tasks_new} new this run)")
@@ -1014,7 +1017,7 @@ class _CrateState:
 
     baseline: str = ""  # "" = not run, "ok", or the reason it is unusable
     passing_tests: int = 0
-    test_s: float = 0.0  # wall time of `cargo test --tests` on the base (build included)
+    test_s: float = 0.0  # wall time of `cargo test --tests` on the base (crate rebuild included)
     dropped_targets: list[str] = field(default_factory=list)
     stripped_dev_deps: list[str] = field(default_factory=list)
     tried: dict[str, str] = field(default_factory=dict)  # mutant key -> outcome
@@ -1078,7 +1081,7 @@ class _Miner:
             self._finish_counts(state)
             return 0
         if self.out_of_time():
-            self._count("crates_skipped", "time_budget (re-run to continue)")
+            self._count("crates_skipped", "time_budget")
             return 0
         if crate.source_bytes > self.cfg.max_source_kb * 1024:
             state.baseline = state.baseline or "too_large"
@@ -1099,7 +1102,7 @@ class _Miner:
             state.done_limits = limits
             self._save(crate, state)
         else:
-            self._count("crates_skipped", "time_budget (re-run to continue)")
+            self._count("crates_skipped", "time_budget")
         return written
 
     def _finish_counts(self, state: _CrateState) -> None:
@@ -1133,12 +1136,42 @@ class _Miner:
         (base / ".cargo").mkdir(exist_ok=True)
         (base / ".cargo" / "config.toml").write_text(CAP_LINTS_CONFIG)
         sandbox = Sandbox(replace(self.sandbox.cfg, timeout_s=self.cfg.baseline_timeout_s))
+        # the non-doc tests first: a crate without any is skipped before its doc tests are compiled
+        quick = self._build_dropping_broken_targets(sandbox, base, ["--tests"], state, target)
+        if isinstance(quick, str):
+            return quick
+        passing = [t.name for t in quick.tests if t.status == "ok"]
+        if quick.failed or quick.crashed_binaries or quick.returncode != 0:
+            return f"baseline_fails: {quick.failed} failed"
+        if not passing:
+            return "no_unit_tests"
+        full = self._build_dropping_broken_targets(sandbox, base, [], state, target)  # + examples, doc tests
+        if isinstance(full, str):
+            return full
+        if full.failed or full.crashed_binaries or full.returncode != 0:
+            return f"baseline_fails: {full.failed} failed (doc tests included)"
+        # a mutant's cost: rebuild the crate (not its dependencies) and run the tests; a second pass
+        # also catches tests that fail now and then, which would make wrong tasks
+        start = time.monotonic()
+        again = run_cargo(sandbox, base, "test", ["--tests"], target_dir=target)
+        state.test_s = time.monotonic() - start
+        if not check_report_fixed(again):
+            return "flaky_tests"
+        state.passing_tests = len(passing)
+        return "ok"
+
+    @staticmethod
+    def _build_dropping_broken_targets(
+        sandbox: Sandbox, base: Path, args: list[str], state: _CrateState, target: Path
+    ) -> CargoReport | str:
+        """`cargo test args` on the base; test/example files that fail to build (a dev-dependency they
+        use was stripped) are dropped and the build retried. The report, or why the crate is unusable."""
         for _ in range(3):
-            report = run_cargo(sandbox, base, "test", target_dir=target)
+            report = run_cargo(sandbox, base, "test", args, target_dir=target)
             if report.timed_out:
                 return "baseline_timeout"
             if report.compiled:
-                break
+                return report
             broken = {d.file for d in report.errors if d.file}
             droppable = {f for f in broken if f.split("/")[0] in ("tests", "examples", "benches")}
             if not broken:
@@ -1147,18 +1180,7 @@ class _Miner:
                 return "build_error: " + ", ".join(sorted(broken - droppable))[:200]
             drop_target_files(base, droppable)
             state.dropped_targets += sorted(droppable)
-        else:
-            return "build_error: test targets"
-        if report.failed or report.crashed_binaries or report.returncode != 0:
-            return f"baseline_fails: {report.failed} failed"
-        start = time.monotonic()
-        quick = run_cargo(sandbox, base, "test", ["--tests"], target_dir=target)
-        state.test_s = time.monotonic() - start
-        passing = [t.name for t in quick.tests if t.status == "ok"]
-        if not quick.compiled or quick.failed or not passing:
-            return "no_unit_tests" if quick.compiled and not quick.failed else "baseline_fails: --tests"
-        state.passing_tests = len(passing)
-        return "ok"
+        return "build_error: test targets"
 
     def _mine_mutants(
         self, crate: CrateSource, base: Path, scratch: Path, target: Path, state: _CrateState
@@ -1177,7 +1199,7 @@ class _Miner:
             shutil.rmtree(scratch)
         shutil.copytree(base, scratch, symlinks=True)
         deadline = time.monotonic() + cfg.crate_budget_s
-        written = 0
+        written = misses = 0
         for mutant in candidates:
             if tasks_here >= cfg.max_tasks_per_crate or tried_here >= cfg.max_candidates_per_crate:
                 break
@@ -1188,7 +1210,11 @@ class _Miner:
                 break
             if mutant.key in state.tried or per_kind[mutant.kind] >= kind_cap:
                 continue
+            if misses >= cfg.give_up_after:
+                log.info("%s: %d mutants in a row made no task; moving on", crate.key, misses)
+                break
             outcome, record = self._try_mutant(crate, base, scratch, target, sandbox, mutant, state)
+            misses = 0 if record is not None else misses + 1
             tried_here += 1
             state.tried[mutant.key] = outcome
             self._count("outcomes", outcome)

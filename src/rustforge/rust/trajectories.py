@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
 import tempfile
@@ -43,7 +44,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rustforge.data.harmony import (
-    CHANNELS,
     Conversation,
     DeveloperContent,
     Message,
@@ -70,6 +70,8 @@ from rustforge.rust.tasks import (
     unified_diff,
 )
 from rustforge.rust.tools import CargoReport, ToolEnv, run_cargo, split_lines
+
+log = logging.getLogger(__name__)
 
 AGENT_INSTRUCTIONS = (
     "You are a Rust coding agent. The user's crate is your workspace; paths are relative to its root. "
@@ -123,7 +125,7 @@ class _Change:
 
 
 def _patch_change(patch: str) -> _Change:
-    old_line, line, old, new, first = 0, 0, [], [], None
+    old_line, old, new, first = 0, [], [], None
     for raw in split_lines(patch):
         if raw.startswith(("--- ", "+++ ")):
             continue
@@ -141,8 +143,7 @@ def _patch_change(patch: str) -> _Change:
             old_line += 1
             if first and (old or new):
                 break  # only the first contiguous change is described
-    line = first or 1
-    return _Change(line, old, new)
+    return _Change(first or 1, old, new)
 
 
 def _describe_change(change: _Change, kind: str, function: str) -> str:
@@ -150,9 +151,16 @@ def _describe_change(change: _Change, kind: str, function: str) -> str:
     if kind == "body_removal" or len(change.new) > 2:
         shape = "; ".join(s.strip() for s in change.new if s.strip())[:240]
         return f"I'll write the body of `{function}`: {shape}"
-    old = " / ".join(s.strip() for s in change.old) or "(nothing)"
-    new = " / ".join(s.strip() for s in change.new) or "(nothing)"
+    old, new = _joined(change.old), _joined(change.new)
+    if not change.old:
+        return f"Before line {change.line} it needs `{new}`."
+    if not change.new:
+        return f"Line {change.line}, `{old}`, must go: it does not belong there."
     return f"Line {change.line} reads `{old}`; it should be `{new}`."
+
+
+def _joined(lines: list[str]) -> str:
+    return " / ".join(line.strip() for line in lines)
 
 
 def _function_span(source: str, task: Task) -> tuple[int, int]:
@@ -249,9 +257,12 @@ def _final_answer(task: Task, report: CargoReport) -> str:
     change = _patch_change(task.reference_patch)
     if task.kind == "body_removal":
         what = f"Implemented `{task.function}` in {task.file}."
+    elif not change.new:
+        what = f"Fixed `{task.function}` in {task.file}: removed `{_joined(change.old)}` (line {change.line})."
+    elif not change.old:
+        what = f"Fixed `{task.function}` in {task.file}: added `{_joined(change.new)}` at line {change.line}."
     else:
-        old = " / ".join(s.strip() for s in change.old)
-        new = " / ".join(s.strip() for s in change.new)
+        old, new = _joined(change.old), _joined(change.new)
         what = f"Fixed `{task.function}` in {task.file}: line {change.line} now reads `{new}` instead of `{old}`."
     return f"{what} `cargo test` passes: {report.passed} passed, {report.failed} failed."
 
@@ -297,23 +308,42 @@ def synthesise_trajectory(
 
 
 # ================================================================================= preference pairs
+_WRONG_KINDS = ("operator", "off_by_one", "wrong_return")
+
+
+def _shuffled_mutants(task: Task, source: str, functions) -> list:
+    mask = code_mask(source)
+    mutants = [m for fn in functions for m in function_mutants(source, mask, task.file, fn, _WRONG_KINDS)]
+    return sorted(mutants, key=lambda m: hashlib.sha256(f"{task.id}\0{m.key}".encode()).hexdigest())
+
+
 def _wrong_sources(task: Task, mutated: str, original: str) -> Iterator[str]:
-    """Wrong versions of the file, in a deterministic order: for a removed body, the original body with
-    another mutation (a subtly wrong implementation); otherwise a change elsewhere in the function that
-    leaves the bug in place (a wrong fix), then the fix plus a new bug."""
+    """Wrong versions of the file, most plausible first (deterministic order):
+    1. the task's function with a different bug: for a removed body, the original body with a mutation
+       (a subtly wrong implementation); otherwise a change elsewhere in the function that leaves the
+       bug in place (a wrong fix), then the fix plus a new bug;
+    2. a change in the nearest other functions of the file (patching the wrong place);
+    3. for a removed body, a stub that still panics (`unimplemented!()`)."""
     sources = [original] if task.kind == "body_removal" else [mutated, original]
+    seen = {original, mutated}
     for source in sources:
-        fns = [f for f in find_functions(source) if f.qualname == task.function]
-        if not fns:
-            continue
-        fn = min(fns, key=lambda f: abs(f.line - task.line))
-        kinds = ("operator", "off_by_one", "wrong_return")
-        mutants = function_mutants(source, code_mask(source), task.file, fn, kinds)
-        mutants.sort(key=lambda m: hashlib.sha256(f"{task.id}\0{m.key}".encode()).hexdigest())
-        for mutant in mutants:
+        own = [f for f in find_functions(source) if f.qualname == task.function]
+        if own:
+            own = [min(own, key=lambda f: abs(f.line - task.line))]
+        for mutant in _shuffled_mutants(task, source, own):
             wrong = mutant.apply(source)
-            if wrong not in (original, mutated):
+            if wrong not in seen:
+                seen.add(wrong)
                 yield wrong
+    others = [f for f in find_functions(mutated) if f.qualname != task.function]
+    others.sort(key=lambda f: abs(f.line - task.line))
+    for mutant in _shuffled_mutants(task, mutated, others[:3]):
+        wrong = mutant.apply(mutated)
+        if wrong not in seen:
+            seen.add(wrong)
+            yield wrong
+    if task.kind == "body_removal" and "todo!()" in mutated:
+        yield mutated.replace("todo!()", "unimplemented!()", 1)
 
 
 def _patch_outcome(task: Task, patch: str, sandbox: Sandbox, target_dir: Path | None) -> CargoReport | None:
@@ -333,7 +363,7 @@ def make_preference_pair(
     sandbox: Sandbox,
     target_dir: Path | None = None,
     reasoning_effort: str = "medium",
-    max_rejected_tries: int = 4,
+    max_rejected_tries: int = 8,
 ) -> PreferencePair:
     """An IPO pair for `task`: both patches verified in the sandbox (see the module docstring)."""
     chosen_report = _patch_outcome(task, task.reference_patch, sandbox, target_dir)
@@ -356,7 +386,8 @@ def make_preference_pair(
             break
     if rejected_patch is None:
         raise TrajectoryError(f"task {task.id}: no wrong patch that fails the tests was found")
-    wrong_kind = "body_removal" if task.kind == "body_removal" else "operator"
+    wrong_change = _patch_change(rejected_patch)
+    wrong_kind = "body_removal" if any("todo!()" in line for line in wrong_change.old) else "operator"
     chosen = [_analysis(_diagnosis(task, task.reference_patch, task.kind)),
               tool_call_message("apply_patch", {"patch": task.reference_patch})]  # fmt: skip
     rejected = [_analysis(_diagnosis(task, rejected_patch, wrong_kind)),
@@ -701,7 +732,8 @@ def build_dataset(
             if what == "pairs":
                 return make_preference_pair(task, sandbox, local.target)
             return synthesise_trajectory(task, sandbox, local.target)
-        except (TrajectoryError, TaskError):
+        except (TrajectoryError, TaskError) as e:
+            log.warning("skipping task %s: %s", task.id, e)
             return None
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -714,7 +746,6 @@ def build_dataset(
 
 __all__ = [
     "AGENT_INSTRUCTIONS",
-    "CHANNELS",
     "PreferencePair",
     "TrajectoryError",
     "agent_preamble",

@@ -126,6 +126,8 @@ class SFTTrainer:
     def run(self, resume: bool = False, stop_after: int | None = None) -> dict:
         """Train to the end of the curriculum (or `stop_after` steps in this call); returns final metrics."""
         resumed = resume and self._resume()
+        if not resumed:
+            ckpt.seed_everything(self.cfg.seed)
         logger = MetricsLogger(self.stage_dir / "logs", self.total_steps, self.step, self.progress)
         if resumed:
             logger.bar.write(f"resumed from step {self.step}")
