@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-command -v bwrap >/dev/null || need_apt+=(bubblewrap)
+command -v bwrap >/dev/null || need_apt+=(bubblewrap)      # the sandbox for untrusted Rust
+command -v prlimit >/dev/null || need_apt+=(util-linux)   # prlimit/setpriv for the sandbox's limits
+command -v chromium >/dev/null || need_apt+=(chromium)    # renders the run report in its test
 while read -r pkg; do
   [[ -z "$pkg" || "$pkg" == \#* ]] && continue
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")

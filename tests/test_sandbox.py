@@ -42,8 +42,10 @@ root_only = pytest.mark.skipif(os.geteuid() != 0, reason="uid pool is used only 
 
 
 def small_config(**overrides) -> SandboxConfig:
+    # a uid pool of this module's own: the stray-process checks must not see sandboxes that other test
+    # processes (pytest -n) or a running miner start in the default pool
     base = {"timeout_s": 20.0, "memory_mb": 1024, "nproc": 64, "fsize_mb": 16, "tmpfs_mb": 64,
-            "output_limit_bytes": 64_000}  # fmt: skip
+            "output_limit_bytes": 64_000, "uid_base": 3_900_000, "uid_count": 64}  # fmt: skip
     return SandboxConfig(**{**base, **overrides})
 
 

@@ -5,6 +5,8 @@
     rustforge train --stage lang_rust --config ... [--resume]
     rustforge pipeline --config configs/tiny.yaml         every stage in order, each resumable
     rustforge smoke --config configs/tiny.yaml            build the base and run one forward pass
+    rustforge plan --config configs/gpt-oss-20b-h100.yaml [--tier h100_80gb]   memory plan per stage
+    rustforge report --config configs/tiny.yaml           one HTML page of the run
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--stage", required=True, choices=STAGES)
     train.add_argument("--resume", action="store_true", help="continue from the stage's latest checkpoint")
     train.add_argument("--max-steps-this-run", type=int, default=None, help="stop after N steps (for testing)")
+    plan = command("plan", cmd_plan, "print the GPU-tier preset and a memory estimate per stage")
+    plan.add_argument("--tier", default=None, help="tier name (default: config's tier, auto = from the GPU found)")
+    command("report", cmd_report, "write the run's HTML report")
     pipe = command("pipeline", cmd_pipeline, "run every stage in order, resuming where it stopped")
     pipe.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
     return p
@@ -98,6 +103,24 @@ def cmd_smoke(cfg: RunConfig, args) -> int:
     return 0
 
 
+def cmd_plan(cfg: RunConfig, args) -> int:
+    from rustforge.train.tiers import detect_tier, format_plan, get_tier, plan_run
+
+    name = args.tier or cfg.tier
+    # a named tier plans for that card without needing it here (plan before you rent); auto reads the GPU found
+    tier = detect_tier() if name == "auto" else get_tier(name)
+    plan = plan_run(cfg, tier, check=False)
+    print(format_plan(plan))
+    return 0 if plan.fits else 3
+
+
+def cmd_report(cfg: RunConfig, args) -> int:
+    from rustforge.eval.report import write_report
+
+    print(f"report: {write_report(cfg.run_dir)}")
+    return 0
+
+
 def cmd_train(cfg: RunConfig, args) -> int:
     _save_run_config(cfg)
     if args.stage == "lang_rust":
@@ -113,8 +136,11 @@ def cmd_pipeline(cfg: RunConfig, args) -> int:
     from rustforge.train import lang_rust
 
     result = lang_rust.run(cfg, resume=not args.fresh, progress=not args.no_progress)
+    from rustforge.eval.report import write_report
+
     print("\nstage       metric                     before     after")
     print(_stage_line("lang_rust", result))
+    print(f"report: {write_report(cfg.run_dir)}")
     return 0
 
 

@@ -1047,6 +1047,12 @@ class _Miner:
         budget = cfg.time_budget_s
         self.deadline = None if budget is None else time.monotonic() + budget
 
+    def _baseline_timeout(self) -> float:
+        """cfg.baseline_timeout_s, cut to what is left of the run's budget (at least a minute)."""
+        if self.deadline is None:
+            return self.cfg.baseline_timeout_s
+        return min(self.cfg.baseline_timeout_s, max(60.0, self.deadline - time.monotonic()))
+
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
 
@@ -1088,8 +1094,13 @@ class _Miner:
         target, scratch = self._worker_dirs()
         base = self.out / "bases" / crate.key
         if not state.baseline:
-            state.baseline = self._baseline(crate, base, state, target)
-            if state.baseline != "ok":  # the verdict is remembered; the snapshot is not needed
+            verdict = self._baseline(crate, base, state, target)
+            if verdict == "baseline_timeout" and self.out_of_time():  # cut by the run's budget: no verdict
+                shutil.rmtree(base, ignore_errors=True)
+                self._count("crates_skipped", "time_budget")
+                return 0
+            state.baseline = verdict
+            if verdict != "ok":  # the verdict is remembered; the snapshot is not needed
                 shutil.rmtree(base, ignore_errors=True)
             self._save(crate, state)
         if state.baseline != "ok":
@@ -1135,7 +1146,7 @@ class _Miner:
             state.stripped_dev_deps = sorted(missing)
         (base / ".cargo").mkdir(exist_ok=True)
         (base / ".cargo" / "config.toml").write_text(CAP_LINTS_CONFIG)
-        sandbox = Sandbox(replace(self.sandbox.cfg, timeout_s=self.cfg.baseline_timeout_s))
+        sandbox = Sandbox(replace(self.sandbox.cfg, timeout_s=self._baseline_timeout()))
         # the non-doc tests first: a crate without any is skipped before its doc tests are compiled
         quick = self._build_dropping_broken_targets(sandbox, base, ["--tests"], state, target)
         if isinstance(quick, str):

@@ -38,32 +38,12 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from rustforge.config import ExpertMonitorConfig
+
 HISTORY_FILE = "expert_load.jsonl"  # in <stage>/logs/, next to metrics.jsonl
 
 
-@dataclass
-class ExpertMonitorConfig:
-    every_steps: int = 50  # interval length in optimizer steps; 0 turns the monitor off
-    overload_factor: float = 4.0  # alarm when an expert gets more than this multiple of its fair share
-    entropy_floor: float = 0.5  # alarm when mean router entropy < this fraction of log(num_experts)
-    patience: int = 3  # consecutive intervals a condition must hold before it alarms
-    idle_fraction_max: float = 0.25  # alarm when more than this share of a layer's experts get no token
-    stop_on_alarm: bool = False  # stop training (after a checkpoint) when an alarm fires
-    probe_drift: bool = True  # the trainer probes routing drift from the base model at each interval end
-    drift_max: float = 0.5  # alarm when the total variation of a layer's load from the base exceeds this
-
-    def __post_init__(self):
-        rules = (
-            ("every_steps", self.every_steps >= 0, ">= 0"),
-            ("overload_factor", self.overload_factor > 1.0, "> 1"),
-            ("entropy_floor", 0.0 <= self.entropy_floor < 1.0, "in [0, 1)"),
-            ("patience", self.patience >= 1, ">= 1"),
-            ("idle_fraction_max", 0.0 <= self.idle_fraction_max <= 1.0, "in [0, 1]"),
-            ("drift_max", 0.0 < self.drift_max <= 1.0, "in (0, 1]"),
-        )
-        for name, ok, rule in rules:
-            if not ok:
-                raise ValueError(f"ExpertMonitorConfig.{name} must be {rule}, got {getattr(self, name)!r}")
+# ExpertMonitorConfig lives in rustforge.config with every other default.
 
 
 # ------------------------------------------------------------------------------------------ counting

@@ -65,7 +65,8 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True, stop_after:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = prepare_base(cfg, device, progress=progress)
     stage_dir = Path(cfg.run_dir) / STAGE
-    trainer = SFTTrainer(model, cfg.lora, cfg.lang_rust, stage_data(cfg, tokenizer, stage_dir), stage_dir, device, progress)
+    data = stage_data(cfg, tokenizer, stage_dir)
+    trainer = SFTTrainer(model, cfg.lora, cfg.lang_rust, data, stage_dir, device, progress, cfg.expert_monitor)
     trainer.run(resume=resume, stop_after=stop_after)
     if trainer.step == trainer.total_steps:
         from rustforge.model.lora import save_adapter

@@ -34,7 +34,7 @@ class MetricsLogger:
                     self.tb.add_scalar(f"{split}/{key}", value, step)
         if split == "train":
             self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "lr", "tok_s") if k in metrics})
-        else:
+        elif split == "val":  # other splits (experts: ~6 numbers a layer) go to the files only
             self.bar.write(f"step {step} {split}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
     def advance(self, n: int = 1) -> None:

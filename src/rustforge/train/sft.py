@@ -16,9 +16,10 @@ from typing import Callable
 
 import torch
 
-from rustforge.config import LoraConfig, TrainConfig
+from rustforge.config import ExpertMonitorConfig, LoraConfig, TrainConfig
 from rustforge.model.gptoss import RustforgeModel
 from rustforge.train import checkpoint as ckpt
+from rustforge.train.expert_monitor import HISTORY_FILE, ExpertMonitor, probe_model_routing
 from rustforge.train.metrics import MetricsLogger
 
 Batch = dict[str, torch.Tensor]
@@ -75,6 +76,7 @@ class SFTTrainer:
         stage_dir: Path,
         device: torch.device,
         progress: bool = True,
+        monitor_cfg: ExpertMonitorConfig | None = None,
     ):
         self.model, self.lora_cfg, self.cfg, self.data = model, lora_cfg, cfg, data
         self.stage_dir, self.device, self.progress = Path(stage_dir), device, progress
@@ -90,6 +92,10 @@ class SFTTrainer:
         self.phase = -1
         self.source: BatchSource | None = None
         self.val_cache: dict[int, list[Batch]] = {}
+        self.monitor = None
+        if monitor_cfg is not None and monitor_cfg.every_steps > 0:
+            history = self.stage_dir / "logs" / HISTORY_FILE
+            self.monitor = ExpertMonitor.for_model(model.config, monitor_cfg, history)
 
     # ------------------------------------------------------------------ state
     def _save(self) -> Path:
@@ -101,6 +107,7 @@ class SFTTrainer:
             "optimizer": self.optimizer.state_dict(),
             "data": self.source.state_dict() if self.source else None,
             "rng": ckpt.rng_state(),
+            "expert_monitor": self.monitor.state_dict() if self.monitor else None,
         }
         return ckpt.save_checkpoint(
             self.ckpt_root, self.step, lambda d: save_adapter(self.model.hf, self.lora_cfg, d), state
@@ -120,6 +127,8 @@ class SFTTrainer:
             self.source = self.data.train(self.phase, self.cfg.phases[self.phase].seq_len)
             self.source.load_state_dict(state["data"])
         ckpt.set_rng_state(state["rng"])
+        if self.monitor and state.get("expert_monitor"):
+            self.monitor.load_state_dict(state["expert_monitor"])
         return True
 
     # ------------------------------------------------------------------ loop
@@ -134,6 +143,8 @@ class SFTTrainer:
         last_val = {}
         if self.step == 0:
             last_val = self.evaluate(logger)
+        if self.monitor and self.monitor.cfg.probe_drift and self.monitor.base_counts is None:
+            self.monitor.set_probe_base(self._probe_routing())  # LoRA B is still zero: the base's routing
         steps_this_call = 0
         try:
             while self.step < self.total_steps and (stop_after is None or steps_this_call < stop_after):
@@ -145,11 +156,34 @@ class SFTTrainer:
                 done = self.step == self.total_steps
                 if self.step % self.cfg.eval_every == 0 or done:
                     last_val = self.evaluate(logger)
-                if self.step % self.cfg.save_every == 0 or done:
+                stop = self._watch_experts(logger)
+                if self.step % self.cfg.save_every == 0 or done or stop:
                     self._save()
+                if stop:
+                    logger.bar.write("stopping: expert routing collapsed (expert_monitor.stop_on_alarm)")
+                    break
         finally:
             logger.close()
         return last_val
+
+    def _probe_routing(self):
+        seq_len = self.cfg.eval_seq_len or self.cfg.phases[0].seq_len
+        if seq_len not in self.val_cache:
+            self.val_cache[seq_len] = self.data.validation(seq_len)
+        with self._autocast():
+            return probe_model_routing(self.model, [self._to_device(b) for b in self.val_cache[seq_len][:1]])
+
+    def _watch_experts(self, logger: MetricsLogger) -> bool:
+        """At each monitor interval: log routing metrics and drift, raise alarms; True = stop the run."""
+        if not (self.monitor and self.monitor.due(self.step)):
+            return False
+        probe = self._probe_routing() if self.monitor.cfg.probe_drift else None
+        logger.log(self.step, self.monitor.end_interval(self.step, probe), split="experts")
+        if logger.tb is not None:
+            self.monitor.write_tensorboard(logger.tb, self.step)
+        for alarm in self.monitor.alarms():
+            logger.bar.write(f"EXPERT ALARM step {self.step}: {alarm}")
+        return self.monitor.should_stop
 
     def _enter_phase(self, phase: int) -> None:
         if phase != self.phase or self.source is None:
@@ -168,6 +202,8 @@ class SFTTrainer:
         for batch in batches:
             with self._autocast():
                 out = self.model(**batch)
+            if self.monitor:
+                self.monitor.update(self.model.router_logits, batch["doc_ids"] >= 0)
             loss = out.ce_sum / max(n_total, 1) + self.model.config.router_aux_loss_coef * out.aux_loss / len(batches)
             loss.backward()
             ce_total += float(out.ce_sum.detach())
