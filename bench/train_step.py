@@ -122,7 +122,7 @@ def step_ours(model, opt, batch, device):
     out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(out.loss)
+    return float(out.loss.detach())
 
 
 # --------------------------------------------------------------------------------------- the baseline
@@ -162,7 +162,7 @@ def step_hf(model, opt, batch, device):
     out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(out.loss)
+    return float(out.loss.detach())
 
 
 # ---------------------------------------------------------------------------------------- one case

@@ -243,3 +243,26 @@ def test_load_tokenizer(tmp_path, tiny, o200k):
     assert load_tokenizer(tmp_path / "model").vocab_size == tiny.vocab_size
     with pytest.raises(ValueError, match="nowhere: model directory not found"):
         load_tokenizer(tmp_path / "nowhere")
+
+
+def test_gpt_oss_tokenizer_json_is_checked_against_o200k(tmp_path):
+    import json
+
+    from rustforge.data.tokenizer import O200K_PROBE_TEXT, load_tokenizer, o200k_harmony_tokenizer
+
+    good = tmp_path / "good"
+    o200k_harmony_tokenizer().save(good)
+    assert load_tokenizer(good).vocab_size == 201088
+
+    data = json.loads((good / "tokenizer.json").read_text())
+    ids = [i for i in o200k_harmony_tokenizer().encode(O200K_PROBE_TEXT, allow_special=True) if i < 199998]
+    a, b = ids[0], next(i for i in ids if i != ids[0])
+    vocab = data["model"]["vocab"]
+    tok_a = next(t for t, i in vocab.items() if i == a)
+    tok_b = next(t for t, i in vocab.items() if i == b)
+    vocab[tok_a], vocab[tok_b] = b, a  # two ids swapped: a silently different tokenizer
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="tokenizer.json: differs from o200k_harmony"):
+        load_tokenizer(bad)

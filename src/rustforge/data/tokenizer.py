@@ -335,9 +335,14 @@ def load_tokenizer(model_dir: str | Path | None) -> RustforgeTokenizer:
     if not directory.is_dir():
         raise ValueError(f"{directory}: model directory not found")
     path = directory / "tokenizer.json"
-    if path.exists():
-        return RustforgeTokenizer.from_file(path)
-    return o200k_harmony_tokenizer()
+    if not path.exists():
+        return o200k_harmony_tokenizer()
+    tok = RustforgeTokenizer.from_file(path)
+    if tok.vocab_size == O200K_HARMONY_VOCAB_SIZE:  # a gpt-oss tokenizer.json: it must be o200k_harmony
+        mismatches = check_tokenizer_against_o200k(tok)
+        if mismatches:
+            raise ValueError(f"{path}: differs from o200k_harmony: " + "; ".join(mismatches[:5]))
+    return tok
 
 
 def write_tiktoken_file(path: str | Path) -> Path:

@@ -842,13 +842,21 @@ def strip_dev_dependencies(manifest_text: str, unavailable: set[str]) -> str:
     return "\n".join(out)
 
 
-def unavailable_dev_dependencies(manifest: dict, index: dict[str, list[str]]) -> set[str]:
-    """Dev-dependency keys whose crate/version the registry cannot provide."""
+def _dev_dependency_tables(manifest: dict) -> list[dict]:
     tables = [manifest.get("dev-dependencies", {})]
     tables += [t.get("dev-dependencies", {}) for t in (manifest.get("target") or {}).values() if isinstance(t, dict)]
+    return [t for t in tables if isinstance(t, dict)]
+
+
+def _dev_dependency_keys(manifest: dict) -> set[str]:
+    return {key for table in _dev_dependency_tables(manifest) for key in table}
+
+
+def unavailable_dev_dependencies(manifest: dict, index: dict[str, list[str]]) -> set[str]:
+    """Dev-dependency keys whose crate/version the registry cannot provide."""
     missing = set()
-    for table in tables:
-        for key, spec in (table or {}).items():
+    for table in _dev_dependency_tables(manifest):
+        for key, spec in table.items():
             spec = {"version": spec} if isinstance(spec, str) else spec if isinstance(spec, dict) else {}
             if "path" in spec or "git" in spec:
                 missing.add(key)
@@ -1135,20 +1143,21 @@ class _Miner:
             return f"bad_manifest: {e}"
         if "workspace" in manifest and "package" not in manifest:
             return "workspace_root"
-        missing = unavailable_dev_dependencies(manifest, self.index)
-        if missing:
-            text = strip_dev_dependencies(manifest_path.read_text(), missing)
-            try:
-                tomllib.loads(text)
-            except tomllib.TOMLDecodeError as e:
-                return f"bad_manifest: stripping dev-dependencies broke it: {e}"
-            manifest_path.write_text(text)
-            state.stripped_dev_deps = sorted(missing)
+        problem = self._strip_dev_dependencies(manifest_path, unavailable_dev_dependencies(manifest, self.index), state)
+        if problem:
+            return problem
         (base / ".cargo").mkdir(exist_ok=True)
         (base / ".cargo" / "config.toml").write_text(CAP_LINTS_CONFIG)
         sandbox = Sandbox(replace(self.sandbox.cfg, timeout_s=self._baseline_timeout()))
         # the non-doc tests first: a crate without any is skipped before its doc tests are compiled
         quick = self._build_dropping_broken_targets(sandbox, base, ["--tests"], state, target)
+        remaining = _dev_dependency_keys(tomllib.loads(manifest_path.read_text(encoding="utf-8")))
+        if isinstance(quick, str) and quick.startswith("unresolvable") and remaining:
+            # a packaged dev-dependency whose own dependencies are not (quickcheck needs env_logger)
+            problem = self._strip_dev_dependencies(manifest_path, remaining, state)
+            if problem:
+                return problem
+            quick = self._build_dropping_broken_targets(sandbox, base, ["--tests"], state, target)
         if isinstance(quick, str):
             return quick
         passing = [t.name for t in quick.tests if t.status == "ok"]
@@ -1170,6 +1179,20 @@ class _Miner:
             return "flaky_tests"
         state.passing_tests = len(passing)
         return "ok"
+
+    @staticmethod
+    def _strip_dev_dependencies(manifest_path: Path, names: set[str], state: _CrateState) -> str | None:
+        """Remove dev-dependencies `names` from the manifest; None, or why the crate is unusable."""
+        if not names:
+            return None
+        text = strip_dev_dependencies(manifest_path.read_text(encoding="utf-8"), names)
+        try:
+            tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            return f"bad_manifest: stripping dev-dependencies broke it: {e}"
+        manifest_path.write_text(text, encoding="utf-8")
+        state.stripped_dev_deps = sorted(set(state.stripped_dev_deps) | names)
+        return None
 
     @staticmethod
     def _build_dropping_broken_targets(
