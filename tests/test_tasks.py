@@ -168,7 +168,7 @@ def test_test_module_files_are_not_mutated(tmp_path):
     (tmp_path / "src" / "parse" / "mod.rs").write_text("pub fn g() -> u8 { 3 }\n")
     (tmp_path / "src" / "parse" / "parse_tests.rs").write_text("pub fn h() -> u8 { 4 }\n")
     sources = T.library_sources(tmp_path)
-    tests = {p.relative_to(tmp_path).as_posix() for p in T.test_module_files(tmp_path, sources) if p.exists()}
+    tests = {p.relative_to(tmp_path).as_posix() for p in T.find_test_module_files(tmp_path, sources) if p.exists()}
     assert tests == {"src/checks.rs", "src/parse/parse_tests.rs"}
     mutated = {m.file for m in T.crate_mutants(tmp_path, T.TaskMiningConfig())}
     assert mutated == {"src/lib.rs", "src/parse/mod.rs"}

@@ -1,6 +1,8 @@
 """The `rustforge` command line: one subcommand per pipeline step, all driven by one YAML config.
 
     rustforge data corpus --config configs/tiny.yaml      harvest Rust source into train/val shards
+    rustforge data tasks --config configs/tiny.yaml       mine tasks: mutants of real crates that fail tests
+    rustforge data trajectories|pairs --config ... --out F.jsonl   agent trajectories / IPO pairs, tools run for real
     rustforge init --config configs/tiny.yaml             build the embedded tiny base (tokenizer + model)
     rustforge train --stage lang_rust --config ... [--resume]
     rustforge pipeline --config configs/tiny.yaml         every stage in order, each resumable
@@ -52,6 +54,27 @@ def _parser() -> argparse.ArgumentParser:
     corpus.add_argument("--no-progress", action="store_true")
     corpus.set_defaults(func=cmd_corpus)
 
+    tasks = data.add_parser("tasks", help="mine Rust tasks (mutants that break a test) from real crates")
+    tasks.add_argument("--source", action="append", default=[], help="extra crate directory")
+    tasks.add_argument("--out", default=None, help="output directory (default: tasks.out_dir)")
+    for name, what in (("trajectories", "core_agent trajectories"), ("pairs", "IPO preference pairs")):
+        build = data.add_parser(name, help=f"synthesise {what} from mined tasks, tools run for real")
+        build.add_argument("--tasks", default=None, help="mined tasks directory (default: tasks.out_dir)")
+        build.add_argument("--out", required=True, help="output JSONL")
+        build.add_argument("--split", default="train", choices=["train", "val"])
+        build.add_argument("--limit", type=int, default=None)
+        build.set_defaults(func=cmd_build_dataset, what=name)
+    for sub_parser in (tasks, *(data.choices[n] for n in ("trajectories", "pairs"))):
+        sub_parser.add_argument("--config", required=True)
+        sub_parser.add_argument("--set", action="append", default=[])
+        sub_parser.add_argument("--no-progress", action="store_true")
+        sub_parser.add_argument(
+            "--unsafe-no-sandbox",
+            action="store_true",
+            help="run untrusted Rust without bubblewrap (rlimits only) when bubblewrap cannot run",
+        )
+    tasks.set_defaults(func=cmd_tasks)
+
     command("init", cmd_init, "build the base model directory (tiny preset: tokenizer + weights)")
     command("smoke", cmd_smoke, "build the base and run one forward pass")
     train = command("train", cmd_train, "run one training stage")
@@ -74,6 +97,40 @@ def cmd_corpus(cfg: RunConfig, args) -> int:
         cfg.corpus.debian = False
     summary = harvest(cfg.corpus, progress=not args.no_progress)
     print(summary.table())
+    return 0
+
+
+def _sandbox(cfg: RunConfig, args):
+    from dataclasses import replace
+
+    from rustforge.rust.sandbox import Sandbox
+
+    return Sandbox(replace(cfg.sandbox, allow_unsandboxed=cfg.sandbox.allow_unsandboxed or args.unsafe_no_sandbox))
+
+
+def cmd_tasks(cfg: RunConfig, args) -> int:
+    from rustforge.rust.tasks import mine_tasks
+
+    out = args.out or cfg.tasks.out_dir
+    dirs = [cfg.tasks.registry, *cfg.corpus.sources, *args.source]
+    summary = mine_tasks(dirs, out, cfg.tasks, _sandbox(cfg, args), progress=not args.no_progress)
+    print(summary.table())
+    return 0
+
+
+def cmd_build_dataset(cfg: RunConfig, args) -> int:
+    from rustforge.rust.trajectories import build_dataset
+
+    counts = build_dataset(
+        args.tasks or cfg.tasks.out_dir,
+        args.out,
+        args.what,
+        split=args.split,
+        sandbox=_sandbox(cfg, args),
+        limit=args.limit,
+        progress=not args.no_progress,
+    )
+    print(f"{args.what}: {counts['written']} written to {args.out}, {counts['skipped']} skipped")
     return 0
 
 

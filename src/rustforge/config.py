@@ -147,6 +147,48 @@ class RewardConfig:
             raise ValueError(f"RewardConfig.analysis_token_budget must be >= 0, got {self.analysis_token_budget}")
 
 
+MUTATION_KINDS = ("body_removal", "operator", "off_by_one", "wrong_return")
+
+
+@dataclass
+class TaskMiningConfig:
+    out_dir: str = "data_cache/tasks"
+    registry: str = "/usr/share/cargo/registry"  # where dev-dependencies are looked up (offline)
+    kinds: list[str] = field(default_factory=lambda: list(MUTATION_KINDS))
+    workers: int = 2  # crates mined at once (each runs cargo with its default -j)
+    max_crates: int | None = None  # after sorting smallest first
+    max_source_kb: int = 600  # skip crates whose library sources hold more Rust than this (slow to build)
+    max_tasks_per_crate: int = 16
+    max_candidates_per_crate: int = 48  # mutants tried per crate at most
+    max_per_function: int = 3  # tasks (and candidates) per function at most
+    max_kind_share: float = 0.5  # of a crate's max_tasks_per_crate, per mutation kind (keeps kinds mixed)
+    max_body_lines: int = 60  # longer functions are not mutated
+    max_removed_body_lines: int = 30  # body_removal only for bodies this short
+    give_up_after: int = 16  # stop a crate after this many mutants in a row made no task (weak tests)
+    crate_budget_s: float = 240.0  # wall clock for one crate's mutants (its baseline not counted)
+    time_budget_s: float | None = 1200.0  # whole run: no crate starts after it (a re-run goes on); None = no limit
+    baseline_timeout_s: float = 300.0
+    mutant_timeout_min_s: float = 30.0  # per mutant: max(this, build + factor * baseline test time)
+    mutant_timeout_factor: float = 10.0
+    val_fraction: float = 0.05  # crates held out, by the corpus' hash of the crate name
+    seed: int = 0
+
+    def __post_init__(self):
+        unknown = [k for k in self.kinds if k not in MUTATION_KINDS]
+        if unknown or not self.kinds:
+            raise ValueError(f"TaskMiningConfig.kinds: {unknown or 'empty'}; expected some of {MUTATION_KINDS}")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ValueError(f"TaskMiningConfig.time_budget_s must be > 0 or None, got {self.time_budget_s!r}")
+        for name in ("workers", "give_up_after", "max_tasks_per_crate", "max_candidates_per_crate", "max_per_function",
+                     "max_body_lines", "max_removed_body_lines", "max_source_kb"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"TaskMiningConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        if not 0.0 < self.max_kind_share <= 1.0:
+            raise ValueError(f"TaskMiningConfig.max_kind_share must be in (0, 1], got {self.max_kind_share!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"TaskMiningConfig.val_fraction must be in [0, 1), got {self.val_fraction!r}")
+
+
 # --------------------------------------------------------------------------------------------- train
 @dataclass
 class ExpertMonitorConfig:
@@ -205,6 +247,7 @@ class RunConfig:
     expert_monitor: ExpertMonitorConfig = field(default_factory=ExpertMonitorConfig)
     tier: str = "auto"  # GPU-tier preset (rustforge.train.tiers): auto = chosen from the GPU found
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    tasks: TaskMiningConfig = field(default_factory=TaskMiningConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
 
 

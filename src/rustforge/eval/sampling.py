@@ -8,9 +8,12 @@ Own code around `generate` only for what it does not do: put the model in eval m
 and back, keep the caller's RNG state untouched (sampling inside a training loop must not change what a
 resumed run draws), and cut each row at its stop token.
 
-`format_metrics` scores samples with rustforge.data.harmony.validate_completion: the Harmony compliance
-rate (no problem found), the valid tool-call rate (tool calls with a JSON-object argument to a known
-tool, ended by <|call|>) and the endless-reasoning rate (turns that never leave the analysis channel).
+`format_metrics` scores samples with rustforge.data.harmony.validate_completion plus two checks it lacks
+(STRAY_SPECIAL: a header token such as <|channel|> inside a message's content; BAD_TERMINATOR: <|call|>
+ending a message that has no recipient, <|end|> ending a tool call, <|return|> ending a non-final message):
+the Harmony compliance rate (no problem found), the valid tool-call rate (tool calls with a JSON-object
+argument to a known tool, ended by <|call|>) and the endless-reasoning rate (turns that never leave the
+analysis channel).
 """
 
 from __future__ import annotations
@@ -24,10 +27,15 @@ import torch
 
 from rustforge.data.harmony import (
     ENDLESS_REASONING,
+    ParsedMessage,
     assistant_stop_ids,
     parse_messages,
     validate_completion,
 )
+
+
+STRAY_SPECIAL = "special token in content"
+BAD_TERMINATOR = "bad terminator"
 
 
 @dataclass
@@ -143,6 +151,7 @@ def score_sample(
         sample.completion_ids, tokenizer, tool_names=tool_names, reasoning_token_budget=reasoning_token_budget
     )
     parsed = parse_messages(sample.completion_ids, tokenizer)
+    problems += structure_problems(parsed, tokenizer)
     calls = [p for p in parsed if p.message.is_tool_call]
     known = None if tool_names is None else {n if "." in n else f"functions.{n}" for n in tool_names}
     valid_calls = sum(
@@ -158,6 +167,26 @@ def score_sample(
     still_reasoning = bool(parsed) and parsed[-1].message.channel == "analysis" and not sample.stopped
     endless = not answered and (still_reasoning or any(p.startswith(ENDLESS_REASONING) for p in problems))
     return SampleScore(problems, len(calls), valid_calls, endless)
+
+
+def structure_problems(parsed: Sequence[ParsedMessage], tokenizer) -> list[str]:
+    """What validate_completion lets through: header-only special tokens inside content, and terminators
+    that do not fit the message (a <|call|> is how a tool call ends, <|return|> how a final answer ends)."""
+    header_only = {tokenizer.channel_id, tokenizer.message_id, tokenizer.constrain_id, tokenizer.startoftext_id,
+                   tokenizer.endoftext_id, tokenizer.endofprompt_id}  # fmt: skip
+    problems = []
+    for number, p in enumerate(parsed, start=1):
+        stray = sorted({tokenizer.id_to_token(i) for i in p.content_ids if i in header_only})
+        if stray:
+            problems.append(f"{STRAY_SPECIAL}: message {number} content holds {', '.join(stray)}")
+        is_call = p.message.recipient is not None
+        if p.terminator == tokenizer.call_id and not is_call:
+            problems.append(f"{BAD_TERMINATOR}: message {number} ends with <|call|> but calls no tool")
+        elif p.terminator == tokenizer.end_id and is_call:
+            problems.append(f"{BAD_TERMINATOR}: tool call {number} ends with <|end|>, not <|call|>")
+        elif p.terminator == tokenizer.return_id and p.message.channel != "final":
+            problems.append(f"{BAD_TERMINATOR}: message {number} ({p.message.channel}) ends with <|return|>")
+    return problems
 
 
 def _is_json_object(text: str) -> bool:
@@ -196,4 +225,13 @@ def format_metrics(
     }
 
 
-__all__ = ["Sample", "SampleScore", "format_metrics", "sample_completions", "score_sample"]
+__all__ = [
+    "BAD_TERMINATOR",
+    "STRAY_SPECIAL",
+    "Sample",
+    "SampleScore",
+    "format_metrics",
+    "sample_completions",
+    "score_sample",
+    "structure_problems",
+]

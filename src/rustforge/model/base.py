@@ -71,6 +71,7 @@ def pretrain_tiny(model, tokenizer, cfg: RunConfig, progress: bool = True) -> li
 
     import torch.nn.functional as F
     from tqdm import tqdm
+    from transformers.models.gpt_oss.modeling_gpt_oss import load_balancing_loss_func
 
     from rustforge.data.packing import PackedDataset
     from rustforge.model.attention import build_attention_masks
@@ -82,6 +83,9 @@ def pretrain_tiny(model, tokenizer, cfg: RunConfig, progress: bool = True) -> li
     docs = tokenize_split(cfg.corpus.out_dir, tokenizer, "train", Path(cfg.run_dir) / "token_cache")
     data = PackedDataset(docs, pcfg.seq_len, cfg.packing, seed=cfg.model.seed, pad_id=tokenizer.pad_id)
     opt = torch.optim.AdamW(model.parameters(), lr=pcfg.lr, weight_decay=0.0)
+    router_logits: dict[int, torch.Tensor] = {}
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.router.register_forward_hook(lambda _m, _in, out, i=i: router_logits.__setitem__(i, out[0]))
     model.train()
     losses = []
     bar = tqdm(range(pcfg.pretrain_steps), desc="tiny base pretraining", disable=not progress)
@@ -91,13 +95,24 @@ def pretrain_tiny(model, tokenizer, cfg: RunConfig, progress: bool = True) -> li
             group["lr"] = pcfg.lr * warm * 0.5 * (1 + math.cos(math.pi * step / pcfg.pretrain_steps))
         batch = data.next_batch(pcfg.batch_size)
         masks = build_attention_masks(batch["doc_ids"], model.config.sliding_window, "eager", torch.float32)
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=masks).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+        hidden = model.model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=masks
+        ).last_hidden_state
+        logits = model.lm_head(hidden)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+        # with the router aux loss: without it the tiny base's layer-0 router collapsed (the monitor saw it)
+        aux = load_balancing_loss_func(
+            tuple(router_logits[i] for i in sorted(router_logits)),
+            model.config.num_local_experts,
+            model.config.num_experts_per_tok,
+            (batch["doc_ids"] >= 0).float(),
+        )
+        loss = ce + model.config.router_aux_loss_coef * aux
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(float(ce.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses

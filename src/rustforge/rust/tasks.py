@@ -1,40 +1,48 @@
 """Bug-fix and write-this-function tasks mined from real crates by mutating one function at a time.
 
-Pipeline, per crate (a directory with a Cargo.toml: the Debian registry's crates, or user dirs):
+Pipeline, per crate (a directory with a Cargo.toml: the Debian registry's crates, or user dirs; one
+version per name, smallest crates first so a time-limited run yields the most tasks):
   1. prepare a base snapshot (<out_dir>/bases/<name>-<version>/): the crate copied without Cargo.lock
      (cargo resolves offline against the registry), its dev-dependencies that the registry cannot satisfy
-     removed from Cargo.toml (many crates' benches need criterion & co., which Debian doesn't package),
+     removed from Cargo.toml (many crates' benches need criterion & co., which Debian doesn't package;
+     if resolution still fails, e.g. quickcheck is packaged but its env_logger is not, all of them go),
      and a `.cargo/config.toml` capping lints at warn (`#![deny(warnings)]` crates would otherwise break
-     on newer rustc lints, and an off-by-one mutant on an unused-variable warning);
-  2. baseline: `cargo test` (doc tests included) must pass with at least one non-doc test. Test and
-     example targets that no longer compile because a dev-dependency was removed are dropped (file and
-     manifest entry) and the baseline retried; errors in library code skip the crate. Verdict cached;
-  3. locate the functions of the library sources (own lexer-aware locator: no `syn`, which would need a Rust build step
-     in the Python pipeline; comments, strings, raw strings, char literals and lifetimes are masked
-     before matching braces) outside test code, macro_rules! bodies and other functions' bodies;
+     on newer rustc lints, and a mutant on an unused-variable warning);
+  2. baseline: `cargo test --tests` must pass with at least one test, then the full `cargo test` (doc
+     tests, examples), then `--tests` once more (timed: a mutant's cost; and a flaky test shows up).
+     Test and example files that no longer compile because a dev-dependency was removed are dropped
+     (file and manifest entry) and the build retried; errors in library code skip the crate. The
+     verdict is cached in the crate's state file;
+  3. locate the functions of the library sources (own lexer-aware locator rather than `syn`, which
+     would need a Rust build step in the Python pipeline: comments, strings, raw strings and char
+     literals are masked, lifetimes kept, before braces are matched), outside test code (#[test],
+     #[cfg(test)] items and test-module files), macro_rules! bodies and other functions' bodies;
   4. mutate ONE function per candidate: `body_removal` (body -> `todo!()`), `operator` (< <=, > >=,
      == !=, && ||, + -, += -=), `off_by_one` (decimal literal n -> n+1 / n-1, `..` <-> `..=`),
-     `wrong_return` (swap a bool literal, or return a default value early);
+     `wrong_return` (swap a bool literal, or return a default value early). Candidates alternate
+     between kinds in a seeded per-crate order, at most `max_per_function` per function;
   5. run `cargo test --tests` (doc tests skipped: each doc test is a separate compile) with a wall-clock
      limit derived from the baseline. Kept: mutants that compile and make at least one test fail, with
      the failing test names recorded. Dropped, and counted: compile errors, survivors (no test fails),
-     timeouts (a mutant loop that never ends).
+     crashes, timeouts (a mutant loop that never ends). A crate stops at `max_tasks_per_crate`, after
+     `give_up_after` fruitless mutants in a row, or when its `crate_budget_s` is spent; the whole run
+     starts no crate after `time_budget_s` (a re-run continues where it stopped).
 
 Extracting single modules into fresh crates was considered and not done: a module's `use crate::...`
 paths, private items of sibling modules and macro imports make the extraction fail more often than
-not, and whole small crates already give hundreds of tasks (crates are mined smallest first).
+not, and whole small crates already give hundreds of tasks.
 
 Output (<out_dir>): tasks.jsonl, one Task per line, appended atomically (one write per line, O_APPEND)
 as tasks are found; state/<crate>.json: baseline verdict and every tried mutant's outcome (so a re-run
-skips done crates and mutants); bases/: snapshots; targets/worker<i>: cargo target dirs, one per worker
-thread (dependencies compile once per worker, and a crate's mutants rebuild incrementally);
-summary.json. A task is the base snapshot plus `mutation_patch` (unified diff base -> mutant);
-`reference_patch` is the diff that fixes it (mutant -> original). Splits are by crate name with the
-corpus' seeded hash (rustforge.data.corpus.assign_splits), so a crate held out of the corpus is held
-out here too.
+skips done crates and mutants; delete a crate's file to redo it); bases/: snapshots; targets/worker<i>:
+cargo target dirs, one per worker thread (dependencies compile once per worker, a crate's mutants
+rebuild incrementally; a cache, safe to delete); summary.json. A task is its base snapshot plus
+`mutation_patch` (unified diff base -> mutant); `reference_patch` fixes it (mutant -> original).
+Splits are by crate name with the corpus' seeded hash (rustforge.data.corpus.assign_splits): with the
+same val_fraction and seed, a crate held out of the corpus is held out here too.
 
 Parallelism: a thread pool (the work is sandboxed cargo subprocesses) of `workers` threads, each
-mining whole crates, results appended by the calling threads under a lock.
+mining whole crates; tasks are appended under a lock.
 """
 
 from __future__ import annotations
@@ -59,12 +67,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from rustforge.config import MUTATION_KINDS, TaskMiningConfig
 from rustforge.rust.sandbox import Sandbox, SandboxConfig
 from rustforge.rust.tools import CargoReport, ToolEnv, ToolError, apply_unified_diff, run_cargo, split_lines
 
 log = logging.getLogger(__name__)
 
-MUTATION_KINDS = ("body_removal", "operator", "off_by_one", "wrong_return")
 SPLITS = ("train", "val")
 TASKS_FILE = "tasks.jsonl"
 CAP_LINTS_CONFIG = '[build]\nrustflags = ["--cap-lints", "warn"]\n'
@@ -76,44 +84,7 @@ class TaskError(RuntimeError):
 
 
 # ============================================================================================ config
-@dataclass
-class TaskMiningConfig:
-    out_dir: str = "data_cache/tasks"
-    registry: str = "/usr/share/cargo/registry"  # where dev-dependencies are looked up (offline)
-    kinds: tuple[str, ...] = MUTATION_KINDS
-    workers: int = 2  # crates mined at once (each runs cargo with its default -j)
-    max_crates: int | None = None  # after sorting smallest first
-    max_source_kb: int = 600  # skip crates whose library sources hold more Rust than this (slow to build)
-    max_tasks_per_crate: int = 16
-    max_candidates_per_crate: int = 48  # mutants tried per crate at most
-    max_per_function: int = 3  # tasks (and candidates) per function at most
-    max_kind_share: float = 0.5  # of a crate's max_tasks_per_crate, per mutation kind (keeps kinds mixed)
-    max_body_lines: int = 60  # longer functions are not mutated
-    max_removed_body_lines: int = 30  # body_removal only for bodies this short
-    give_up_after: int = 16  # stop a crate after this many mutants in a row made no task (weak tests)
-    crate_budget_s: float = 240.0  # wall clock for one crate's mutants (its baseline not counted)
-    time_budget_s: float | None = 1200.0  # whole run: no crate starts after it (a re-run goes on); None = no limit
-    baseline_timeout_s: float = 300.0
-    mutant_timeout_min_s: float = 30.0  # per mutant: max(this, build + factor * baseline test time)
-    mutant_timeout_factor: float = 10.0
-    val_fraction: float = 0.05  # crates held out, by the corpus' hash of the crate name
-    seed: int = 0
-
-    def __post_init__(self):
-        unknown = [k for k in self.kinds if k not in MUTATION_KINDS]
-        if unknown or not self.kinds:
-            raise ValueError(f"TaskMiningConfig.kinds: {unknown or 'empty'}; expected some of {MUTATION_KINDS}")
-        if self.time_budget_s is not None and self.time_budget_s <= 0:
-            raise ValueError(f"TaskMiningConfig.time_budget_s must be > 0 or None, got {self.time_budget_s!r}")
-        for name in ("workers", "give_up_after", "max_tasks_per_crate", "max_candidates_per_crate", "max_per_function",
-                     "max_body_lines", "max_removed_body_lines", "max_source_kb"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ValueError(f"TaskMiningConfig.{name} must be >= 1, got {getattr(self, name)!r}")
-        if not 0.0 < self.max_kind_share <= 1.0:
-            raise ValueError(f"TaskMiningConfig.max_kind_share must be in (0, 1], got {self.max_kind_share!r}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"TaskMiningConfig.val_fraction must be in [0, 1), got {self.val_fraction!r}")
-        self.kinds = tuple(self.kinds)
+# TaskMiningConfig lives in rustforge.config with every other default.
 
 
 # ========================================================================================== lexing
@@ -602,7 +573,7 @@ def library_sources(crate_root: Path) -> list[Path]:
 _TEST_FILE = re.compile(r"(^|/)(tests?|benches)(/|\.rs$)|_tests?\.rs$")
 
 
-def test_module_files(crate_root: Path, files: Iterable[Path]) -> set[Path]:
+def find_test_module_files(crate_root: Path, files: Iterable[Path]) -> set[Path]:
     """Files that are test modules: named like one (tests.rs, foo_test.rs, a tests/ dir) or declared by
     `#[cfg(test)] mod name;` in another file."""
     out = set()
@@ -627,7 +598,7 @@ def crate_mutants(crate_root: Path, cfg: TaskMiningConfig) -> list[Mutant]:
     alternates between kinds and keeps at most cfg.max_per_function per function."""
     by_kind: dict[str, list[Mutant]] = {k: [] for k in cfg.kinds}
     sources = library_sources(crate_root)
-    test_files = test_module_files(crate_root, sources)
+    test_files = find_test_module_files(crate_root, sources)
     for path in sources:
         if path in test_files:
             continue
@@ -1409,17 +1380,22 @@ def check_report_fixed(report: CargoReport) -> bool:
 
 __all__ = [
     "MUTATION_KINDS",
+    "TASKS_FILE",
+    "CrateSource",
     "MiningSummary",
     "Mutant",
     "RustFunction",
     "Task",
     "TaskError",
     "TaskMiningConfig",
+    "check_report_fixed",
     "code_mask",
     "crate_mutants",
     "discover_task_crates",
     "find_functions",
+    "find_test_module_files",
     "function_mutants",
+    "library_sources",
     "load_tasks",
     "match_close",
     "materialise",
