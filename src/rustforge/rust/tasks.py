@@ -212,8 +212,8 @@ def _skip_ws_back(mask: str, i: int) -> int:
     return i
 
 
-def _item_end(mask: str, start: int) -> int:
-    """End (inclusive) of the item starting at `start`: its first `{...}` block at depth 0, or its `;`."""
+def _header_stop(mask: str, start: int) -> int | None:
+    """Index of the first `;` or `{` at bracket depth 0 from `start` (an item's header ends there); None if none."""
     depth = 0
     for i in range(start, len(mask)):
         c = mask[i]
@@ -221,12 +221,20 @@ def _item_end(mask: str, start: int) -> int:
             depth += 1
         elif c in ")]":
             depth -= 1
-        elif depth == 0 and c == ";":
+        elif depth == 0 and c in ";{":
             return i
-        elif depth == 0 and c == "{":
-            close = match_close(mask, i)
-            return close if close is not None else len(mask) - 1
-    return len(mask) - 1
+    return None
+
+
+def _item_end(mask: str, start: int) -> int:
+    """End (inclusive) of the item starting at `start`: its first `{...}` block at depth 0, or its `;`."""
+    stop = _header_stop(mask, start)
+    if stop is None:
+        return len(mask) - 1
+    if mask[stop] == ";":
+        return stop
+    close = match_close(mask, stop)
+    return close if close is not None else len(mask) - 1
 
 
 def _test_regions(mask: str) -> list[tuple[int, int]]:
@@ -372,18 +380,8 @@ def _container_regions(mask: str) -> list[tuple[int, int, str]]:
 
 def _body_open(mask: str, start: int) -> int | None:
     """The `{` opening the block of the item whose header starts at `start`; None if a `;` comes first."""
-    depth = 0
-    for i in range(start, len(mask)):
-        c = mask[i]
-        if c in "([":
-            depth += 1
-        elif c in ")]":
-            depth -= 1
-        elif depth == 0 and c == ";":
-            return None
-        elif depth == 0 and c == "{":
-            return i
-    return None
+    stop = _header_stop(mask, start)
+    return stop if stop is not None and mask[stop] == "{" else None
 
 
 def _inside(pos: int, regions: Iterable[tuple[int, int]]) -> bool:
