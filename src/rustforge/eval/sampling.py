@@ -33,7 +33,6 @@ from rustforge.data.harmony import (
     validate_completion,
 )
 
-
 STRAY_SPECIAL = "special token in content"
 BAD_TERMINATOR = "bad terminator"
 
@@ -116,27 +115,33 @@ def sample_completions(
     seed: int = 0,
     batch_size: int = 8,
 ) -> list[Sample]:
-    """One assistant turn per prompt (ids ending with `<|start|>assistant`, as harmony.render_prompt makes).
+    """One assistant turn per prompt (ids ending with `<|start|>assistant`, as harmony.render_prompt makes),
+    in the prompts' order.
 
-    model: a RustforgeModel or a GptOssForCausalLM. temperature 0 = greedy. Deterministic for a seed; the
-    global RNG state is the same afterwards as before."""
+    model: a RustforgeModel or a GptOssForCausalLM. temperature 0 = greedy. Deterministic for a seed (and a
+    batch_size: batching changes which random numbers a row gets); the global RNG state is the same
+    afterwards as before. Memory: eager attention's prefill holds batch_size x heads x T^2 fp32 scores
+    for the longest prompt T of a batch (gpt-oss-20b, T = 4096, batch 1: 4 GiB)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("sampling: need at least one prompt, each with at least one token")
     hf = getattr(model, "hf", model)
     device = next(hf.parameters()).device
     config = _generation_config(tokenizer, max_new_tokens, temperature, top_p)
     stops = set(assistant_stop_ids(tokenizer))
-    samples: list[Sample] = []
+    batch_size = max(1, batch_size)
+    # batches of similar lengths: less padding, and eager attention's [batch, heads, T, T] scores stay small
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    samples: list[Sample | None] = [None] * len(prompts)
     fork_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices), _generation_mode(hf):
         torch.manual_seed(seed)
-        for start in range(0, len(prompts), max(1, batch_size)):
-            chunk = prompts[start : start + max(1, batch_size)]
-            ids, mask = _left_pad(chunk, tokenizer.pad_id, device)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            ids, mask = _left_pad([prompts[i] for i in rows], tokenizer.pad_id, device)
             out = hf.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-            for prompt, row in zip(chunk, out[:, ids.shape[1] :].tolist()):
-                completion, stopped = _cut_at_stop(row, stops)
-                samples.append(Sample(list(prompt), completion, stopped))
+            for i, generated in zip(rows, out[:, ids.shape[1] :].tolist()):
+                completion, stopped = _cut_at_stop(generated, stops)
+                samples[i] = Sample(list(prompts[i]), completion, stopped)
     return samples
 
 

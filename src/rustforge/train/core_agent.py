@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,9 +34,24 @@ import numpy as np
 import torch
 
 from rustforge.config import CurriculumPhase, PackingConfig, RunConfig, TrainConfig
-from rustforge.data.harmony import CHANNELS, Conversation, DeveloperContent, Message, render_conversation, render_prompt
-from rustforge.data.packing import IGNORE_INDEX, PackedDataset, PackedSequence, PackResult, collate
+from rustforge.data.harmony import (
+    CHANNELS,
+    Conversation,
+    DeveloperContent,
+    Message,
+    render_conversation,
+    render_prompt,
+)
+from rustforge.data.packing import (
+    IGNORE_INDEX,
+    PackedDataset,
+    PackedSequence,
+    PackResult,
+    collate,
+)
 from rustforge.train.sft import BatchSource, SFTTrainer, StageData
+
+log = logging.getLogger(__name__)
 
 STAGE = "core_agent"
 PREVIOUS_STAGE = "lang_rust"
@@ -62,7 +78,10 @@ class CoreAgentConfig(TrainConfig):
     sample_max_new_tokens: int = 1024
     sample_temperature: float = 0.0  # 0 = greedy
     sample_top_p: float = 1.0
-    sample_batch_size: int = 8
+    # sampling uses eager attention: its prefill holds ~batch x heads x prompt_len^2 x 6 bytes per layer
+    # (gpt-oss-20b, 64 heads: 4 prompts of 4096 tokens ~ 26 GB, transient, while no training batch is alive)
+    sample_batch_size: int = 4
+    sample_max_prompt_tokens: int = 4096  # longer held-out prompts are not sampled
     reasoning_token_budget: int = 4096  # analysis tokens without an answer beyond this = endless reasoning
 
     def __post_init__(self):
@@ -119,13 +138,19 @@ def item_sequence(items: Sequence[PackItem], indices: Sequence[int]) -> PackedSe
     return PackedSequence(cat(ids).astype(np.int64), cat(positions), cat(doc_ids), cat(labels))
 
 
+def item_label_count(item: PackItem) -> int:
+    """Labels an item gets: trained tokens that are not the first of their document."""
+    starts = np.cumsum((0,) + item.segments[:-1])
+    return int(item.loss_mask.sum()) - int(item.loss_mask[starts].sum())
+
+
 class ItemPack(PackResult):
     """A PackResult over whole items whose sequences carry the items' documents and loss masks."""
 
     def __init__(self, items: Sequence[PackItem], packed: PackResult):
         super().__init__(packed.docs, packed.layout, packed.stats)
         self.items = items
-        self.stats.loss_tokens = sum(int(it.loss_mask.sum()) for it in items)
+        self.stats.loss_tokens = sum(item_label_count(it) for it in items)
         self.stats.docs = sum(len(it.segments) for it in items)
 
     def sequence(self, index: int) -> PackedSequence:
@@ -248,16 +273,20 @@ def turn_prompts(conv: Conversation) -> list[list[Message]]:
     ]
 
 
-def eval_prompts(convs: Sequence[Conversation], tokenizer, count: int) -> list[EvalPrompt]:
-    """Up to `count` held-out turn prompts, spread over the conversations: every first turn, then every
-    second turn, ... (deterministic)."""
+def eval_prompts(
+    convs: Sequence[Conversation], tokenizer, count: int, max_tokens: int | None = None
+) -> list[EvalPrompt]:
+    """Up to `count` held-out turn prompts of at most max_tokens, spread over the conversations: every
+    first turn, then every second turn, ... (deterministic)."""
     per_conv = [(turn_prompts(c), tool_names(c)) for c in convs]
     out: list[EvalPrompt] = []
     depth = 0
     while len(out) < count and any(depth < len(turns) for turns, _ in per_conv):
         for turns, names in per_conv:
             if depth < len(turns) and len(out) < count:
-                out.append(EvalPrompt(render_prompt(turns[depth], tokenizer), names))
+                ids = render_prompt(turns[depth], tokenizer)
+                if max_tokens is None or len(ids) <= max_tokens:
+                    out.append(EvalPrompt(ids, names))
         depth += 1
     return out
 
@@ -281,7 +310,12 @@ def split_held_out(convs: Sequence[Conversation], fraction: float) -> tuple[list
 def load_conversations(paths: Sequence[str], openai_paths: Sequence[str], tokenizer) -> list[Conversation]:
     """Trajectories (rust/trajectories.py JSONL) and OpenAI-format chats, each checked: a conversation
     whose assistant turns are not valid Harmony is an error naming its file and number."""
-    from rustforge.rust.trajectories import TrajectoryError, load_openai_jsonl, read_trajectories, validate_conversation
+    from rustforge.rust.trajectories import (
+        TrajectoryError,
+        load_openai_jsonl,
+        read_trajectories,
+        validate_conversation,
+    )
 
     convs: list[Conversation] = []
     for path in paths:
@@ -312,15 +346,23 @@ def stage_data(stage_cfg: CoreAgentConfig, tokenizer, train_convs=None, val_conv
             train_convs, val_convs = convs, load_conversations(stage_cfg.val_trajectories, [], tokenizer)
         else:
             train_convs, val_convs = split_held_out(convs, stage_cfg.val_fraction)
+    val_convs = list(val_convs or [])
     if not train_convs:
         raise ValueError("core_agent: no training conversations (check core_agent.trajectories)")
+    if not val_convs:
+        raise ValueError(
+            "core_agent: no held-out conversations for validation: set core_agent.val_trajectories, "
+            "or a core_agent.val_fraction that leaves some"
+        )
     channels = stage_cfg.train_channels
     train_items = [conversation_item(c, tokenizer, channels) for c in train_convs]
-    val_items = [conversation_item(c, tokenizer, channels) for c in val_convs or []]
+    val_items = [conversation_item(c, tokenizer, channels) for c in val_convs]
     mode, start_id, pad = stage_cfg.long_conversations, tokenizer.start_id, tokenizer.pad_id
 
     def train(phase: int, seq_len: int) -> BatchSource:
-        items, _ = fit_conversations(train_items, seq_len, mode, start_id)
+        items, counts = fit_conversations(train_items, seq_len, mode, start_id)
+        if counts["truncated"] or counts["dropped"]:
+            log.warning("core_agent phase %d (seq_len %d): %s", phase, seq_len, counts)
         dataset = ItemDataset(items, seq_len, stage_cfg.batch_size, pad, seed=stage_cfg.seed + phase)
         return ItemBatches(dataset, stage_cfg.batch_size)
 
@@ -330,8 +372,8 @@ def stage_data(stage_cfg: CoreAgentConfig, tokenizer, train_convs=None, val_conv
             return []
         return validation_batches(items, seq_len, stage_cfg.batch_size, stage_cfg.eval_batches, pad, stage_cfg.seed)
 
-    prompts = eval_prompts(val_convs or [], tokenizer, stage_cfg.sample_prompts)
-    counts = {"train_conversations": len(train_convs), "val_conversations": len(val_convs or []), "eval_prompts": len(prompts)}
+    prompts = eval_prompts(val_convs, tokenizer, stage_cfg.sample_prompts, stage_cfg.sample_max_prompt_tokens)
+    counts = {"train_conversations": len(train_convs), "val_conversations": len(val_convs), "eval_prompts": len(prompts)}
     return CoreAgentData(StageData(train=train, validation=validation), prompts, counts)
 
 
