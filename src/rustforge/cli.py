@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rustforge.config import ConfigError, RunConfig, dump_config, load_config
 
-STAGES = ("lang_rust",)
+STAGES = ("lang_rust", "core_agent", "ipo")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,11 +180,11 @@ def cmd_report(cfg: RunConfig, args) -> int:
 
 def cmd_train(cfg: RunConfig, args) -> int:
     _save_run_config(cfg)
-    if args.stage == "lang_rust":
-        from rustforge.train import lang_rust
+    import importlib
 
-        result = lang_rust.run(cfg, resume=args.resume, progress=not args.no_progress, stop_after=args.max_steps_this_run)
-        print(_stage_line("lang_rust", result))
+    stage = importlib.import_module(f"rustforge.train.{args.stage}")
+    result = stage.run(cfg, resume=args.resume, progress=not args.no_progress, stop_after=args.max_steps_this_run)
+    print(_stage_line(args.stage, result) if args.stage == "lang_rust" else f"{args.stage}: {result}")
     return 0
 
 
