@@ -49,7 +49,7 @@ from rustforge.data.packing import (
     PackResult,
     collate,
 )
-from rustforge.train.sft import BatchSource, SFTTrainer, StageData
+from rustforge.train.sft import BatchSource, DatasetBatches, SFTTrainer, StageData
 
 log = logging.getLogger(__name__)
 
@@ -192,21 +192,7 @@ def validation_batches(items: Sequence[PackItem], seq_len: int, batch_size: int,
     return [collate(seqs[i : i + batch_size], seq_len, pad_id) for i in range(0, n, batch_size)]
 
 
-class ItemBatches(BatchSource):
-    """An ItemDataset as the trainer's batch source (resumable through the dataset's cursor)."""
-
-    def __init__(self, dataset: ItemDataset, batch_size: int):
-        self.dataset, self.batch_size = dataset, batch_size
-        self.packing_efficiency = dataset.stats.efficiency
-
-    def next_batch(self):
-        return self.dataset.next_batch(self.batch_size)
-
-    def state_dict(self) -> dict:
-        return self.dataset.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.dataset.load_state_dict(state)
+ItemBatches = DatasetBatches  # an ItemDataset serves batches like a PackedDataset
 
 
 # ----------------------------------------------------------------------------------- conversations

@@ -14,26 +14,9 @@ import torch
 from rustforge.config import RunConfig
 from rustforge.data.packing import PackedDataset, collate, pack_documents
 from rustforge.data.tokens import tokenize_split
-from rustforge.train.sft import BatchSource, SFTTrainer, StageData
+from rustforge.train.sft import BatchSource, DatasetBatches, SFTTrainer, StageData
 
 STAGE = "lang_rust"
-
-
-class PackedBatches(BatchSource):
-    """Adapts a PackedDataset (deterministic, resumable order) to the trainer's batch interface."""
-
-    def __init__(self, dataset: PackedDataset, batch_size: int):
-        self.dataset, self.batch_size = dataset, batch_size
-        self.packing_efficiency = dataset.stats.efficiency
-
-    def next_batch(self):
-        return self.dataset.next_batch(self.batch_size)
-
-    def state_dict(self) -> dict:
-        return self.dataset.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.dataset.load_state_dict(state)
 
 
 def stage_data(cfg: RunConfig, tokenizer, stage_dir: Path) -> StageData:
@@ -45,7 +28,7 @@ def stage_data(cfg: RunConfig, tokenizer, stage_dir: Path) -> StageData:
 
     def train(phase: int, seq_len: int) -> BatchSource:
         ds = PackedDataset(train_docs, seq_len, cfg.packing, seed=train_cfg.seed + phase, pad_id=pad)
-        return PackedBatches(ds, train_cfg.batch_size)
+        return DatasetBatches(ds, train_cfg.batch_size)
 
     def validation(seq_len: int):
         packed = pack_documents(val_docs, seq_len, cfg.packing, seed=train_cfg.seed)

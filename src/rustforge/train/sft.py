@@ -40,6 +40,23 @@ class BatchSource:
         raise NotImplementedError
 
 
+class DatasetBatches(BatchSource):
+    """A packed dataset with next_batch(n)/state_dict()/load_state_dict()/stats as the trainer's source."""
+
+    def __init__(self, dataset, batch_size: int):
+        self.dataset, self.batch_size = dataset, batch_size
+        self.packing_efficiency = dataset.stats.efficiency
+
+    def next_batch(self) -> Batch:
+        return self.dataset.next_batch(self.batch_size)
+
+    def state_dict(self) -> dict:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
+
+
 @dataclass
 class StageData:
     """Builds the train source for curriculum phase `phase` (seq_len given) and the fixed validation batches."""
