@@ -53,7 +53,7 @@ from rustforge.train.core_agent import (
     stage_config,
     validation_batches,
 )
-from rustforge.train.sft import SFTTrainer, StageData, _memory_gb, lr_at
+from rustforge.train.sft import SFTTrainer, StageData, lr_at
 
 STAGE = "ipo"
 PREVIOUS_STAGE = "core_agent"
@@ -316,22 +316,7 @@ class IpoTrainer(SFTTrainer):
             loss.backward()
             totals.add(losses, logits, policy, reference, self.ipo.beta)
             totals.aux += float(aux.detach()) / len(batches)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - t0
-        tokens = sum(b["labels"].numel() for b in batches)
-        return {
-            **totals.metrics(),
-            "aux_loss": totals.aux,
-            "lr": lr,
-            "grad_norm": float(grad_norm),
-            "tok_s": tokens / elapsed,
-            "seq_len": self.cfg.phases[self.phase].seq_len,
-            "phase": self.phase,
-            "packing_efficiency": self.source.packing_efficiency,
-            "memory_gb": _memory_gb(self.device),
-        }
+        return self.finish_step(batches, t0, lr, {**totals.metrics(), "aux_loss": totals.aux})
 
     @torch.no_grad()
     def evaluate(self, logger=None) -> dict[str, float]:

@@ -225,14 +225,17 @@ class SFTTrainer:
             loss.backward()
             ce_total += float(out.ce_sum.detach())
             aux_total += float(out.aux_loss.detach()) / len(batches)
+        return self.finish_step(batches, t0, lr, {"loss": ce_total / max(n_total, 1), "aux_loss": aux_total})
+
+    def finish_step(self, batches: list[Batch], t0: float, lr: float, metrics: dict[str, float]) -> dict[str, float]:
+        """Clip, step the optimizer, and add the bookkeeping every stage logs to the stage's own metrics."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
         tokens = sum(b["labels"].numel() for b in batches)
         return {
-            "loss": ce_total / max(n_total, 1),
-            "aux_loss": aux_total,
+            **metrics,
             "lr": lr,
             "grad_norm": float(grad_norm),
             "tok_s": tokens / elapsed,
