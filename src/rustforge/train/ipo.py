@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +52,7 @@ from rustforge.train.core_agent import (
     stage_config,
     validation_batches,
 )
-from rustforge.train.sft import SFTTrainer, StageData, lr_at
+from rustforge.train.sft import SFTTrainer, StageData
 
 STAGE = "ipo"
 PREVIOUS_STAGE = "core_agent"
@@ -294,12 +293,7 @@ class IpoTrainer(SFTTrainer):
             self.model.train(was_training)
 
     def train_step(self) -> dict[str, float]:
-        self.model.train()
-        t0 = time.perf_counter()
-        lr = lr_at(self.step, self.total_steps, self.cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        batches = [self._to_device(self.source.next_batch()) for _ in range(self.cfg.grad_accum)]
+        t0, lr, batches = self.begin_step()
         n_pairs = sum(_pairs_in(b) for b in batches)
         totals = _Totals()
         for batch in batches:

@@ -208,12 +208,7 @@ class SFTTrainer:
             self.source = self.data.train(phase, self.cfg.phases[phase].seq_len)
 
     def train_step(self) -> dict[str, float]:
-        self.model.train()
-        t0 = time.perf_counter()
-        lr = lr_at(self.step, self.total_steps, self.cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        batches = [self._to_device(self.source.next_batch()) for _ in range(self.cfg.grad_accum)]
+        t0, lr, batches = self.begin_step()
         n_total = sum(int((b["labels"] != -100).sum()) for b in batches)
         ce_total, aux_total = 0.0, 0.0
         for batch in batches:
@@ -226,6 +221,15 @@ class SFTTrainer:
             ce_total += float(out.ce_sum.detach())
             aux_total += float(out.aux_loss.detach()) / len(batches)
         return self.finish_step(batches, t0, lr, {"loss": ce_total / max(n_total, 1), "aux_loss": aux_total})
+
+    def begin_step(self) -> tuple[float, float, list[Batch]]:
+        """Train mode, this step's learning rate set, and its grad_accum micro-batches on the device."""
+        self.model.train()
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, self.total_steps, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return t0, lr, [self._to_device(self.source.next_batch()) for _ in range(self.cfg.grad_accum)]
 
     def finish_step(self, batches: list[Batch], t0: float, lr: float, metrics: dict[str, float]) -> dict[str, float]:
         """Clip, step the optimizer, and add the bookkeeping every stage logs to the stage's own metrics."""
