@@ -171,6 +171,11 @@ def run_case(args) -> None:
     record = {"case": args.case, "fmt": args.fmt, "hf_attn": args.hf_attn, "hf_experts": args.hf_experts,
               "ckpt": not args.no_ckpt, "offload": args.offload, "shape": args.shape}
     t0 = time.perf_counter()
+    if args.torch_dequant:
+        from rustforge.model import moe
+
+        moe.TRITON_DEQUANT = False
+        record["dequant"] = "torch"
     model = build_ours(args, device) if args.case == "ours" else build_hf_peft(args, device)
     step = step_ours if args.case == "ours" else step_hf
     params = [p for p in model.parameters() if p.requires_grad]
@@ -184,6 +189,8 @@ def run_case(args) -> None:
         _emit(args.out, {**record, "event": "dtype_audit", **dtype_audit(model, preset, device)})
     _emit(args.out, {**record, "event": "built", "build_s": time.perf_counter() - t0, "weights_gib": weights_gb,
                      "trainable_params": sum(p.numel() for p in params)})
+    if args.memory_census:
+        torch.cuda.memory._record_memory_history(max_entries=200000, stacks="python")
     for seq_len in [int(s) for s in args.seqs.split(",")]:
         rec = {**record, "event": "step", "seq_len": seq_len}
         try:
@@ -208,6 +215,8 @@ def run_case(args) -> None:
                        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0)
         except torch.OutOfMemoryError as e:
             rec.update(ok=False, error="OOM", detail=str(e).splitlines()[0][:200])
+            if args.memory_census:  # inside the handler the traceback still holds every live tensor
+                rec["live_at_oom"] = memory_census()
         except Exception as e:  # a failure is a result too: record it and stop this case
             rec.update(ok=False, error=type(e).__name__, detail=traceback.format_exc()[-1500:])
         _emit(args.out, rec)
@@ -217,8 +226,126 @@ def run_case(args) -> None:
             torch.cuda.empty_cache()
         if not rec["ok"]:
             break
+    for seq_len in [int(x) for x in args.memory_phases.split(",") if x]:
+        batch = packed_batch(seq_len, preset.vocab_size, args.docs, device)
+        _emit(args.out, {**record, "event": "memory_phases", "seq_len": seq_len,
+                         **memory_phases(model, opt, batch, device)})
+    if args.peak_census_seq and args.case == "ours" and device.type == "cuda":
+        batch = packed_batch(args.peak_census_seq, preset.vocab_size, args.docs, device)
+        _emit(args.out, {**record, "event": "peak_census", "seq_len": args.peak_census_seq,
+                         "lines": peak_census(model, opt, batch, device)})
     if args.profile_seq and args.case == "ours" and device.type == "cuda":
         profile(model, opt, packed_batch(args.profile_seq, preset.vocab_size, args.docs, device), device, args)
+
+
+def memory_census(top: int = 25) -> list[str]:
+    """Live GPU allocations grouped by where they were made (innermost frames in rustforge, transformers or
+    peft), largest first: what fills the GPU when a step runs out of memory."""
+    from collections import Counter
+
+    def site(frames) -> str:
+        ours = [f for f in frames if any(k in f["filename"] for k in ("rustforge", "transformers", "peft", "bench"))]
+        picked = ours[:3] or frames[:2]
+        return " < ".join(f"{Path(f['filename']).name}:{f['line']}:{f['name']}" for f in picked) or "<no stack>"
+
+    sizes, counts = Counter(), Counter()
+    for segment in torch.cuda.memory._snapshot()["segments"]:
+        for block in segment["blocks"]:
+            if block["state"] == "active_allocated":
+                key = site(block.get("frames", []))
+                sizes[key] += block["size"]
+                counts[key] += 1
+    lines = [f"{size / 2**30:7.2f} GiB {counts[key]:5d}x  {key}" for key, size in sizes.most_common(top)]
+    lines.insert(0, f"{sum(sizes.values()) / 2**30:7.2f} GiB live in total")
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def memory_phases(model, opt, batch, device) -> dict:
+    """GiB allocated after each decoder layer's forward, after the whole forward, and the peaks of forward
+    and backward: says whether long-context memory is saved state (grows per layer) or a backward transient."""
+    gib = lambda: torch.cuda.memory_allocated() / 2**30  # noqa: E731
+    after_layer: list[float] = []
+    hooks = [layer.mlp.register_forward_hook(lambda *_: after_layer.append(round(gib(), 3)) if torch.is_grad_enabled() else None)
+             for layer in model.hf.model.layers]
+    # during backward: (module, allocated, peak so far) as each module's gradient is done, and the live
+    # blocks by size in the middle layer (shapes tell which tensors they are)
+    during_backward, blocks_mid = [], {}
+    layers = model.hf.model.layers
+    probes = {"final_norm": model.hf.model.norm, "L23.mlp": layers[-1].mlp, "L23.attn": layers[-1].self_attn,
+              "L12.experts": layers[12].mlp.experts, "L12.mlp": layers[12].mlp, "L12.attn": layers[12].self_attn}
+
+    def probe(name):
+        def hook(*_):
+            torch.cuda.synchronize()
+            during_backward.append((name, round(gib(), 2), round(torch.cuda.max_memory_allocated() / 2**30, 2)))
+            if name == "L12.experts":
+                from collections import Counter
+
+                sizes = Counter()
+                for seg in torch.cuda.memory_snapshot():
+                    for b in seg["blocks"]:
+                        if b["state"] == "active_allocated":
+                            sizes[b["size"]] += 1
+                blocks_mid.update({f"{size / 2**20:.1f}MiB": n for size, n in
+                                   sorted(sizes.items(), key=lambda kv: -kv[0] * kv[1])[:15]})
+        return hook
+
+    backward_hooks = [m.register_full_backward_hook(probe(n)) for n, m in probes.items()]  # before forward
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = gib()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = model(**batch)
+    torch.cuda.synchronize()
+    after_forward, forward_peak = gib(), torch.cuda.max_memory_allocated() / 2**30
+    for h in hooks:
+        h.remove()
+    torch.cuda.reset_peak_memory_stats()
+    out.loss.backward()
+    torch.cuda.synchronize()
+    backward_peak = torch.cuda.max_memory_allocated() / 2**30
+    for h in backward_hooks:
+        h.remove()
+    opt.zero_grad(set_to_none=True)
+    return {"start": start, "after_layer_mlp": after_layer[:30], "after_forward": after_forward,
+            "forward_peak": forward_peak, "backward_peak": backward_peak, "during_backward": during_backward,
+            "live_blocks_at_L12_experts_grad": blocks_mid}
+
+
+def peak_census(model, opt, batch, device, top: int = 20) -> list[str]:
+    """Replays the allocator trace of one training step and lists what was live at its peak, grouped by
+    allocation site (innermost rustforge/transformers/peft frames): where long-context memory goes."""
+    from collections import Counter
+
+    torch.cuda.memory._record_memory_history(max_entries=400000, stacks="python")
+    step_ours(model, opt, batch, device)
+    torch.cuda.synchronize()
+    trace = torch.cuda.memory._snapshot()["device_traces"][device.index or 0]
+    torch.cuda.memory._record_memory_history(enabled=None)
+    live, total, peak, at_peak = {}, 0, 0, {}
+    for event in trace:
+        if event["action"] == "alloc":
+            live[event["addr"]] = (event["size"], event.get("frames", []))
+            total += event["size"]
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            total -= live.pop(event["addr"])[0]
+
+    def site(frames) -> str:
+        ours = [f for f in frames if any(k in f["filename"] for k in ("rustforge", "transformers", "peft", "bench"))]
+        return " < ".join(f"{Path(f['filename']).name}:{f['line']}:{f['name']}" for f in (ours[:3] or frames[:2])) or "?"
+
+    sizes, counts = Counter(), Counter()
+    for size, frames in at_peak.values():
+        key = site(frames)
+        sizes[key] += size
+        counts[key] += 1
+    lines = [f"{peak / 2**30:.2f} GiB allocated during the step at its peak (beyond what was live before it):"]
+    lines += [f"{size / 2**30:7.2f} GiB {counts[k]:5d}x  {k}" for k, size in sizes.most_common(top)]
+    print("\n".join(lines), flush=True)
+    return lines
 
 
 def dtype_audit(model, preset, device) -> dict:
@@ -249,12 +376,16 @@ def profile(model, opt, batch, device, args) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     step_ours(model, opt, batch, device)
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step_ours(model, opt, batch, device)
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60)
-    Path(args.out).with_suffix(f".profile-{args.fmt}.txt").write_text(table)
-    print(table[:6000])
+    averages = prof.key_averages()
+    # operators (aten::..., our rustforge.* ranges) by the GPU time they launched, then the kernels themselves
+    by_op = averages.table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=90)
+    by_kernel = averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=110)
+    name = f".profile-{args.fmt}-{batch['input_ids'].shape[1]}{'-nockpt' if args.no_ckpt else ''}.txt"
+    Path(args.out).with_suffix(name).write_text(by_op + "\n\n" + by_kernel)
+    print(by_op[:5000])
 
 
 def _emit(path: str, rec: dict) -> None:
@@ -274,6 +405,15 @@ PLANS = {
         "--case ours --fmt mxfp4 --seqs 131072,196608 --warmup 1 --iters 1",
         "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 2",
     ],
+    # the headline claims first; the largest-context search is its own plan ("long")
+    "core": [
+        "--case ours --fmt mxfp4 --seqs 4096,16384,65536 --warmup 1 --iters 2",
+        "--case hf --hf-attn eager --seqs 4096,16384 --warmup 1 --iters 2",
+        "--case hf --hf-attn flex_attention --seqs 4096,16384 --warmup 1 --iters 2",
+        "--case ours --fmt bf16 --seqs 4096,16384 --warmup 1 --iters 2",
+        "--case ours --fmt mxfp4 --no-ckpt --seqs 4096,8192 --warmup 1 --iters 2",
+        "--case ours --fmt fp8 --seqs 4096 --warmup 1 --iters 2",
+    ],
     "ours": [
         "--case ours --fmt mxfp4 --seqs 4096,16384,65536 --warmup 1 --iters 2",
         "--case ours --fmt bf16 --seqs 4096 --warmup 1 --iters 2",
@@ -283,6 +423,30 @@ PLANS = {
         "--case ours --fmt mxfp4 --offload --seqs 131072,196608,262144,393216,524288 --iters 1 --warmup 1",
     ],
     "profile": ["--case ours --fmt mxfp4 --seqs 16384 --profile-seq 16384 --warmup 1 --iters 2"],
+    # where a 4K step's time goes, per format and with/without checkpointing (one profile each)
+    # one H100 run, every headline row side by side (2026-11-25 session 2)
+    "h100": [
+        "--case ours --fmt mxfp4 --seqs 4096,16384,32768 --warmup 1 --iters 2 --peak-census-seq 8192",
+        "--case hf --hf-attn eager --seqs 4096,16384 --warmup 1 --iters 2",
+        "--case hf --hf-attn flex_attention --seqs 4096,16384 --warmup 1 --iters 2",
+        "--case ours --fmt bf16 --seqs 4096,16384 --warmup 1 --iters 2",
+        "--case ours --fmt fp8 --seqs 4096,16384 --warmup 1 --iters 2",
+        "--case ours --fmt mxfp4 --no-ckpt --seqs 4096,8192 --warmup 1 --iters 2",
+        "--case ours --fmt mxfp4 --torch-dequant --seqs 4096 --warmup 1 --iters 2",
+    ],
+    "memory": ["--case ours --fmt mxfp4 --seqs 4096 --warmup 1 --iters 1 --memory-phases 16384"],
+    "session2": [
+        "--case ours --fmt mxfp4 --seqs 4096,16384 --profile-seq 4096 --warmup 1 --iters 2",
+        "--case ours --fmt bf16 --seqs 4096 --profile-seq 4096 --warmup 1 --iters 2",
+        "--case ours --fmt fp8 --seqs 4096 --warmup 1 --iters 2",
+        "--case ours --fmt mxfp4 --no-ckpt --seqs 4096,8192 --warmup 1 --iters 2",
+        "--case ours --fmt mxfp4 --seqs 65536 --warmup 0 --iters 1 --memory-census",
+    ],
+    "profile4k": [
+        "--case ours --fmt bf16 --seqs 4096 --profile-seq 4096 --warmup 1 --iters 2",
+        "--case ours --fmt mxfp4 --seqs 4096 --profile-seq 4096 --warmup 1 --iters 2",
+        "--case ours --fmt mxfp4 --no-ckpt --seqs 4096,8192 --profile-seq 4096 --warmup 1 --iters 2",
+    ],
 }
 
 
@@ -335,6 +499,10 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--loss-chunk", type=int, default=4096)
     p.add_argument("--profile-seq", type=int, default=0)
+    p.add_argument("--memory-census", action="store_true", help="on OOM, record what the live memory is")
+    p.add_argument("--memory-phases", default="", help="sequence lengths to split memory by phase")
+    p.add_argument("--peak-census-seq", type=int, default=0, help="list what is live at the peak of a step")
+    p.add_argument("--torch-dequant", action="store_true", help="dequantise experts with the torch reference")
     p.add_argument("--shape", default="gpt-oss-20b")
     p.add_argument("--device", default="cuda")
     p.add_argument("--case-timeout", type=int, default=400)

@@ -89,8 +89,10 @@ class RustforgeModel(nn.Module):
 
     def _keep_router_logits(self, layer: int):
         def hook(_module, _inputs, output):
-            # keyed by layer: a checkpoint recompute overwrites instead of appending
-            self.router_logits[layer] = output[0]
+            # first call per forward only: a checkpoint recompute in backward must not replace the logits,
+            # since the replacement's autograd graph would keep that layer's whole recomputed forward alive
+            # until the next step (measured: ~1.3 MB per token at 16K on the 20B shape, the 64K OOM)
+            self.router_logits.setdefault(layer, output[0])
 
         return hook
 

@@ -28,11 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from rustforge.model.quant import fp8_dequantize, fp8_quantize, mxfp4_dequantize, mxfp4_quantize
+from rustforge.model.triton_dequant import fp8_dequantize_triton, mxfp4_dequantize_triton, triton_dequant_available
 
 EXPERT_TARGETS = ("gate_up_proj", "down_proj")
 EXPERT_FORMATS = ("bf16", "fp8", "mxfp4")
 FP8_BLOCK = 128
 _EXPERTS_PER_CHUNK = 4  # bounds the float32 / int64 temporaries of (de)quantisation
+TRITON_DEQUANT = True  # one-pass Triton dequantisation on GPU (model/triton_dequant.py); False = torch reference
 _LORA_PREFIX = {"gate_up_proj": "lora_gate_up", "down_proj": "lora_down"}
 
 _NATIVE_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -116,6 +118,16 @@ def dense_expert_weight(fmt: str, storage: tuple[torch.Tensor, ...], dtype: torc
     """The frozen weight as [E, in, out] in dtype (for quantised formats a transposed view)."""
     if fmt == "bf16":
         return storage[0].to(dtype)
+    with torch.profiler.record_function(f"rustforge.dequantize_{fmt}"):  # a named range in bench profiles
+        return _dequantize_all(fmt, storage, dtype)
+
+
+def _dequantize_all(fmt: str, storage: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+    if TRITON_DEQUANT and triton_dequant_available(storage[0]):
+        if fmt == "mxfp4":
+            return mxfp4_dequantize_triton(*storage, dtype).transpose(1, 2)
+        if fmt == "fp8":
+            return fp8_dequantize_triton(storage[0], storage[1].view(torch.float32), dtype, FP8_BLOCK).transpose(1, 2)
     dequantize = {"fp8": _fp8_dequant, "mxfp4": mxfp4_dequantize}.get(fmt)
     if dequantize is None:
         raise ValueError(f"model.expert_format: unknown format {fmt!r}; known: {list(EXPERT_FORMATS)}")
