@@ -147,9 +147,11 @@ def test_estimate_reproduces_the_calibration_peaks_and_scales_sensibly():
     def peak(seq_len, stage="lang_rust", **kw):
         return estimate_stage_memory(GPT_OSS_20B, stage, StageSettings(1, 1, seq_len, 1, **kw), setup).total_gib
 
-    assert peak(4096) == pytest.approx(24.9, abs=0.05)
-    assert peak(16384) == pytest.approx(45.3, abs=0.05)
-    assert peak(65536) > 80  # measured: 64K ran out of memory on the H100
+    assert peak(65536) == pytest.approx(40.1, abs=0.05)  # the two calibration peaks (H100, MXFP4)
+    assert peak(98304) == pytest.approx(52.6, abs=0.05)
+    assert peak(4096) == pytest.approx(21.7, abs=2.0)  # measured, not calibrated: the loss-chunk regime
+    assert peak(16384) == pytest.approx(23.5, abs=2.0)
+    assert peak(262144) > 80  # 256K cannot fit on an 80 GB card without offload
     assert peak(8192, "ipo") == pytest.approx(peak(16384))  # a pair is two sequences
     assert peak(4096, "qat") > peak(4096)
     grpo_own = estimate_stage_memory(GPT_OSS_20B, "grpo", StageSettings(1, 1, 8192, 1, 8), setup)
@@ -185,18 +187,18 @@ def test_plan_refuses_bf16_on_a100_40gb_and_says_switch_to_mxfp4():
     assert "lower seq_len" not in message  # bf16 weights alone (39.7 GiB) exceed the card
 
 
-def test_plan_refuses_64k_on_h100_with_seq_len_advice():
-    long = {"lang_rust": StageSettings(1, 1, 65536, 10)}
-    with pytest.raises(PlanError, match=r"lang_rust: needs 1\d\d\.\d GiB.*lower seq_len to 32768 \(72.5 GiB\)"):
+def test_plan_refuses_192k_on_h100_with_seq_len_and_offload_advice():
+    long = {"lang_rust": StageSettings(1, 1, 196608, 10)}
+    with pytest.raises(PlanError, match=r"lang_rust: needs 90\.\d GiB.*lower seq_len to 131072 \(65.1 GiB\).*offload"):
         plan("h100_80gb", stages=("lang_rust",), settings=long)
     p = plan("h100_80gb", stages=("lang_rust",), settings=long, check=False)
     assert not p.fits and "lang_rust does NOT fit" in format_plan(p)
 
 
 def test_plan_suggests_offload_when_that_is_enough():
-    tier = dataclasses.replace(TIERS["h100_80gb"], memory_gib=76.0)  # 71.7 GiB usable; 32K needs 72.5
-    with pytest.raises(PlanError, match="enable model.offload_activations"):
-        plan(tier, stages=("lang_rust",), settings={"lang_rust": StageSettings(1, 1, 32768, 10)})
+    tier = dataclasses.replace(TIERS["h100_80gb"], memory_gib=68.0)  # 64.1 GiB usable; 128K needs 65.1
+    with pytest.raises(PlanError, match=r"enable model.offload_activations \(48.2 GiB\)"):
+        plan(tier, stages=("lang_rust",), settings={"lang_rust": StageSettings(1, 1, 131072, 10)})
 
 
 def test_plan_says_when_nothing_fits():
@@ -229,6 +231,6 @@ def test_plan_run_checks_the_real_configs():
     tiny = plan_run(load_config(root / "tiny.yaml"), "cpu")
     assert tiny.fits and tiny.stages[0].settings.seq_len == 1024 and tiny.setup.dtype == "float32"
     h100 = load_config(root / "gpt-oss-20b-h100.yaml")
-    with pytest.raises(PlanError, match=r"lang_rust: needs .*lower seq_len to 32768"):
-        plan_run(h100, "h100_80gb")  # its last curriculum phase (64K) ran out of memory on the H100
-    assert plan_run(h100, "h200", check=False).stages[0].memory.total_gib > 100
+    on_h100 = plan_run(h100, "h100_80gb")  # its last curriculum phase, 64K, ran in 40.1 GiB on the H100
+    assert on_h100.fits and on_h100.stages[0].settings.seq_len == 65536
+    assert on_h100.stages[0].memory.total_gib == pytest.approx(40.1, abs=0.5)

@@ -20,11 +20,11 @@ Memory model (`estimate_stage_memory`), in GiB, peak of one optimizer micro-step
 Calibration: the weights use the frozen sizes measured on an H100 for GPT-OSS-20B (bf16 39.7 GiB, FP8 22.4,
 MXFP4 13.5; bench/RESULTS.md, 2026-11-25) as bytes per expert parameter. A layer's working set is
 `WORKING_SET_FACTOR` x (hidden + attention projections + top-k x 3 x intermediate) x 2 B per token, and
-the reserve `RESERVE_GIB`, both solved from the two peaks measured the same day with MXFP4 experts, LoRA
-r=16, checkpointing, flex attention, a 4096-token loss chunk and batch 1: 4096 tokens -> 24.9 GiB,
-16384 tokens -> 45.3 GiB (`max_memory_allocated`). That run still had the float32 expert path (see the
-RESULTS note), so the estimate is an upper bound for the bf16 path; a loss chunk of 4096 x 201088 in
-fp32 (4.6 GiB) stays under the layer working set at 4K, consistent with both points. The usable budget is
+the reserve `RESERVE_GIB`, both solved from two peaks measured on an H100 with MXFP4 experts (Triton
+dequantiser, router-logits fix), LoRA r=16, checkpointing, flex attention, a 4096-token loss chunk and
+batch 1: 65536 tokens -> 40.1 GiB, 98304 tokens -> 52.6 GiB (`max_memory_allocated`, bench/RESULTS.md,
+session 2, run B). Shorter runs peak in the loss chunk instead (measured 21.7 GiB at 4096 and 23.5 GiB at
+16384 tokens), which the estimate takes as the max of the two. The usable budget is
 95% of the card's memory less 0.5 GiB of CUDA context (`max_memory_allocated` does not count it).
 
 Own code: the numbers are specific to this pipeline's kernels; no library estimates them.
@@ -46,7 +46,7 @@ GIB = 2**30
 
 # --------------------------------------------------------------------------------------- calibration
 MEASURED_20B_WEIGHTS_GIB = {"bf16": 39.7, "fp8": 22.4, "mxfp4": 13.5}  # H100, bench/RESULTS.md
-CALIBRATION_PEAKS_GIB = {4096: 24.9, 16384: 45.3}  # MXFP4, r=16, checkpointing, flex, chunk 4096, batch 1
+CALIBRATION_PEAKS_GIB = {65536: 40.1, 98304: 52.6}  # MXFP4, r=16, checkpointing, flex, chunk 4096, batch 1
 CALIBRATION_LORA_R = 16
 VLLM_OVERHEAD_GIB = 2.0  # vLLM's CUDA graphs, sampler and activation workspace (not measured here)
 USABLE_FRACTION, CUDA_CONTEXT_GIB = 0.95, 0.5
