@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from rustforge.config import CurriculumPhase, RunConfig, from_dict
+from rustforge.config import CoreAgentConfig, CurriculumPhase, RunConfig, from_dict
 from rustforge.data import harmony as H
 from rustforge.data.packing import IGNORE_INDEX
 from rustforge.eval.sampling import Sample, format_metrics, sample_completions
 from rustforge.train import core_agent as CA
 from rustforge.train.metrics import read_metrics
+from rustforge.train.sft import initial_adapter
 
 TOOLS = [{"name": "cargo_test", "description": "Run cargo test.", "parameters": {"type": "object", "properties": {}}}]
 NAMES = ["add", "sub", "scale", "clamp_to", "count_below", "max_of", "min_of", "sum_all", "area", "mix", "shift", "half"]
@@ -170,8 +171,8 @@ def test_format_metrics_on_known_completions(tokenizer):
     bad_json = _completion(tokenizer, [H.tool_call_message("cargo_test", "{not json")])
     unknown_tool = _completion(tokenizer, [H.tool_call_message("rm_rf", {})])
     endless = _completion(tokenizer, [H.Message("assistant", "Hmm " * 40, channel="analysis")], cut=30)
-    # what harmony.validate_completion lets through: a header token inside content, <|call|> ending a
-    # message that calls nothing
+    # the parser reads these leniently, validate_completion flags them: a header token inside content,
+    # <|call|> ending a message that calls nothing
     ids = good_final.completion_ids
     in_final = len(ids) - 1 - ids[::-1].index(tokenizer.message_id) + 2
     stray = Sample([1], ids[:in_final] + [tokenizer.channel_id] + ids[in_final:], True)
@@ -211,7 +212,7 @@ def test_batched_greedy_sampling_matches_one_at_a_time_and_keeps_rng(tiny_base, 
 def test_core_agent_raises_harmony_compliance_on_held_out_prompts(tiny_base):
     cfg = _fresh_run(tiny_base, "agent")
     train_path, val_path = _write_data(Path(cfg.run_dir), train=200, val=12)
-    stage = CA.CoreAgentConfig(
+    stage = CoreAgentConfig(
         trajectories=[train_path], val_trajectories=[val_path], init_from="none",
         lr=5e-3, warmup_steps=3, batch_size=2, phases=[CurriculumPhase(420, 80)], eval_every=80, eval_batches=2,
         save_every=80, sample_prompts=24, sample_max_new_tokens=64, sample_batch_size=12,
@@ -233,7 +234,7 @@ def test_resume_continues_exactly(tiny_base):
     for name, calls in (("straight", [None]), ("resumed", [2, None])):
         cfg = _fresh_run(tiny_base, f"agent-{name}")
         train_path, val_path = _write_data(Path(cfg.run_dir), train=12, val=2)
-        stage = CA.CoreAgentConfig(
+        stage = CoreAgentConfig(
             trajectories=[train_path], val_trajectories=[val_path], init_from="none", lr=5e-3, warmup_steps=1,
             batch_size=1, phases=[CurriculumPhase(256, 2), CurriculumPhase(300, 2)], eval_every=100,
             eval_batches=1, save_every=2, sample_prompts=0,
@@ -260,18 +261,18 @@ def test_validation_batches_hold_only_whole_conversations(tokenizer):
 def test_config_errors_name_the_field_and_a_missing_previous_adapter_is_explained(tmp_path):
     from rustforge.config import ConfigError
 
-    cfg = from_dict(CA.CoreAgentConfig, {"phases": [{"seq_len": 512, "steps": 3}], "train_channels": ["final"]})
+    cfg = from_dict(CoreAgentConfig, {"phases": [{"seq_len": 512, "steps": 3}], "train_channels": ["final"]})
     assert cfg.phases == [CurriculumPhase(512, 3)] and cfg.train_channels == ["final"]
     with pytest.raises(ConfigError, match="run.yaml: core_agent: .*long_conversations"):
-        from_dict(CA.CoreAgentConfig, {"long_conversations": "split"}, source="run.yaml", prefix="core_agent")
+        from_dict(CoreAgentConfig, {"long_conversations": "split"}, source="run.yaml", prefix="core_agent")
     with pytest.raises(ConfigError, match="train_channels"):
-        from_dict(CA.CoreAgentConfig, {"train_channels": ["thinking"]}, source="run.yaml", prefix="core_agent")
+        from_dict(CoreAgentConfig, {"train_channels": ["thinking"]}, source="run.yaml", prefix="core_agent")
     with pytest.raises(FileNotFoundError, match="core_agent.init_from: .*run the lang_rust stage first"):
-        CA.initial_adapter(tmp_path, "previous", "lang_rust", "core_agent.init_from")
-    assert CA.initial_adapter(tmp_path, "none", "lang_rust", "core_agent.init_from") is None
+        initial_adapter(tmp_path, "previous", "lang_rust", "core_agent.init_from")
+    assert initial_adapter(tmp_path, "none", "lang_rust", "core_agent.init_from") is None
     (tmp_path / "lang_rust" / "adapter").mkdir(parents=True)
     (tmp_path / "lang_rust" / "adapter" / "adapter_config.json").write_text("{}")
-    assert CA.initial_adapter(tmp_path, "previous", "lang_rust", "x") == tmp_path / "lang_rust" / "adapter"
+    assert initial_adapter(tmp_path, "previous", "lang_rust", "x") == tmp_path / "lang_rust" / "adapter"
 
 
 def test_bad_trajectory_file_is_an_error_naming_it(tmp_path, tokenizer):
@@ -283,3 +284,32 @@ def test_bad_trajectory_file_is_an_error_naming_it(tmp_path, tokenizer):
     write_trajectories(path, [conv, broken])
     with pytest.raises(TrajectoryError, match="trajectories.jsonl: conversation 2: .*final"):
         CA.load_conversations([str(path)], [], tokenizer)
+
+
+def test_expert_drift_baseline_is_the_base_model_without_the_adapter(tiny_base, tokenizer):
+    """A stage that starts from an earlier adapter must measure routing drift from the base model: the
+    trainer's probe base equals the LoRA-free model's routing, not the adapted one's."""
+    from rustforge.config import ExpertMonitorConfig, TrainConfig
+    from rustforge.model.base import prepare_base
+    from rustforge.train.expert_monitor import probe_model_routing
+    from rustforge.train.sft import SFTTrainer
+
+    cfg = _fresh_run(tiny_base, "agent-drift")
+    model, _ = prepare_base(cfg, torch.device("cpu"), progress=False)
+    with torch.no_grad():  # a strong adapter, as a previous stage leaves one
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+    convs = [agent_conversation(random.Random(s)) for s in range(4)]
+    data = CA.stage_data(CoreAgentConfig(sample_prompts=0, batch_size=1, eval_batches=1), tokenizer, convs[:2], convs[2:])
+    train_cfg = TrainConfig(phases=[CurriculumPhase(512, 1)], batch_size=1, eval_batches=1)
+    monitor_cfg = ExpertMonitorConfig(every_steps=1)
+    trainer = SFTTrainer(model, cfg.lora, train_cfg, data.stage, Path(cfg.run_dir) / "drift", torch.device("cpu"),
+                         progress=False, monitor_cfg=monitor_cfg)  # fmt: skip
+    trainer.run(stop_after=0)  # step-0 evaluation and the probe base, no step
+    probe = [trainer.val_cache[512][0]]
+    base, _ = prepare_base(cfg, torch.device("cpu"), progress=False, with_lora=False)
+    base_counts = probe_model_routing(base.eval(), probe).numpy()
+    adapted_counts = probe_model_routing(model.eval(), probe).numpy()
+    assert not np.array_equal(adapted_counts, base_counts)  # the adapter changes the routing
+    np.testing.assert_array_equal(trainer.monitor.base_counts, base_counts)

@@ -592,6 +592,42 @@ def test_validator_flags_other_roles(o200k):
     assert H.UNEXPECTED_ROLE in _kinds(H.validate_completion(text, o200k))
 
 
+def test_validator_flags_header_tokens_inside_content(o200k):
+    for text in (
+        "<|channel|>final<|message|>Done<|channel|>analysis.<|return|>",
+        "<|channel|>final<|message|>Done<|message|>again<|return|>",
+        "<|channel|>final<|message|>Done<|endoftext|><|return|>",
+    ):
+        problems = H.validate_completion(text, o200k)
+        assert _kinds(problems) == {H.STRAY_SPECIAL}, (text, problems)
+    # special-token TEXT in content is rendered as plain text, so a good rendering passes
+    rendered = H.render_conversation(
+        [H.Message("assistant", "Write <|channel|> literally.", channel="final")], o200k, for_training=True
+    )
+    assert H.validate_completion(rendered.ids, o200k, implied_role=None) == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<|channel|>final<|message|>Done.<|call|>",  # <|call|> but no recipient
+        "<|channel|>commentary to=functions.cargo_check <|constrain|>json<|message|>{}<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>Done.<|return|>",  # a tool call ended by <|end|>
+        "<|channel|>analysis<|message|>Hmm.<|return|>",  # <|return|> ends only a final answer
+    ],
+)
+def test_validator_flags_terminators_that_do_not_fit_the_message(text, o200k):
+    assert H.BAD_TERMINATOR in _kinds(H.validate_completion(text, o200k))
+
+
+def test_validator_passes_every_rendered_agent_turn(o200k):
+    """What the renderer writes for an assistant turn (analysis <|end|>, tool call <|call|>, final
+    <|return|>) is valid under the terminator and content checks."""
+    for turn in (AGENT_TURN[3:5], AGENT_TURN[6:]):
+        ids = H.render_conversation(list(turn), o200k, for_training=True).ids
+        assert H.validate_completion(ids, o200k, tool_names=["cargo_check"], implied_role=None) == []
+
+
 # ------------------------------------------------------------------------------------- data model
 def test_message_rejects_bad_roles_and_content():
     with pytest.raises(ValueError, match="role"):

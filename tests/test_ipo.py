@@ -18,8 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rustforge.config import CurriculumPhase, RunConfig, from_dict
+from rustforge.config import CurriculumPhase, IpoConfig, RunConfig, from_dict
 from rustforge.data import harmony as H
+from rustforge.model.lora import lora_disabled
 from rustforge.rust.trajectories import PreferencePair
 from rustforge.train import ipo as IPO
 from rustforge.train.core_agent import item_sequence
@@ -122,12 +123,12 @@ def test_loss_matches_trl_on_fixed_numbers(loss_type):
 
 def test_ipo_averages_token_logprobs_like_trl_and_sigmoid_sums():
     base = {"phases": [CurriculumPhase(1024, 1)], "max_length": 512, "max_prompt_length": 256}
-    assert IPO.IpoConfig(**base).averages and not IPO.IpoConfig(loss_type="sigmoid", **base).averages
-    assert not IPO.IpoConfig(average_logprobs=False, **base).averages
+    assert IpoConfig(**base).averages and not IpoConfig(loss_type="sigmoid", **base).averages
+    assert not IpoConfig(average_logprobs=False, **base).averages
     with pytest.raises(ValueError, match="2 \\* max_length"):
-        IPO.IpoConfig(phases=[CurriculumPhase(1000, 1)], max_length=512, max_prompt_length=256)
+        IpoConfig(phases=[CurriculumPhase(1000, 1)], max_length=512, max_prompt_length=256)
     with pytest.raises(ValueError, match="loss_type"):
-        IPO.IpoConfig(loss_type="kto", **base)
+        IpoConfig(loss_type="kto", **base)
 
 
 # ------------------------------------------------------------------------------------------ log-probs
@@ -148,7 +149,7 @@ def _separate_logprobs(model, item) -> list[tuple[float, int]]:
 
 
 def test_packed_pair_logprobs_equal_separate_forwards(model, tokenizer):
-    cfg = IPO.IpoConfig(**SMALL)
+    cfg = IpoConfig(**SMALL)
     items = [IPO.pair_item(p, tokenizer, cfg) for p in _pairs(1, 2)]
     seq = item_sequence(items, [0, 1])  # two pairs, four documents, one row
     batch = {k: torch.as_tensor(getattr(seq, k))[None] for k in ("input_ids", "position_ids", "doc_ids", "labels")}
@@ -192,7 +193,7 @@ def test_lora_disabled_is_the_base_model_and_restores(tiny_base, model):
             return m.hf(input_ids=ids).logits
 
     with_lora = logits(model)
-    with IPO.lora_disabled(model):
+    with lora_disabled(model):
         without = logits(model)
     assert (with_lora - without).abs().max() > 1e-3  # the adapter matters
     torch.testing.assert_close(without, logits(base.eval()), atol=1e-5, rtol=1e-5)
@@ -214,7 +215,7 @@ def test_adapter_snapshot_swaps_in_the_start_adapter():
 # ------------------------------------------------------------------------------------------ pair items
 def test_pair_item_masks_only_the_completion_and_applies_trl_limits(tokenizer):
     pair = _pairs(2, 1)[0]
-    item = IPO.pair_item(pair, tokenizer, IPO.IpoConfig(**SMALL))
+    item = IPO.pair_item(pair, tokenizer, IpoConfig(**SMALL))
     prompt = H.render_conversation(pair.prompt, tokenizer, for_training=False).ids
     chosen_len, rejected_len = item.segments
     for start, length in ((0, chosen_len), (chosen_len, rejected_len)):
@@ -224,10 +225,10 @@ def test_pair_item_masks_only_the_completion_and_applies_trl_limits(tokenizer):
         assert ids[-1] == tokenizer.call_id
     # a completion past max_length is cut at its end; a prompt past max_prompt_length drops the pair
     short = dict(SMALL, max_length=len(prompt) + 10, max_prompt_length=len(prompt))
-    cut = IPO.pair_item(pair, tokenizer, IPO.IpoConfig(**short))
+    cut = IPO.pair_item(pair, tokenizer, IpoConfig(**short))
     assert cut.segments == (len(prompt) + 10, len(prompt) + 10)
     assert cut.ids[: len(prompt) + 10].tolist() == item.ids[: len(prompt) + 10].tolist()
-    assert IPO.pair_item(pair, tokenizer, IPO.IpoConfig(**dict(SMALL, max_prompt_length=len(prompt) - 1))) is None
+    assert IPO.pair_item(pair, tokenizer, IpoConfig(**dict(SMALL, max_prompt_length=len(prompt) - 1))) is None
 
 
 def test_split_pairs_keeps_a_task_on_one_side():
@@ -260,7 +261,7 @@ def _fresh_run(tiny_base, name: str, adapter_scale: float) -> RunConfig:
 @pytest.mark.slow
 def test_ipo_raises_held_out_preference_accuracy(tiny_base):
     cfg = _fresh_run(tiny_base, "ipo", adapter_scale=0.01)
-    stage = IPO.IpoConfig(
+    stage = IpoConfig(
         lr=5e-3, warmup_steps=3, batch_size=1, beta=0.5, phases=[CurriculumPhase(640, 24)], max_length=320,
         max_prompt_length=240, eval_every=24, eval_batches=16, save_every=24,
     )  # fmt: skip
@@ -281,7 +282,7 @@ def test_ipo_resume_continues_exactly_and_reference_start_has_zero_margin(tiny_b
     runs = {}
     for name, calls in (("straight", [None]), ("resumed", [2, None])):
         cfg = _fresh_run(tiny_base, f"ipo-{name}", adapter_scale=0.01)
-        stage = IPO.IpoConfig(
+        stage = IpoConfig(
             lr=5e-3, warmup_steps=1, batch_size=1, beta=0.5, phases=[CurriculumPhase(640, 4)], max_length=320,
             max_prompt_length=240, eval_every=100, eval_batches=1, save_every=2, reference="start",
         )  # fmt: skip

@@ -58,9 +58,10 @@ def test_mxfp4_rounds_ties_to_even_and_saturates():
     assert _nibbles(blocks)[9] == 8  # -0.1 keeps its sign bit: -0.0
 
 
-def test_e2m1_rounding_matches_brute_force_nearest_even():
+@pytest.mark.parametrize("ties", ["even", "away"])
+def test_e2m1_rounding_matches_brute_force_nearest(ties):
     # Dense grid plus every midpoint and its float32 neighbours, against argmin distance with ties
-    # broken towards the even code (the E2M1 magnitudes are codes 0..7 in order).
+    # broken towards the even code, or the larger magnitude (the E2M1 magnitudes are codes 0..7 in order).
     magnitudes = torch.tensor(quant.E2M1_VALUES[:8])
     midpoints = (magnitudes[1:] + magnitudes[:-1]) / 2
     neighbours = torch.cat(
@@ -70,10 +71,48 @@ def test_e2m1_rounding_matches_brute_force_nearest_even():
     x = torch.cat([x, -x])
     distance = (x.abs().unsqueeze(-1) - magnitudes).abs()
     nearest = distance.min(-1, keepdim=True).values
-    candidates = (distance == nearest) & (torch.arange(8) % 2 == 0)  # an even code if it is nearest
-    expected = torch.where(candidates.any(-1), candidates.int().argmax(-1), distance.argmin(-1))
+    if ties == "even":
+        candidates = (distance == nearest) & (torch.arange(8) % 2 == 0)  # an even code if it is nearest
+        expected = torch.where(candidates.any(-1), candidates.int().argmax(-1), distance.argmin(-1))
+    else:
+        expected = 7 - (distance == nearest).flip(-1).int().argmax(-1)  # the largest nearest code
     expected = torch.where(x.abs() > 6, 7, expected) | (torch.signbit(x).long() << 3)
-    assert torch.equal(quant._e2m1_encode(x).long(), expected)
+    assert torch.equal(quant._e2m1_encode(x, ties).long(), expected)
+
+
+def test_mxfp4_gpt_oss_rule_on_triton_kernels_published_cases():
+    # triton_kernels' test_mxfp4_rounding_cases: amax 6 -> scale 1; 0.25 rounds AWAY to 0.5 (OCP: to 0).
+    x = _block(6.0, 0.0, 0.24, 0.25, 0.75, 0.99, 1.2, 1.3)
+    blocks, scales = mxfp4_quantize(x, scale_rounding="gpt-oss")
+    assert scales.tolist() == [127]
+    assert mxfp4_dequantize(blocks, scales, torch.float32)[:8].tolist() == [6, 0, 0, 0.5, 1.0, 1.0, 1.0, 1.5]
+    blocks, _ = mxfp4_quantize(x, scale_rounding="floor")
+    assert mxfp4_dequantize(blocks, scales, torch.float32)[3].item() == 0.0
+
+
+def test_mxfp4_gpt_oss_rule_hand_computed_scaled_block():
+    # amax 7.5: ceil(log2(7.5 / 6)) = 1 -> biased 128, scale 2. Scaled: 3.75 -> 4 (code 6), 2.5 -> 3 (tie,
+    # away; code 5), 0.25 -> 0.5 (tie, away; code 1), -1.25 -> -1.5 (tie, away; code 8|3), 1.75 -> 2 (code 4).
+    x = _block(7.5, 5.0, 0.5, -2.5, 3.5)
+    blocks, scales = mxfp4_quantize(x, scale_rounding="gpt-oss")
+    assert scales.tolist() == [128]
+    assert _nibbles(blocks)[:5] == [6, 5, 1, 11, 4]
+    assert blocks[0, :3].tolist() == [6 | (5 << 4), 1 | (11 << 4), 4]
+    assert mxfp4_dequantize(blocks, scales, torch.float32)[:5].tolist() == [8.0, 6.0, 1.0, -3.0, 4.0]
+    # the same block with ties to even: 2.5 -> 2, 0.25 -> 0, -1.25 -> -1
+    blocks, scales = mxfp4_quantize(x, scale_rounding="ceil")
+    assert _nibbles(blocks)[:5] == [6, 4, 0, 10, 4]
+
+
+def test_mxfp4_fake_quant_matches_quantize_for_every_rule():
+    torch.manual_seed(9)
+    w = (torch.randn(4, 96) * 3).to(torch.bfloat16).float()  # bf16 inputs: exact ties occur
+    for rule in quant.MXFP4_RULES:
+        expected = mxfp4_dequantize(*mxfp4_quantize(w, scale_rounding=rule), dtype=torch.float32)
+        assert torch.equal(quant.mxfp4_fake_quantize_values(w, scale_rounding=rule), expected), rule
+    away = quant.mxfp4_fake_quantize_values(w, scale_rounding="gpt-oss")
+    even = quant.mxfp4_fake_quantize_values(w, scale_rounding="ceil")
+    assert not torch.equal(away, even)  # bf16 weights hit exact midpoints, so the tie rule matters
 
 
 def test_mxfp4_ceil_scale_rounding_never_clips():
@@ -146,7 +185,7 @@ def test_mxfp4_rejects_bad_input():
         mxfp4_quantize(torch.zeros(3, 48))
     with pytest.raises(ValueError, match="NaN"):
         mxfp4_quantize(torch.full((32,), float("nan")))
-    with pytest.raises(ValueError, match="scale_rounding"):
+    with pytest.raises(ValueError, match="scale_rounding must be one of"):
         mxfp4_quantize(torch.zeros(32), scale_rounding="nearest")
     with pytest.raises(ValueError, match="must be scales"):
         mxfp4_dequantize(torch.zeros(2, 16, dtype=torch.uint8), torch.zeros(3, dtype=torch.uint8))
@@ -252,6 +291,23 @@ def test_nvfp4_fake_quant_straight_through_gradient():
     upstream = torch.randn_like(out)
     (grad,) = torch.autograd.grad(out, w, upstream)
     assert torch.equal(grad, upstream)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "fp8"])
+def test_fake_quant_blocks_along_the_given_dim(fmt):
+    torch.manual_seed(10)
+    w = torch.randn(64, 3, requires_grad=True)  # [in, out]: blocks run along dim 0
+    out = quant.fake_quant(w, fmt, dim=0, mxfp4_rule="gpt-oss", fp8_block=32)
+    along_last = {
+        "mxfp4": lambda t: quant.mxfp4_fake_quantize_values(t, scale_rounding="gpt-oss"),
+        "nvfp4": lambda t: nvfp4_fake_quant(t).detach(),
+        "fp8": lambda t: fp8_fake_quant(t, block=32).detach(),
+    }[fmt]
+    assert torch.equal(out.detach(), along_last(w.detach().t()).t())
+    upstream = torch.randn_like(out)
+    assert torch.equal(torch.autograd.grad(out, w, upstream)[0], upstream)
+    with pytest.raises(ValueError, match="unknown format"):
+        quant.fake_quant(w, "int4")
 
 
 def test_bits_per_weight():

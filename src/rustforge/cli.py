@@ -4,11 +4,15 @@
     rustforge data tasks --config configs/tiny.yaml       mine tasks: mutants of real crates that fail tests
     rustforge data trajectories|pairs --config ... --out F.jsonl   agent trajectories / IPO pairs, tools run for real
     rustforge init --config configs/tiny.yaml             build the embedded tiny base (tokenizer + model)
-    rustforge train --stage lang_rust --config ... [--resume]
-    rustforge pipeline --config configs/tiny.yaml         every stage in order, each resumable
+    rustforge train --stage lang_rust|core_agent|ipo --config ... [--resume]
+    rustforge pipeline --config configs/tiny.yaml         lang_rust -> core_agent -> ipo (mining a task set for the
+                                                          agent stages), each resumable, then the efficacy table
     rustforge smoke --config configs/tiny.yaml            build the base and run one forward pass
     rustforge plan --config configs/gpt-oss-20b-h100.yaml [--tier h100_80gb]   memory plan per stage
     rustforge report --config configs/tiny.yaml           one HTML page of the run
+    rustforge export --config ... --format mxfp4|bf16|nvfp4|adapter [--out DIR]   Hugging Face directory
+    rustforge eval --config ... --model RUN_OR_EXPORT --suite crate_tasks|humaneval_rust [--k K] [--limit N]
+                   [--mode single|agentic] [--data PATH] [--out F.json]   pass@k etc., as JSON and a table
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 
 from rustforge.config import ConfigError, RunConfig, dump_config, load_config
 
-STAGES = ("lang_rust", "core_agent", "ipo")
+STAGES = ("lang_rust", "core_agent", "ipo", "grpo", "qat")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +88,18 @@ def _parser() -> argparse.ArgumentParser:
     plan = command("plan", cmd_plan, "print the GPU-tier preset and a memory estimate per stage")
     plan.add_argument("--tier", default=None, help="tier name (default: config's tier, auto = from the GPU found)")
     command("report", cmd_report, "write the run's HTML report")
+    export = command("export", cmd_export, "write the trained model as a Hugging Face directory, or its adapter")
+    export.add_argument("--format", required=True, choices=("mxfp4", "bf16", "nvfp4", "adapter"))
+    export.add_argument("--out", default=None, help="output directory (default: export.out_dir or <run_dir>/export/FORMAT)")
+    evaluate = command("eval", cmd_eval, "sample k answers per problem of a suite, test them in the sandbox: pass@k")
+    evaluate.add_argument("--model", required=True, help="a run dir (base + latest stage adapter), a stage adapter or an exported model dir")
+    evaluate.add_argument("--suite", default=None, help="crate_tasks | humaneval_rust (default: eval.suite)")
+    evaluate.add_argument("--data", default=None, help="tasks dir (crate_tasks) or JSONL file (humaneval_rust)")
+    evaluate.add_argument("--k", type=int, default=None, help="samples per problem (default: eval.k)")
+    evaluate.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    evaluate.add_argument("--mode", default=None, choices=("single", "agentic"), help="default: eval.mode")
+    evaluate.add_argument("--out", default=None, help="JSON report (default: eval.out or <run_dir>/eval/SUITE-MODE.json)")
+    evaluate.add_argument("--unsafe-no-sandbox", action="store_true", help="run the model's Rust without bubblewrap (rlimits only)")
     pipe = command("pipeline", cmd_pipeline, "run every stage in order, resuming where it stopped")
     pipe.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
     return p
@@ -178,34 +194,80 @@ def cmd_report(cfg: RunConfig, args) -> int:
     return 0
 
 
+def cmd_export(cfg: RunConfig, args) -> int:
+    from rustforge.export.hf import ExportRefused, export_run
+
+    try:
+        out = export_run(cfg, args.format, args.out)
+    except ExportRefused as e:
+        print(e, file=sys.stderr)
+        return 4
+    print(f"{args.format} export written to {out}")
+    return 0
+
+
+def cmd_eval(cfg: RunConfig, args) -> int:
+    """`rustforge eval`: rustforge.eval.harness.evaluate with the command line over cfg.eval."""
+    from dataclasses import replace
+
+    from rustforge.eval.harness import evaluate
+    from rustforge.eval.suites import SuiteError
+
+    given = {"suite": args.suite, "data": args.data, "k": args.k, "limit": args.limit, "mode": args.mode}
+    try:
+        eval_cfg = replace(cfg.eval, **{k: v for k, v in given.items() if v is not None})
+    except ValueError as e:
+        raise ConfigError(f"rustforge eval: {e}") from None
+    if args.unsafe_no_sandbox:
+        cfg.sandbox = replace(cfg.sandbox, allow_unsandboxed=True)
+    try:
+        report = evaluate(cfg, args.model, eval_cfg, progress=not args.no_progress, out=args.out)
+    except (SuiteError, FileNotFoundError) as e:
+        print(f"eval: {e}", file=sys.stderr)
+        return 2
+    print(report.table())
+    return 0
+
+
 def cmd_train(cfg: RunConfig, args) -> int:
-    _save_run_config(cfg)
     import importlib
 
-    stage = importlib.import_module(f"rustforge.train.{args.stage}")
-    result = stage.run(cfg, resume=args.resume, progress=not args.no_progress, stop_after=args.max_steps_this_run)
-    print(_stage_line(args.stage, result) if args.stage == "lang_rust" else f"{args.stage}: {result}")
+    from rustforge.train import distributed
+
+    # under `torchrun --nproc-per-node N` (N > 1): one process group, FSDP2 in SFTTrainer (#11)
+    dist = distributed.init_distributed()
+    try:
+        distributed.check_stage_supported(args.stage, dist)
+        if dist.is_main:
+            _save_run_config(cfg)
+        stage = importlib.import_module(f"rustforge.train.{args.stage}")
+        progress = not args.no_progress and dist.is_main
+        result = stage.run(cfg, resume=args.resume, progress=progress, stop_after=args.max_steps_this_run)
+        from rustforge.train.pipeline import efficacy_rows, format_efficacy
+
+        rows = efficacy_rows(args.stage, result)
+        if dist.is_main:
+            print(format_efficacy(rows) if rows else f"{args.stage}: {result}")
+    finally:
+        distributed.shutdown()
     return 0
 
 
 def cmd_pipeline(cfg: RunConfig, args) -> int:
+    """lang_rust -> core_agent -> ipo (rustforge.train.pipeline), then the efficacy table and the report."""
+    from rustforge.train.distributed import context_from_env
+
+    if context_from_env().enabled:  # core_agent/ipo/grpo do not run under FSDP yet (train/distributed.py)
+        print("pipeline: not under torchrun; run `rustforge train --stage lang_rust` distributed, the rest as one process",
+              file=sys.stderr)  # fmt: skip
+        return 2
     _save_run_config(cfg)
-    from rustforge.train import lang_rust
-
-    result = lang_rust.run(cfg, resume=not args.fresh, progress=not args.no_progress)
     from rustforge.eval.report import write_report
+    from rustforge.train.pipeline import run_pipeline
 
-    print("\nstage       metric                     before     after")
-    print(_stage_line("lang_rust", result))
+    run_pipeline(cfg, fresh=args.fresh, progress=not args.no_progress)
     print(f"report: {write_report(cfg.run_dir)}")
     return 0
-
-
-def _stage_line(stage: str, r: dict) -> str:
-    return (
-        f"{stage:<11} held-out Rust loss (ppl)   {r['val_loss_start']:.3f} ({r['val_ppl_start']:.0f})"
-        f"   {r['val_loss_end']:.3f} ({r['val_ppl_end']:.0f})   after {r['steps']} steps"
-    )
 
 
 def _save_run_config(cfg: RunConfig) -> None:

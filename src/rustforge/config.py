@@ -237,6 +237,295 @@ class TrainConfig:
     seed: int = 0
 
 
+HARMONY_CHANNELS = ("analysis", "commentary", "final")  # the Harmony format's channels (data/harmony.py's)
+LONG_CONVERSATION_MODES = ("truncate", "drop")
+
+
+@dataclass
+class CoreAgentConfig(TrainConfig):
+    """core_agent (train/core_agent.py): TrainConfig (lr, phases, ... as lang_rust) plus the stage's data and
+    sampling settings."""
+
+    lr: float = 1e-4
+    phases: list[CurriculumPhase] = field(
+        default_factory=lambda: [CurriculumPhase(8192, 1500), CurriculumPhase(16384, 500)]
+    )
+    # agent trajectories (rust/trajectories.py JSONL); empty = the run's own, <run_dir>/agent_data/, which
+    # `rustforge pipeline` builds from mined tasks (train/agent_data.py)
+    trajectories: list[str] = field(default_factory=list)
+    openai_jsonl: list[str] = field(default_factory=list)  # extra chats in OpenAI messages format (training)
+    val_trajectories: list[str] = field(default_factory=list)  # empty: hold out val_fraction of the above
+    val_fraction: float = 0.05
+    init_from: str = "previous"  # "previous" (<run_dir>/lang_rust/adapter), "none" (fresh LoRA) or a path
+    train_channels: list[str] | None = None  # assistant channels with a loss; None = all
+    long_conversations: str = "truncate"  # "truncate" (at a message boundary) | "drop"
+    sample_prompts: int = 16  # held-out prompts sampled at each evaluation; 0 = no sampling
+    sample_max_new_tokens: int = 1024
+    sample_temperature: float = 0.0  # 0 = greedy
+    sample_top_p: float = 1.0
+    # sampling uses eager attention: its prefill holds ~batch x heads x prompt_len^2 x 6 bytes per layer
+    # (gpt-oss-20b, 64 heads: 4 prompts of 4096 tokens ~ 26 GB, transient, while no training batch is alive)
+    sample_batch_size: int = 4
+    sample_max_prompt_tokens: int = 4096  # longer held-out prompts are not sampled
+    reasoning_token_budget: int = 4096  # analysis tokens without an answer beyond this = endless reasoning
+
+    def __post_init__(self):
+        if self.long_conversations not in LONG_CONVERSATION_MODES:
+            raise ValueError(
+                f"core_agent.long_conversations must be one of {LONG_CONVERSATION_MODES}, got {self.long_conversations!r}"
+            )
+        channels = self.train_channels
+        if channels is not None and (not channels or set(channels) - set(HARMONY_CHANNELS)):
+            raise ValueError(f"core_agent.train_channels must be a non-empty subset of {HARMONY_CHANNELS}, got {channels}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"core_agent.val_fraction must be in [0, 1), got {self.val_fraction}")
+        for name in ("sample_max_new_tokens", "sample_batch_size", "sample_max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"core_agent.{name} must be >= 1, got {getattr(self, name)}")
+        if self.sample_prompts < 0:
+            raise ValueError(f"core_agent.sample_prompts must be >= 0, got {self.sample_prompts}")
+
+
+IPO_LOSS_TYPES = ("ipo", "sigmoid")
+IPO_REFERENCES = ("base", "start")
+
+
+@dataclass
+class IpoConfig(TrainConfig):
+    """ipo (train/ipo.py): TrainConfig plus the preference data and TRL's DPO/IPO settings (same names and
+    meaning)."""
+
+    lr: float = 2e-5
+    warmup_steps: int = 20
+    phases: list[CurriculumPhase] = field(default_factory=lambda: [CurriculumPhase(16384, 1000)])
+    pairs: list[str] = field(default_factory=list)  # empty = the run's own, <run_dir>/agent_data/ (as core_agent)
+    val_pairs: list[str] = field(default_factory=list)  # empty: hold out val_fraction of `pairs` by task id
+    val_fraction: float = 0.05
+    init_from: str = "previous"  # "previous" (<run_dir>/core_agent/adapter), "none" or an adapter directory
+    beta: float = 0.1  # TRL's beta (IPO's tau): the target margin is 1 / (2 beta)
+    loss_type: str = "ipo"  # "ipo" | "sigmoid" (DPO)
+    max_length: int = 8192  # prompt + completion tokens per side; completions are cut to fit
+    max_prompt_length: int = 6144  # longer prompts drop the pair
+    average_logprobs: bool | None = None  # None: as TRL (mean for ipo, sum for sigmoid)
+    reference: str = "base"  # "base" (LoRA off) | "start" (the adapter the stage started from)
+
+    def __post_init__(self):
+        if self.loss_type not in IPO_LOSS_TYPES:
+            raise ValueError(f"ipo.loss_type must be one of {IPO_LOSS_TYPES}, got {self.loss_type!r}")
+        if self.reference not in IPO_REFERENCES:
+            raise ValueError(f"ipo.reference must be one of {IPO_REFERENCES}, got {self.reference!r}")
+        if not self.beta > 0:
+            raise ValueError(f"ipo.beta must be > 0, got {self.beta}")
+        if not 0 < self.max_prompt_length < self.max_length:
+            raise ValueError(
+                f"ipo.max_prompt_length must be in (0, max_length={self.max_length}), got {self.max_prompt_length}"
+            )
+        short = [p.seq_len for p in self.phases if p.seq_len < 2 * self.max_length]
+        if short or (self.eval_seq_len is not None and self.eval_seq_len < 2 * self.max_length):
+            raise ValueError(
+                f"ipo.phases[].seq_len (and eval_seq_len) must be >= 2 * max_length = {2 * self.max_length}: "
+                f"a sequence holds both sides of a pair; got {short or self.eval_seq_len}"
+            )
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"ipo.val_fraction must be in [0, 1), got {self.val_fraction}")
+
+    @property
+    def averages(self) -> bool:
+        """Whether sequence log-probs are token means (TRL: for ipo) rather than sums."""
+        return self.loss_type == "ipo" if self.average_logprobs is None else self.average_logprobs
+
+
+# ---- grpo and its rollouts (issue #7)
+ROLLOUT_BACKENDS = ("rustforge", "vllm")
+ROLLOUT_WEIGHTS = ("auto", "live", "merged")
+
+
+@dataclass
+class RolloutConfig:
+    """The rollout engine (rollout/engine.py) and the multi-turn tool driver (rollout/multiturn.py)."""
+
+    backend: str = "rustforge"  # "rustforge" (own engine, shares the training weights) | "vllm" (if installed)
+    max_batch: int = 64  # sequences decoding at once (KV-cache slots); more episodes wait in a queue
+    weights: str = "auto"  # "live" (the model's modules) | "merged" (LoRA folded into dense copies) | "auto"
+    cuda_graphs: bool = True  # capture decode steps (CUDA, bf16)
+    prefill_chunk: int = 512  # prompt tokens per prefill chunk
+    max_turns: int = 8  # tool calls per episode; a call past it ends the episode
+    tool_workers: int = 4  # tool calls (sandboxed cargo) running at once while other episodes decode
+    tool_output_chars: int = 8000  # a tool's answer is cut to this many characters
+    stop_on_end: bool = False  # also stop at <|end|>; off, a turn runs on to <|call|> or <|return|>
+    release_between_steps: bool = True  # free the KV cache and merged weights while the policy trains
+
+    def __post_init__(self):
+        if self.backend not in ROLLOUT_BACKENDS:
+            raise ValueError(f"rollout.backend must be one of {ROLLOUT_BACKENDS}, got {self.backend!r}")
+        if self.weights not in ROLLOUT_WEIGHTS:
+            raise ValueError(f"rollout.weights must be one of {ROLLOUT_WEIGHTS}, got {self.weights!r}")
+        for name in ("max_batch", "prefill_chunk", "tool_workers", "tool_output_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_turns < 0:
+            raise ValueError(f"rollout.max_turns must be >= 0, got {self.max_turns}")
+
+
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+GRPO_SCALE_REWARDS = ("group", "batch", "none")
+GRPO_ENVIRONMENTS = ("rust_tasks", "harmony_format")
+
+
+@dataclass
+class GrpoConfig(TrainConfig):
+    """grpo (train/grpo.py): TrainConfig (lr, curriculum phases: seq_len = the longest episode, prompt + all
+    turns) plus TRL's GRPOConfig names and meaning for the RL settings. One step = one generation round of
+    prompts_per_step x num_generations episodes and num_iterations optimizer updates on it; batch_size and
+    grad_accum are unused (micro-batches are packed to micro_batch_tokens and halved on OOM)."""
+
+    lr: float = 5e-6
+    warmup_steps: int = 5
+    phases: list[CurriculumPhase] = field(default_factory=lambda: [CurriculumPhase(8192, 200), CurriculumPhase(16384, 100)])
+    eval_every: int = 25
+    save_every: int = 10
+    init_from: str = "previous"  # "previous" (<run_dir>/ipo/adapter), "none" or an adapter directory
+    environment: str = "rust_tasks"  # "rust_tasks" (tools + cargo rewards) | "harmony_format" (format reward only)
+    tasks_dir: str | None = None  # mined tasks; None = tasks.out_dir
+    prompts_per_step: int = 8
+    num_generations: int = 8  # G: completions per prompt, one group
+    max_prompt_length: int = 4096  # longer prompts are left out
+    max_completion_length: int = 4096  # tokens the model samples per episode, over all its turns
+    temperature: float = 1.0
+    top_p: float = 1.0
+    loss_type: str = "dapo"  # "grpo" (per-sequence mean) | "dr_grpo" (/ max_completion_length) | "dapo" (per token)
+    scale_rewards: str = "group"  # divide advantages by the std of the group | batch | none (Dr. GRPO)
+    epsilon: float = 0.2  # clip range below 1
+    epsilon_high: float | None = None  # clip range above 1; None = epsilon (DAPO uses 0.28)
+    beta: float = 0.0  # KL coefficient to the LoRA-disabled reference (k3 estimator, as TRL)
+    num_iterations: int = 1  # optimizer updates per generation round (mu)
+    mask_truncated_completions: bool = False  # episodes cut by a budget get no loss (DAPO)
+    micro_batch_tokens: int = 16384  # tokens per training forward; halved on CUDA OOM
+    log_kl: bool = True  # log the KL to the reference even when beta = 0 (one extra no-grad forward)
+    val_prompts: int = 16  # held-out prompts rolled out at each evaluation (one episode each)
+    val_temperature: float = 0.0  # 0 = greedy held-out episodes
+    reward_workers: int = 4  # episodes scored at once (cargo test in the sandbox)
+
+    def __post_init__(self):
+        if self.loss_type not in GRPO_LOSS_TYPES:
+            raise ValueError(f"grpo.loss_type must be one of {GRPO_LOSS_TYPES}, got {self.loss_type!r}")
+        if self.scale_rewards not in GRPO_SCALE_REWARDS:
+            raise ValueError(f"grpo.scale_rewards must be one of {GRPO_SCALE_REWARDS}, got {self.scale_rewards!r}")
+        if self.environment not in GRPO_ENVIRONMENTS:
+            raise ValueError(f"grpo.environment must be one of {GRPO_ENVIRONMENTS}, got {self.environment!r}")
+        if self.num_generations < 2:
+            raise ValueError(f"grpo.num_generations must be >= 2 (advantages are relative to the group), got {self.num_generations}")
+        for name in ("prompts_per_step", "max_prompt_length", "max_completion_length", "num_iterations",
+                     "micro_batch_tokens", "reward_workers"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"grpo.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.epsilon < 1 or (self.epsilon_high is not None and not self.epsilon_high > 0):
+            raise ValueError(f"grpo.epsilon must be in (0, 1) and epsilon_high > 0, got {self.epsilon}, {self.epsilon_high}")
+        if self.beta < 0 or self.temperature <= 0 or not 0 < self.top_p <= 1 or self.val_temperature < 0:
+            raise ValueError("grpo: need beta >= 0, temperature > 0, 0 < top_p <= 1, val_temperature >= 0")
+        short = [p.seq_len for p in self.phases if p.seq_len <= self.max_prompt_length]
+        if short:
+            raise ValueError(f"grpo.phases[].seq_len must exceed max_prompt_length={self.max_prompt_length}, got {short}")
+
+
+QAT_FORMATS = ("mxfp4", "nvfp4")
+QAT_TRAINABLE = ("experts", "lora")
+MXFP4_ROUNDINGS = ("gpt-oss", "floor", "ceil")  # rustforge.model.quant.MXFP4_RULES
+
+
+@dataclass
+class QatConfig(TrainConfig):
+    """qat (train/qat.py): after the last training stage, LoRA merged into the base in float32, then training
+    through fake-quantised expert weights (straight-through estimator) at a low lr on the same data mix.
+    Validation uses lang_rust's own batches (its eval_seq_len and eval_batches), so eval_seq_len and
+    eval_batches here are not used."""
+
+    lr: float = 1e-5
+    warmup_steps: int = 10
+    phases: list[CurriculumPhase] = field(default_factory=lambda: [CurriculumPhase(4096, 200)])
+    format: str = "mxfp4"  # the format simulated, and written by `rustforge export` (mxfp4 | nvfp4)
+    trainable: str = "experts"  # "experts" (float32 master expert weights) | "lora" (expert LoRA; for 20B)
+    source: str = "auto"  # adapter merged first: "auto" (last finished stage), a stage name or a directory
+    data: str = "lang_rust"  # the data mix trained on (lang_rust's corpus and its validation set)
+
+    def __post_init__(self):
+        if self.format not in QAT_FORMATS:
+            raise ValueError(f"qat.format must be one of {QAT_FORMATS}, got {self.format!r}")
+        if self.trainable not in QAT_TRAINABLE:
+            raise ValueError(f"qat.trainable must be one of {QAT_TRAINABLE}, got {self.trainable!r}")
+
+
+@dataclass
+class ExportConfig:
+    """`rustforge export` (export/hf.py) and the merge check shared with qat."""
+
+    out_dir: str | None = None  # None = <run_dir>/export/<format>
+    source: str = "auto"  # "auto" (qat result if finished, else the last stage's adapter) | "qat" | stage | dir
+    mxfp4_rounding: str = "gpt-oss"  # MXFP4 rule: gpt-oss (triton_kernels, ceil scale, ties away) | floor (OCP)
+    kl_threshold: float = 1e-4  # max KL(base + adapter || merged) in nats on the probe batch; above it: refuse
+    probe_tokens: int = 256  # tokens of the merge-check probe batch
+    max_shard_gb: float = 5.0
+    base_model_name: str | None = None  # base_model_name_or_path written into adapter exports
+
+    def __post_init__(self):
+        if self.mxfp4_rounding not in MXFP4_ROUNDINGS:
+            raise ValueError(f"export.mxfp4_rounding must be one of {MXFP4_ROUNDINGS}, got {self.mxfp4_rounding!r}")
+        if not self.kl_threshold > 0 or self.probe_tokens < 2 or not self.max_shard_gb > 0:
+            raise ValueError("export.kl_threshold and max_shard_gb must be > 0, probe_tokens >= 2")
+
+
+# ---- eval harness (issue #10)
+EVAL_SUITES = ("crate_tasks", "humaneval_rust")  # rustforge.eval.suites.SUITES (+ its aliases)
+EVAL_MODES = ("single", "agentic")
+
+
+@dataclass
+class EvalConfig:
+    """`rustforge eval` (eval/harness.py): k samples per problem, tested in the sandbox, pass@k and more."""
+
+    suite: str = "crate_tasks"  # "crate_tasks" (held-out mined tasks) | "humaneval_rust" (a JSONL file, see data)
+    data: str | None = None  # crate_tasks: a mined tasks dir (None = tasks.out_dir); humaneval_rust: the JSONL
+    split: str = "val"  # crate_tasks: the split evaluated (val = crates held out of every training stage)
+    mode: str = "single"  # "single" (code only, no tools) | "agentic" (tools and turns)
+    k: int = 4  # samples per problem (n of the pass@k estimator)
+    pass_at: list[int] = field(default_factory=lambda: [1, 5, 10])  # reported where k <= samples; n always
+    limit: int | None = None  # the first N problems of the suite; None = all
+    temperature: float = 0.8  # 0 = greedy (then k samples are the same)
+    top_p: float = 0.95
+    seed: int = 0
+    max_new_tokens: int = 2048  # sampled tokens per sample, over all its turns
+    max_prompt_tokens: int = 6144  # longer prompts are skipped (and listed in the report)
+    max_context: int = 16384  # agentic: prompt + turns + tool outputs per episode
+    max_turns: int = 8  # agentic: tool calls per episode
+    reasoning_effort: str = "low"  # the system message's
+    test_workers: int = 2  # cargo test runs at once
+    test_timeout_s: float | None = None  # per cargo test; None = sandbox.timeout_s
+    work_dir: str | None = None  # scratch crates live under a temporary dir here (None = the system's)
+    target_dir: str | None = None  # cargo target dirs kept between evals (one per worker); None = temporary
+    keep_workspaces: bool = False  # keep every sample's crate (debugging)
+    out: str | None = None  # the JSON report; None = <run_dir>/eval/<suite>-<mode>.json
+
+    def __post_init__(self):
+        suites = (*EVAL_SUITES, "multipl_e", "multiple_rs", "humaneval")
+        if self.suite not in suites:
+            raise ValueError(f"eval.suite must be one of {suites}, got {self.suite!r}")
+        if self.mode not in EVAL_MODES:
+            raise ValueError(f"eval.mode must be one of {EVAL_MODES}, got {self.mode!r}")
+        if self.split not in ("train", "val"):
+            raise ValueError(f"eval.split must be train or val, got {self.split!r}")
+        for name in ("k", "max_new_tokens", "max_prompt_tokens", "test_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        if any(k < 1 for k in self.pass_at) or (self.limit is not None and self.limit < 1) or self.max_turns < 0:
+            raise ValueError(f"eval: need pass_at >= 1, limit >= 1, max_turns >= 0; got {self.pass_at}, {self.limit}, {self.max_turns}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"eval: need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if self.max_context <= self.max_prompt_tokens:
+            raise ValueError(f"eval.max_context ({self.max_context}) must exceed max_prompt_tokens ({self.max_prompt_tokens})")
+        if self.reasoning_effort not in ("low", "medium", "high"):
+            raise ValueError(f"eval.reasoning_effort must be low, medium or high, got {self.reasoning_effort!r}")
+
+
 @dataclass
 class RunConfig:
     run_dir: str = "runs/tiny"
@@ -247,11 +536,18 @@ class RunConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
     lang_rust: TrainConfig = field(default_factory=TrainConfig)
+    core_agent: CoreAgentConfig = field(default_factory=CoreAgentConfig)
+    ipo: IpoConfig = field(default_factory=IpoConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    qat: QatConfig = field(default_factory=QatConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     expert_monitor: ExpertMonitorConfig = field(default_factory=ExpertMonitorConfig)
     tier: str = "auto"  # GPU-tier preset (rustforge.train.tiers): auto = chosen from the GPU found
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     tasks: TaskMiningConfig = field(default_factory=TaskMiningConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ------------------------------------------------------------------------------------------- loading

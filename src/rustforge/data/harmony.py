@@ -17,10 +17,11 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from rustforge.config import HARMONY_CHANNELS
 from rustforge.data.tokenizer import RustforgeTokenizer
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-CHANNELS = ("analysis", "commentary", "final")
+CHANNELS = HARMONY_CHANNELS  # defined in config.py, which validates core_agent.train_channels against it
 REASONING_EFFORTS = ("low", "medium", "high")
 
 START, END, MESSAGE, CHANNEL = "<|start|>", "<|end|>", "<|message|>", "<|channel|>"
@@ -539,6 +540,8 @@ TEXT_OUTSIDE = "text outside messages"
 AFTER_END_OF_TURN = "text after end of turn"
 BAD_HEADER = "bad header"
 UNEXPECTED_ROLE = "unexpected role"
+STRAY_SPECIAL = "special token in content"
+BAD_TERMINATOR = "bad terminator"
 
 
 @dataclass
@@ -707,11 +710,14 @@ def validate_completion(
 ) -> list[str]:
     """Problems of a sampled assistant turn ([] when it is good). Each problem starts with its kind:
     NO_FINAL, UNTERMINATED, UNKNOWN_CHANNEL, BAD_TOOL_JSON, UNKNOWN_TOOL, ENDLESS_REASONING,
-    MISSING_MESSAGE_TOKEN, TEXT_OUTSIDE, AFTER_END_OF_TURN, BAD_HEADER, UNEXPECTED_ROLE.
+    MISSING_MESSAGE_TOKEN, TEXT_OUTSIDE, AFTER_END_OF_TURN, BAD_HEADER, UNEXPECTED_ROLE, STRAY_SPECIAL,
+    BAD_TERMINATOR.
 
-    A turn is good when every message is an assistant message on a valid channel, it ends with a final
-    answer (<|return|> or <|end|>) or -- if allow_tool_call_end -- with a tool call whose arguments are a
-    JSON object (to one of tool_names, when given), and nothing follows its end.
+    A turn is good when every message is an assistant message on a valid channel whose content holds no
+    header token (<|channel|>, <|message|>, <|constrain|>, ...) and whose terminator fits it (<|call|> ends
+    a tool call and only a tool call, <|return|> only a final answer), it ends with a final answer
+    (<|return|> or <|end|>) or -- if allow_tool_call_end -- with a tool call whose arguments are a JSON
+    object (to one of tool_names, when given), and nothing follows its end.
     """
     ids = _as_ids(text_or_ids, tokenizer)
     scan = _scan(ids, tokenizer, implied_role)
@@ -719,8 +725,10 @@ def validate_completion(
     known_tools = (
         None if tool_names is None else {f"functions.{n}" if "." not in n else n for n in tool_names}
     )
+    header_only = _header_only_ids(tokenizer)
     for number, parsed in enumerate(scan.messages, start=1):
         problems += _message_problems(number, parsed.message, valid_channels, known_tools)
+        problems += _structure_problems(number, parsed, tokenizer, header_only)
     finals = [p for p in scan.messages if p.message.channel == "final" and p.message.role == "assistant"]
     ends_in_call = bool(scan.messages) and scan.messages[-1].terminator == tokenizer.call_id
     if not finals and not (allow_tool_call_end and ends_in_call):
@@ -729,6 +737,32 @@ def validate_completion(
         if reasoning > reasoning_token_budget:
             budget = reasoning_token_budget
             problems.append(f"{ENDLESS_REASONING}: {reasoning} analysis tokens (budget {budget}), no answer")
+    return problems
+
+
+def _header_only_ids(tokenizer: RustforgeTokenizer) -> set[int]:
+    """Special tokens that belong in headers or outside messages, never inside a message's content."""
+    return {tokenizer.channel_id, tokenizer.message_id, tokenizer.constrain_id, tokenizer.startoftext_id,
+            tokenizer.endoftext_id, tokenizer.endofprompt_id}  # fmt: skip
+
+
+def _structure_problems(
+    number: int, parsed: ParsedMessage, tokenizer: RustforgeTokenizer, header_only: set[int]
+) -> list[str]:
+    """What the parser reads leniently: header tokens inside content, and a terminator that does not fit the
+    message (text content never holds a special token: the renderer encodes special-token text as text)."""
+    problems = []
+    stray = sorted({tokenizer.id_to_token(i) for i in parsed.content_ids if i in header_only})
+    if stray:
+        problems.append(f"{STRAY_SPECIAL}: message {number} content holds {', '.join(stray)}")
+    message, terminator = parsed.message, parsed.terminator
+    calls = message.recipient is not None
+    if terminator == tokenizer.call_id and not calls:
+        problems.append(f"{BAD_TERMINATOR}: message {number} ends with <|call|> but calls no tool")
+    elif terminator == tokenizer.end_id and calls:
+        problems.append(f"{BAD_TERMINATOR}: tool call {number} ends with <|end|>, not <|call|>")
+    elif terminator == tokenizer.return_id and message.channel != "final":
+        problems.append(f"{BAD_TERMINATOR}: message {number} ({message.channel}) ends with <|return|>")
     return problems
 
 
@@ -761,10 +795,12 @@ def _message_problems(
 __all__ = [
     "AFTER_END_OF_TURN",
     "BAD_HEADER",
+    "BAD_TERMINATOR",
     "BAD_TOOL_JSON",
     "ENDLESS_REASONING",
     "MISSING_MESSAGE_TOKEN",
     "NO_FINAL",
+    "STRAY_SPECIAL",
     "TEXT_OUTSIDE",
     "UNEXPECTED_ROLE",
     "UNKNOWN_CHANNEL",

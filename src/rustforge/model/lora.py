@@ -4,7 +4,8 @@ Own modules instead of wrapping the model with PEFT: PEFT's `target_parameters` 
 `W + scaling * A @ B` for every expert stack on every forward, which the split-LoRA experts of
 model/moe.py avoid. The adapters we save are nevertheless PEFT's exactly (adapter_config.json +
 adapter_model.safetensors), so `peft.PeftModel.from_pretrained` and servers that read PEFT adapters
-load them unchanged.
+load them unchanged. `merge_adapter` / `merge_lora` fold an adapter into plain transformers weights (in
+float32) for export and QAT.
 
 PEFT's layout for a 3-D expert parameter W [E, in, out] (transformers' GptOssExperts is
 `is_transposed`, so in/out are not swapped): lora_A.weight is (E*r, in) read expert-slowest, i.e.
@@ -17,6 +18,7 @@ are registered, so gate_up_proj's keys carry an extra `.base_layer`:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,6 +36,7 @@ from rustforge.model.moe import (
     GroupedExperts,
     ReferenceLoraExperts,
     add_expert_lora,
+    dense_expert_params,
     expert_lora_targets,
     lora_param_names,
 )
@@ -332,3 +335,152 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
                 getattr(module, name_B).copy_(lora_B)
             module.lora_scaling = scaling
     return model
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module):
+    """The model without its LoRA for the duration (PEFT's `disable_adapter()`): every LoRA scaling
+    (LoraLinear.scaling, the experts' lora_scaling) is 0, then restored -- the base model's function with
+    no copy of a weight. Takes a RustforgeModel or the transformers model inside it."""
+    saved = []
+    for _, module in _lora_modules(model):
+        name = "scaling" if isinstance(module, LoraLinear) else "lora_scaling"
+        saved.append((module, name, getattr(module, name)))
+    try:
+        for module, name, _ in saved:
+            setattr(module, name, 0.0)
+        yield model
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+# --------------------------------------------------------------------------------------------- merge
+def read_peft_adapter(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, adapter_config) of a PEFT LoRA adapter directory, the config checked as load_adapter does."""
+    directory = Path(directory)
+    config = _read_adapter_config(directory / ADAPTER_CONFIG)
+    weights_path = directory / ADAPTER_WEIGHTS
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path}: adapter weights not found")
+    return load_file(str(weights_path)), config
+
+
+def _expert_projection_of_key(module_path: str, config: dict, where: str) -> tuple[str, str]:
+    """(experts module name, projection) of a PEFT expert key's module path (`...mlp.experts[.base_layer]`)."""
+    experts_name = module_path.removesuffix(".base_layer")
+    targets = [p for p in EXPERT_TARGETS if f"mlp.experts.{p}" in (config.get("target_parameters") or [])]
+    for proj, prefix in _expert_key_prefixes(experts_name, targets).items():
+        if prefix == f"{PEFT_PREFIX}{module_path}":
+            return experts_name, proj
+    raise ValueError(f"{where}: {module_path} matches no target_parameters entry {config.get('target_parameters')}")
+
+
+def peft_deltas(
+    tensors: dict[str, torch.Tensor], config: dict, num_experts: int, dtype: torch.dtype = torch.float32,
+    where: str = "adapter",
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """{transformers parameter name: scaling * LoRA delta in that parameter's layout, in dtype}.
+
+    q/k/v/o_proj: `scaling * B @ A` ([out, in], nn.Linear's weight); experts: `scaling * A_e @ B_e` per
+    expert ([E, in, out], with lora_B read as reshape(out, r, E) -- see the module docstring)."""
+    scaling = config["lora_alpha"] / config["r"]
+    deltas: dict[str, torch.Tensor] = {}
+    for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
+        module_path = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
+        key_B = key.replace(".lora_A.weight", ".lora_B.weight")
+        if not key.startswith(PEFT_PREFIX) or key_B not in tensors:
+            raise KeyError(f"{where}: {key} has no matching {key_B!r} or lacks the {PEFT_PREFIX!r} prefix")
+        peft_A, peft_B = tensors[key].to(dtype), tensors[key_B].to(dtype)
+        if module_path.rsplit(".", 1)[-1] in ATTENTION_TARGETS:
+            deltas[f"{module_path}.weight"] = scaling * (peft_B @ peft_A)
+            continue
+        if not module_path.removesuffix(".base_layer").endswith("mlp.experts"):
+            raise KeyError(f"{where}: {key} targets {module_path}, not one of {list(KNOWN_TARGETS)}")
+        experts_name, proj = _expert_projection_of_key(module_path, config, where)
+        lora_A, lora_B = expert_lora_from_peft(peft_A, peft_B, num_experts)
+        deltas[f"{experts_name}.{proj}"] = scaling * torch.bmm(lora_A, lora_B)
+    unpaired = [k for k in tensors if k.endswith(".lora_B.weight") and k.replace("lora_B", "lora_A") not in tensors]
+    if unpaired:
+        raise KeyError(f"{where}: {unpaired[0]} has no matching lora_A")
+    return deltas
+
+
+def merge_adapter(hf_model: nn.Module, adapter: str | Path | tuple[dict, dict], dtype=torch.float32) -> dict:
+    """Merge a PEFT adapter (directory, or (tensors, config)) into a plain transformers GptOssForCausalLM in
+    place: every parameter becomes `dtype` (float32 by default: the merge happens in higher precision than
+    the bf16 base) and W += delta. Returns the deltas by parameter name."""
+    tensors, config = read_peft_adapter(adapter) if isinstance(adapter, (str, Path)) else adapter
+    where = str(adapter) if isinstance(adapter, (str, Path)) else "adapter"
+    hf_model.to(dtype)
+    deltas = peft_deltas(tensors, config, hf_model.config.num_local_experts, dtype, where)
+    params = dict(hf_model.named_parameters())
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            if name not in params:
+                raise KeyError(f"{where}: the model has no parameter {name} (is it a plain transformers model?)")
+            if params[name].shape != delta.shape:
+                raise ValueError(f"{where}: delta for {name} has shape {tuple(delta.shape)}, "
+                                 f"the parameter {tuple(params[name].shape)}")  # fmt: skip
+            params[name].add_(delta)
+    return deltas
+
+
+def adapter_lora_config(config: dict) -> LoraConfig:
+    """Our LoraConfig for a PEFT adapter_config.json (what apply_lora needs to rebuild its modules)."""
+    parameters = [p.rsplit(".", 1)[-1] for p in config.get("target_parameters") or []]
+    targets = list(config.get("target_modules") or []) + parameters
+    return LoraConfig(r=config["r"], alpha=float(config["lora_alpha"]), dropout=0.0, targets=targets)
+
+
+def base_state_dict(model: nn.Module, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """The model's weights WITHOUT its LoRA under transformers' names and layouts (experts dense), in dtype."""
+    hf = _unwrap(model)
+    out: dict[str, torch.Tensor] = {}
+    replaced: list[str] = []
+    for name, module in hf.named_modules():
+        if isinstance(module, LoraLinear):
+            out[f"{name}.weight"] = module.base_layer.weight.detach().to(dtype)
+            if module.base_layer.bias is not None:
+                out[f"{name}.bias"] = module.base_layer.bias.detach().to(dtype)
+            replaced.append(f"{name}.")
+        elif isinstance(module, (GroupedExperts, ReferenceLoraExperts)):
+            gate_up, gate_up_bias, down, down_bias = (
+                (module.dense_weight("gate_up_proj", dtype), module.gate_up_proj_bias,
+                 module.dense_weight("down_proj", dtype), module.down_proj_bias)
+                if isinstance(module, GroupedExperts) else dense_expert_params(module)
+            )  # fmt: skip
+            for key, value in (("gate_up_proj", gate_up), ("gate_up_proj_bias", gate_up_bias),
+                               ("down_proj", down), ("down_proj_bias", down_bias)):  # fmt: skip
+                out[f"{name}.{key}"] = value.detach().to(dtype)
+            replaced.append(f"{name}.")
+    for key, value in hf.state_dict().items():
+        if not any(key.startswith(prefix) for prefix in replaced):
+            out[key] = value.detach().to(dtype) if value.is_floating_point() else value
+    return out
+
+
+def plain_model(config, state: dict[str, torch.Tensor]):
+    """transformers' GptOssForCausalLM (eager attention, eval mode) holding `state`, built without first
+    allocating random weights."""
+    from transformers import GptOssForCausalLM
+
+    with torch.device("meta"):
+        model = GptOssForCausalLM(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    rotary = model.model.rotary_emb  # non-persistent buffers: rebuilt for real
+    model.model.rotary_emb = type(rotary)(config=model.config)
+    model.config._attn_implementation = "eager"
+    return model.eval()
+
+
+def merge_lora(model: nn.Module, dtype=torch.float32):
+    """A plain GptOssForCausalLM (transformers' modules) holding the model's weights with its LoRA merged in
+    `dtype`; the deltas go through the PEFT layout (lora_state_dict_peft -> merge_adapter), the same path as
+    merging a saved adapter."""
+    hf = _unwrap(model)
+    r, scaling, modules, params = _lora_settings(hf)
+    config = {"r": r, "lora_alpha": scaling * r, "target_modules": modules, "target_parameters": params}
+    merged = plain_model(hf.config, base_state_dict(hf, dtype))
+    merge_adapter(merged, (lora_state_dict_peft(hf), config), dtype)
+    return merged

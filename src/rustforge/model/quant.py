@@ -10,6 +10,11 @@ Layouts (all formats quantise along the LAST dim, K):
   with two values per byte (low nibble = even element), `scales` uint8 [..., K/32] holding the biased
   exponent s (scale = 2**(s - 127)). This is the layout of `*_blocks` / `*_scales` in
   openai/gpt-oss-* and what transformers' `convert_moe_packed_tensors` dequantises.
+  MXFP4 rounding rules (`scale_rounding=`, see MXFP4_RULES): "floor" is the OCP MX v1.0 rule (scale
+  2**(floor(log2 amax) - 2), elements to nearest, ties to even); "gpt-oss" is OpenAI's quantiser,
+  triton_kernels' `downcast_to_mxfp` with its default ROUND_UP (scale 2**ceil(log2(amax / 6)), elements
+  to nearest with ties AWAY from zero, e.g. 0.25 -> 0.5), which is also what transformers uses to
+  quantise gpt-oss on load; "ceil" is the gpt-oss scale with ties to even.
 - FP8: float8_e4m3fn values with one float32 scale (amax / 448) per block of `block` values.
 - NVFP4: blocks of 16 E2M1 values with an E4M3 block scale plus one float32 per-tensor scale
   (amax / (6 * 448)); `packed` uint8 [..., K/2] with the same nibble order as MXFP4.
@@ -30,18 +35,35 @@ NVFP4_BLOCK = 16
 E8M0_BIAS = 127
 E8M0_MAX_BIASED = 254  # 255 encodes NaN
 
-# Midpoints between consecutive E2M1 magnitudes (codes 0..7). At a tie the even code wins; the
-# lower code is odd at 0.75, 1.75 and 3.5, so those ties round up and the others round down.
+# Midpoints between consecutive E2M1 magnitudes (codes 0..7). With ties to even the even code wins:
+# the lower code is odd at 0.75, 1.75 and 3.5, so those ties round up and the others round down.
+# With ties away from zero every tie rounds up (to the larger magnitude).
 _E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
-_TIES_ROUND_UP = (False, True, False, True, False, True, False)
+_TIES_ROUND_UP = {
+    "even": (False, True, False, True, False, True, False),
+    "away": (True,) * 7,
+}
+
+# name -> (scale rounding, element tie rule); see the module docstring.
+MXFP4_RULES = {
+    "floor": ("floor", "even"),
+    "ceil": ("ceil", "even"),
+    "gpt-oss": ("ceil", "away"),
+}
 
 
-def _e2m1_code_boundaries(device: torch.device) -> torch.Tensor:
+def _e2m1_code_boundaries(device: torch.device, ties: str = "even") -> torch.Tensor:
     """float32 boundaries b with code(|x|) = #{b < |x|}: a tie that rounds up moves its boundary one
     float32 ulp down, so `x > b` means `x >= midpoint` there, exactly."""
     midpoints = torch.tensor(_E2M1_MIDPOINTS, dtype=torch.float32, device=device)
     lowered = torch.nextafter(midpoints, torch.zeros_like(midpoints))
-    return torch.where(torch.tensor(_TIES_ROUND_UP, device=device), lowered, midpoints)
+    return torch.where(torch.tensor(_TIES_ROUND_UP[ties], device=device), lowered, midpoints)
+
+
+def _mxfp4_rule(name: str) -> tuple[str, str]:
+    if name not in MXFP4_RULES:
+        raise ValueError(f"mxfp4: scale_rounding must be one of {sorted(MXFP4_RULES)}, got {name!r}")
+    return MXFP4_RULES[name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,19 +71,19 @@ def _e2m1_code_boundaries(device: torch.device) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _e2m1_magnitude_code(scaled: torch.Tensor) -> torch.Tensor:
-    """|scaled| rounded to the nearest E2M1 magnitude (ties to even, saturating at 6) as codes 0..7."""
+def _e2m1_magnitude_code(scaled: torch.Tensor, ties: str = "even") -> torch.Tensor:
+    """|scaled| rounded to the nearest E2M1 magnitude (ties to even or away, saturating at 6) as codes 0..7."""
     # bucketize(right=False) counts the boundaries strictly below each value.
-    return torch.bucketize(scaled.abs(), _e2m1_code_boundaries(scaled.device)).to(torch.uint8)
+    return torch.bucketize(scaled.abs(), _e2m1_code_boundaries(scaled.device, ties)).to(torch.uint8)
 
 
-def _e2m1_encode(scaled: torch.Tensor) -> torch.Tensor:
+def _e2m1_encode(scaled: torch.Tensor, ties: str = "even") -> torch.Tensor:
     """float32 values already divided by their scale -> 4-bit E2M1 codes (uint8, 0..15).
 
     Negative values keep their sign bit even when they round to zero (code 8, -0.0), as OpenAI's
     triton_kernels quantiser does."""
     sign = torch.signbit(scaled).to(torch.uint8) << 3
-    return sign | _e2m1_magnitude_code(scaled)
+    return sign | _e2m1_magnitude_code(scaled, ties)
 
 
 def _divide(x: torch.Tensor, constant: float) -> torch.Tensor:
@@ -121,7 +143,7 @@ def _straight_through(w: torch.Tensor, fake_quantized: torch.Tensor) -> torch.Te
 
 
 def _mxfp4_scale_exponents(blocked: torch.Tensor, scale_rounding: str) -> torch.Tensor:
-    """Biased E8M0 exponents (int32, 0..254) for float32 blocks [..., G, 32]."""
+    """Biased E8M0 exponents (int32, 0..254) for float32 blocks [..., G, 32]; scale_rounding "floor" | "ceil"."""
     amax = blocked.abs().amax(dim=-1)
     if scale_rounding == "floor":
         # OCP MX spec: 2**(floor(log2(amax)) - emax(E2M1)=2); the float32 exponent field is exactly
@@ -136,21 +158,23 @@ def _mxfp4_scale_exponents(blocked: torch.Tensor, scale_rounding: str) -> torch.
     return biased.clamp(0, E8M0_MAX_BIASED)
 
 
-def _mxfp4_codes(w: torch.Tensor, scale_rounding: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E2M1 codes [..., G, 32] uint8, biased exponents [..., G] int32)."""
+def _mxfp4_codes(w: torch.Tensor, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E2M1 codes [..., G, 32] uint8, biased exponents [..., G] int32) under an MXFP4_RULES rule."""
+    scale_rounding, ties = _mxfp4_rule(rule)
     blocked = w.float().contiguous().reshape(*w.shape[:-1], w.shape[-1] // MXFP4_BLOCK, MXFP4_BLOCK)
     exponents = _mxfp4_scale_exponents(blocked, scale_rounding)
     # Dividing by a power of two is exact; ldexp keeps 2**-127 representable (subnormal) in float32.
     inverse_scale = torch.ldexp(torch.ones_like(exponents, dtype=torch.float32), E8M0_BIAS - exponents)
-    codes = _e2m1_encode(blocked * inverse_scale.unsqueeze(-1))
+    codes = _e2m1_encode(blocked * inverse_scale.unsqueeze(-1), ties)
     return codes, exponents
 
 
 def mxfp4_quantize(w: torch.Tensor, *, scale_rounding: str = "floor") -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., K] -> (blocks uint8 [..., K/32, 16], scales uint8 [..., K/32]).
 
-    scale_rounding="floor" is the OCP MX rule (largest magnitude lands in [4, 8) and saturates to 6);
-    "ceil" picks the smallest power of two with amax / scale <= 6 (triton_kernels' default)."""
+    scale_rounding names the rounding rule (MXFP4_RULES): "floor" is the OCP MX rule (largest magnitude
+    lands in [4, 8) and saturates to 6), "ceil" picks the smallest power of two with amax / scale <= 6,
+    "gpt-oss" is that scale with ties away from zero, bit for bit OpenAI's triton_kernels quantiser."""
     _check_last_dim(w, MXFP4_BLOCK, "mxfp4_quantize")
     _check_finite(w, "mxfp4_quantize")
     codes, exponents = _mxfp4_codes(w, scale_rounding)
@@ -316,6 +340,28 @@ def nvfp4_fake_quant(w: torch.Tensor) -> torch.Tensor:
         scale = block_scales.float() * global_scale
         fake = (_e2m1_lut(w.device)[codes.long()] * scale.unsqueeze(-1)).reshape(w.shape)
     return _straight_through(w, fake)
+
+
+# ---------------------------------------------------------------------------------------------
+# One entry point for QAT
+# ---------------------------------------------------------------------------------------------
+
+FAKE_QUANT_FORMATS = ("mxfp4", "nvfp4", "fp8")
+
+
+def fake_quant(w: torch.Tensor, fmt: str, *, dim: int = -1, mxfp4_rule: str = "floor", fp8_block: int = 128):
+    """dequant(quant(w)) with blocks along `dim` (the input dim of a weight) and a straight-through
+    gradient: what a quantisation-aware forward sees. NVFP4's per-tensor scale is taken over all of `w`."""
+    if fmt not in FAKE_QUANT_FORMATS:
+        raise ValueError(f"fake_quant: unknown format {fmt!r}; known: {list(FAKE_QUANT_FORMATS)}")
+    moved = w.movedim(dim, -1)
+    if fmt == "mxfp4":
+        out = mxfp4_fake_quant(moved, scale_rounding=mxfp4_rule)
+    elif fmt == "nvfp4":
+        out = nvfp4_fake_quant(moved)
+    else:
+        out = fp8_fake_quant(moved, block=fp8_block)
+    return out.movedim(-1, dim)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,9 @@ Validation: held-out token loss as lang_rust, plus format metrics from SAMPLING 
 prompts (each assistant turn's prompt of the held-out conversations; eval/sampling.py): Harmony
 compliance rate, valid tool-call rate, endless-reasoning rate -- at step 0 and at every evaluation.
 
+Settings: CoreAgentConfig in config.py (the run config's `core_agent` section); with no trajectories
+configured the stage reads the run's own, built by `rustforge pipeline` (train/agent_data.py).
+
 The packing of items made of several documents (`PackItem`, `ItemDataset`) is shared with the ipo
 stage, whose items are (prompt + chosen, prompt + rejected).
 """
@@ -27,15 +30,13 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from rustforge.config import CurriculumPhase, PackingConfig, RunConfig, TrainConfig
+from rustforge.config import CoreAgentConfig, PackingConfig, RunConfig
 from rustforge.data.harmony import (
-    CHANNELS,
     Conversation,
     DeveloperContent,
     Message,
@@ -49,52 +50,12 @@ from rustforge.data.packing import (
     PackResult,
     collate,
 )
-from rustforge.train.sft import BatchSource, DatasetBatches, SFTTrainer, StageData
+from rustforge.train.sft import BatchSource, DatasetBatches, SFTTrainer, StageData, finish_stage, start_stage
 
 log = logging.getLogger(__name__)
 
 STAGE = "core_agent"
 PREVIOUS_STAGE = "lang_rust"
-LONG_CONVERSATION_MODES = ("truncate", "drop")
-
-
-# -------------------------------------------------------------------------------------------- config
-@dataclass
-class CoreAgentConfig(TrainConfig):
-    """TrainConfig (lr, phases, batch_size, ... as lang_rust) plus the stage's data and sampling settings."""
-
-    lr: float = 1e-4
-    phases: list[CurriculumPhase] = field(
-        default_factory=lambda: [CurriculumPhase(8192, 1500), CurriculumPhase(16384, 500)]
-    )
-    trajectories: list[str] = field(default_factory=lambda: ["data_cache/trajectories/train.jsonl"])
-    openai_jsonl: list[str] = field(default_factory=list)  # extra chats in OpenAI messages format (training)
-    val_trajectories: list[str] = field(default_factory=list)  # empty: hold out val_fraction of the above
-    val_fraction: float = 0.05
-    init_from: str = "previous"  # "previous" (<run_dir>/lang_rust/adapter), "none" (fresh LoRA) or a path
-    train_channels: list[str] | None = None  # assistant channels with a loss; None = all
-    long_conversations: str = "truncate"  # "truncate" (at a message boundary) | "drop"
-    sample_prompts: int = 16  # held-out prompts sampled at each evaluation; 0 = no sampling
-    sample_max_new_tokens: int = 1024
-    sample_temperature: float = 0.0  # 0 = greedy
-    sample_top_p: float = 1.0
-    # sampling uses eager attention: its prefill holds ~batch x heads x prompt_len^2 x 6 bytes per layer
-    # (gpt-oss-20b, 64 heads: 4 prompts of 4096 tokens ~ 26 GB, transient, while no training batch is alive)
-    sample_batch_size: int = 4
-    sample_max_prompt_tokens: int = 4096  # longer held-out prompts are not sampled
-    reasoning_token_budget: int = 4096  # analysis tokens without an answer beyond this = endless reasoning
-
-    def __post_init__(self):
-        if self.long_conversations not in LONG_CONVERSATION_MODES:
-            raise ValueError(
-                f"core_agent.long_conversations must be one of {LONG_CONVERSATION_MODES}, got {self.long_conversations!r}"
-            )
-        if self.train_channels is not None and (not self.train_channels or set(self.train_channels) - set(CHANNELS)):
-            raise ValueError(f"core_agent.train_channels must be a non-empty subset of {CHANNELS}, got {self.train_channels}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"core_agent.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.sample_prompts < 0 or self.sample_max_new_tokens < 1 or self.sample_batch_size < 1:
-            raise ValueError("core_agent.sample_prompts must be >= 0, sample_max_new_tokens and sample_batch_size >= 1")
 
 
 # ------------------------------------------------------------------------------- packing of items
@@ -399,22 +360,6 @@ class CoreAgentTrainer(SFTTrainer):
 
 
 # ---------------------------------------------------------------------------------------------- run
-def initial_adapter(run_dir: str | Path, init_from: str, previous_stage: str, field_name: str) -> Path | None:
-    """The adapter a stage starts from: the previous stage's (`previous`), none, or a given directory."""
-    if init_from == "none":
-        return None
-    path = Path(run_dir) / previous_stage / "adapter" if init_from == "previous" else Path(init_from)
-    if not (path / "adapter_config.json").is_file():
-        hint = f"run the {previous_stage} stage first, or " if init_from == "previous" else ""
-        raise FileNotFoundError(f"{field_name}: no adapter at {path} ({hint}set {field_name}: none to start fresh)")
-    return path
-
-
-def stage_config(cfg: RunConfig, name: str, default):
-    """The stage's section of the run config (RunConfig.<name> once config.py has it, else defaults)."""
-    return getattr(cfg, name, None) or default
-
-
 def run(
     cfg: RunConfig,
     stage_cfg: CoreAgentConfig | None = None,
@@ -424,25 +369,22 @@ def run(
     train_convs: Sequence[Conversation] | None = None,
     val_convs: Sequence[Conversation] | None = None,
 ) -> dict:
-    from rustforge.model.base import prepare_base
-    from rustforge.model.lora import load_adapter, save_adapter
+    """Train the stage (cfg.core_agent unless stage_cfg is given) from the lang_rust adapter; conversations
+    given directly replace the configured files. Returns `summary`."""
+    stage_cfg = stage_cfg or cfg.core_agent
+    if train_convs is None and not stage_cfg.trajectories:  # the run's own data (rustforge pipeline builds it)
+        from rustforge.train.agent_data import run_files
 
-    stage_cfg = stage_cfg or stage_config(cfg, STAGE, CoreAgentConfig())
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    start = initial_adapter(cfg.run_dir, stage_cfg.init_from, PREVIOUS_STAGE, f"{STAGE}.init_from")
-    model, tokenizer = prepare_base(cfg, device, progress=progress)
-    if start is not None:
-        load_adapter(model.hf, start)  # a checkpoint of this stage, if resuming, replaces it in trainer.run
-    stage_dir = Path(cfg.run_dir) / STAGE
-    data = stage_data(stage_cfg, tokenizer, train_convs, val_convs)
+        train, val = run_files(cfg.run_dir, "trajectories")
+        stage_cfg = replace(stage_cfg, trajectories=train, val_trajectories=stage_cfg.val_trajectories or val)
+    start = start_stage(cfg, STAGE, stage_cfg.init_from, PREVIOUS_STAGE, progress)
+    data = stage_data(stage_cfg, start.tokenizer, train_convs, val_convs)
     trainer = CoreAgentTrainer(
-        model, cfg.lora, stage_cfg, data.stage, stage_dir, device, progress, cfg.expert_monitor,
-        tokenizer=tokenizer, prompts=data.prompts, stage_cfg=stage_cfg,
+        start.model, cfg.lora, stage_cfg, data.stage, start.stage_dir, start.device, progress, cfg.expert_monitor,
+        tokenizer=start.tokenizer, prompts=data.prompts, stage_cfg=stage_cfg,
     )  # fmt: skip
-    trainer.run(resume=resume, stop_after=stop_after)
-    if trainer.step == trainer.total_steps:
-        save_adapter(model.hf, cfg.lora, stage_dir / "adapter")
-    return summary(stage_dir)
+    finish_stage(trainer, resume, stop_after)
+    return summary(start.stage_dir)
 
 
 FORMAT_KEYS = ("harmony_compliance", "valid_tool_call_rate", "endless_reasoning_rate")
@@ -467,7 +409,6 @@ def summary(stage_dir: Path) -> dict:
 
 
 __all__ = [
-    "CoreAgentConfig",
     "CoreAgentTrainer",
     "EvalPrompt",
     "ItemBatches",
@@ -477,7 +418,6 @@ __all__ = [
     "conversation_item",
     "eval_prompts",
     "fit_conversation",
-    "initial_adapter",
     "item_sequence",
     "load_conversations",
     "pack_items",

@@ -19,8 +19,9 @@ Counts follow GPT-OSS routing: top-k over the raw logits (the softmax over the t
 Alarms fire when a condition holds for `patience` consecutive intervals: overload above
 `overload_factor` (or one expert receiving every token: the most a top-k router can collapse), entropy
 below `entropy_floor`, idle share above `idle_fraction_max`, or routing drift from the base model above
-`drift_max` (total variation on a fixed probe batch; the base routing is the probe at step 0, where LoRA's
-B = 0 makes the model the base model).
+`drift_max` (total variation on a fixed probe batch; the base routing is that probe run once with the LoRA
+switched off -- model/lora.lora_disabled -- so a stage that starts from an earlier stage's adapter measures
+drift from the base model, not from that adapter).
 
 Plots use matplotlib (the object API, no pyplot global state); TensorBoard histograms go through the
 SummaryWriter the metrics logger already holds. Own code because no library watches MoE routing of a
@@ -235,7 +236,7 @@ class ExpertMonitor:
         return out
 
     def set_probe_base(self, counts) -> None:
-        """The base model's probe counts [L, E] (run the probe before the first optimizer step)."""
+        """The base model's probe counts [L, E] (the probe run under model/lora.lora_disabled)."""
         base = np.asarray(counts.cpu() if isinstance(counts, torch.Tensor) else counts, dtype=np.int64)
         if base.shape != (self.num_layers, self.num_experts):
             raise ValueError(f"probe base counts: shape {base.shape}, expected {(self.num_layers, self.num_experts)}")

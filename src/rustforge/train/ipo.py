@@ -16,15 +16,16 @@ max_prompt_length drops the pair (TRL keeps the prompt's end, which would cut th
 messages off a Harmony prompt); a completion that does not fit max_length is cut at its end, as TRL does.
 
 The reference model is the same model with its LoRA switched off (`reference: base`, TRL's choice for a
-PEFT model: `disable_adapter()`), done by setting every LoRA scaling to 0 for the reference forward --
-no second copy of any weight. `reference: start` instead uses the adapter the stage started from (the
-previous stage's), swapped in for the reference forward: a copy of the LoRA tensors only.
+PEFT model: `disable_adapter()`), done by model/lora.lora_disabled (every LoRA scaling 0 for the
+reference forward) -- no second copy of any weight. `reference: start` instead uses the adapter the stage
+started from (the previous stage's), swapped in for the reference forward: a copy of the LoRA tensors only.
 
 Chosen and rejected are packed as two documents of one item (doc ids keep them apart, positions restart),
 several pairs per sequence by the same best-fit packing as the SFT stages (train/core_agent.py's
 ItemDataset), so one forward scores both sides of every pair in the batch; log-probs come from
 RustforgeModel.token_logprobs (the chunked path: no [tokens x vocab] logits). The loop is SFTTrainer's
 (checkpoints, exact resume, curriculum, expert monitor) with its own train_step and evaluate.
+Settings: IpoConfig in config.py (the run config's `ipo` section).
 Metrics: loss, preference accuracy (TRL's rewards/accuracies: beta * chosen log-ratio > beta * rejected
 log-ratio), margin (= logits, what IPO drives to 1/(2 beta)), chosen and rejected log-ratios.
 """
@@ -35,73 +36,21 @@ import contextlib
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rustforge.config import CurriculumPhase, RunConfig, TrainConfig
+from rustforge.config import IPO_LOSS_TYPES, IpoConfig, RunConfig
 from rustforge.data.harmony import Message, render_conversation
-from rustforge.train.core_agent import (
-    ItemBatches,
-    ItemDataset,
-    PackItem,
-    initial_adapter,
-    stage_config,
-    validation_batches,
-)
-from rustforge.train.sft import SFTTrainer, StageData
+from rustforge.model.lora import lora_disabled
+from rustforge.train.core_agent import ItemBatches, ItemDataset, PackItem, validation_batches
+from rustforge.train.sft import SFTTrainer, StageData, finish_stage, start_stage
 
 STAGE = "ipo"
 PREVIOUS_STAGE = "core_agent"
-LOSS_TYPES = ("ipo", "sigmoid")
-REFERENCES = ("base", "start")
-
-
-# -------------------------------------------------------------------------------------------- config
-@dataclass
-class IpoConfig(TrainConfig):
-    """TrainConfig plus the preference data and TRL's DPO/IPO settings (same names and meaning)."""
-
-    lr: float = 2e-5
-    warmup_steps: int = 20
-    phases: list[CurriculumPhase] = field(default_factory=lambda: [CurriculumPhase(16384, 1000)])
-    pairs: list[str] = field(default_factory=lambda: ["data_cache/pairs/train.jsonl"])
-    val_pairs: list[str] = field(default_factory=list)  # empty: hold out val_fraction of `pairs` by task id
-    val_fraction: float = 0.05
-    init_from: str = "previous"  # "previous" (<run_dir>/core_agent/adapter), "none" or an adapter directory
-    beta: float = 0.1  # TRL's beta (IPO's tau): the target margin is 1 / (2 beta)
-    loss_type: str = "ipo"  # "ipo" | "sigmoid" (DPO)
-    max_length: int = 8192  # prompt + completion tokens per side; completions are cut to fit
-    max_prompt_length: int = 6144  # longer prompts drop the pair
-    average_logprobs: bool | None = None  # None: as TRL (mean for ipo, sum for sigmoid)
-    reference: str = "base"  # "base" (LoRA off) | "start" (the adapter the stage started from)
-
-    def __post_init__(self):
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"ipo.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if self.reference not in REFERENCES:
-            raise ValueError(f"ipo.reference must be one of {REFERENCES}, got {self.reference!r}")
-        if not self.beta > 0:
-            raise ValueError(f"ipo.beta must be > 0, got {self.beta}")
-        if not 0 < self.max_prompt_length < self.max_length:
-            raise ValueError(
-                f"ipo.max_prompt_length must be in (0, max_length={self.max_length}), got {self.max_prompt_length}"
-            )
-        short = [p.seq_len for p in self.phases if p.seq_len < 2 * self.max_length]
-        if short or (self.eval_seq_len is not None and self.eval_seq_len < 2 * self.max_length):
-            raise ValueError(
-                f"ipo.phases[].seq_len (and eval_seq_len) must be >= 2 * max_length = {2 * self.max_length}: "
-                f"a sequence holds both sides of a pair; got {short or self.eval_seq_len}"
-            )
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"ipo.val_fraction must be in [0, 1), got {self.val_fraction}")
-
-    @property
-    def averages(self) -> bool:
-        return self.loss_type == "ipo" if self.average_logprobs is None else self.average_logprobs
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -119,7 +68,7 @@ def preference_loss(
         return (logits - 1 / (2 * beta)) ** 2, logits
     if loss_type == "sigmoid":
         return -F.logsigmoid(beta * logits), logits
-    raise ValueError(f"ipo.loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    raise ValueError(f"ipo.loss_type must be one of {IPO_LOSS_TYPES}, got {loss_type!r}")
 
 
 @dataclass
@@ -150,28 +99,6 @@ def pair_logprobs(model, batch: dict[str, torch.Tensor], average: bool) -> SideL
 
 
 # ----------------------------------------------------------------------------------------- reference
-@contextlib.contextmanager
-def lora_disabled(model):
-    """The model without its LoRA for the duration: every LoRA scaling (LoraLinear.scaling, the experts'
-    lora_scaling) is 0, then restored -- the base model's function with no copy of a weight."""
-    from rustforge.model.lora import LoraLinear
-    from rustforge.model.moe import expert_lora_targets
-
-    saved = []
-    for module in getattr(model, "hf", model).modules():
-        if isinstance(module, LoraLinear):
-            saved.append((module, "scaling", module.scaling))
-        elif expert_lora_targets(module):
-            saved.append((module, "lora_scaling", module.lora_scaling))
-    try:
-        for module, name, _ in saved:
-            setattr(module, name, 0.0)
-        yield model
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
-
-
 class AdapterSnapshot:
     """The LoRA tensors as they are now; `active()` swaps them into the model for the duration."""
 
@@ -372,24 +299,22 @@ def run(
     train_pairs: Sequence | None = None,
     val_pairs: Sequence | None = None,
 ) -> dict:
-    from rustforge.model.base import prepare_base
-    from rustforge.model.lora import load_adapter, save_adapter
+    """Train the stage (cfg.ipo unless stage_cfg is given) from the core_agent adapter; pairs given directly
+    replace the configured files. Returns `summary`."""
+    stage_cfg = stage_cfg or cfg.ipo
+    if train_pairs is None and not stage_cfg.pairs:  # the run's own data (rustforge pipeline builds it)
+        from rustforge.train.agent_data import run_files
 
-    stage_cfg = stage_cfg or stage_config(cfg, STAGE, IpoConfig())
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    start = initial_adapter(cfg.run_dir, stage_cfg.init_from, PREVIOUS_STAGE, f"{STAGE}.init_from")
-    model, tokenizer = prepare_base(cfg, device, progress=progress)
-    if start is not None:
-        load_adapter(model.hf, start)
-    stage_dir = Path(cfg.run_dir) / STAGE
-    data = stage_data(stage_cfg, tokenizer, train_pairs, val_pairs)
+        train, val = run_files(cfg.run_dir, "pairs")
+        stage_cfg = replace(stage_cfg, pairs=train, val_pairs=stage_cfg.val_pairs or val)
+    start = start_stage(cfg, STAGE, stage_cfg.init_from, PREVIOUS_STAGE, progress)
+    data = stage_data(stage_cfg, start.tokenizer, train_pairs, val_pairs)
     trainer = IpoTrainer(
-        model, cfg.lora, stage_cfg, data.stage, stage_dir, device, progress, cfg.expert_monitor, ipo_cfg=stage_cfg
-    )
-    trainer.run(resume=resume, stop_after=stop_after)
-    if trainer.step == trainer.total_steps:
-        save_adapter(model.hf, cfg.lora, stage_dir / "adapter")
-    return summary(stage_dir)
+        start.model, cfg.lora, stage_cfg, data.stage, start.stage_dir, start.device, progress, cfg.expert_monitor,
+        ipo_cfg=stage_cfg,
+    )  # fmt: skip
+    finish_stage(trainer, resume, stop_after)
+    return summary(start.stage_dir)
 
 
 SUMMARY_KEYS = ("loss", "accuracy", "margin", "chosen_logratio", "rejected_logratio")
@@ -411,10 +336,8 @@ def summary(stage_dir: Path) -> dict:
 
 __all__ = [
     "AdapterSnapshot",
-    "IpoConfig",
     "IpoTrainer",
     "SideLogprobs",
-    "lora_disabled",
     "pair_item",
     "pair_logprobs",
     "preference_loss",

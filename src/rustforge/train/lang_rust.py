@@ -14,7 +14,13 @@ import torch
 from rustforge.config import RunConfig
 from rustforge.data.packing import PackedDataset, collate, pack_documents
 from rustforge.data.tokens import tokenize_split
-from rustforge.train.sft import BatchSource, DatasetBatches, SFTTrainer, StageData
+from rustforge.train.sft import (
+    BatchSource,
+    DatasetBatches,
+    SFTTrainer,
+    StageData,
+    finish_stage,
+)
 
 STAGE = "lang_rust"
 
@@ -44,17 +50,15 @@ def stage_data(cfg: RunConfig, tokenizer, stage_dir: Path) -> StageData:
 
 def run(cfg: RunConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
     from rustforge.model.base import prepare_base
+    from rustforge.train import distributed
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = prepare_base(cfg, device, progress=progress)
     stage_dir = Path(cfg.run_dir) / STAGE
-    data = stage_data(cfg, tokenizer, stage_dir)
+    with distributed.current().main_first():  # under torchrun rank 0 builds the base and token cache alone
+        model, tokenizer = prepare_base(cfg, device, progress=progress)
+        data = stage_data(cfg, tokenizer, stage_dir)
     trainer = SFTTrainer(model, cfg.lora, cfg.lang_rust, data, stage_dir, device, progress, cfg.expert_monitor)
-    trainer.run(resume=resume, stop_after=stop_after)
-    if trainer.step == trainer.total_steps:
-        from rustforge.model.lora import save_adapter
-
-        save_adapter(model.hf, cfg.lora, stage_dir / "adapter")
+    finish_stage(trainer, resume, stop_after)  # trains, then writes <stage_dir>/adapter at the end
     return summary(stage_dir)
 
 

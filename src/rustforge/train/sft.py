@@ -1,9 +1,13 @@
-"""The supervised fine-tuning loop shared by the lang_rust and core_agent stages.
+"""The supervised fine-tuning loop shared by the lang_rust, core_agent and ipo stages, and their common setup.
 
 Own code, not HF Trainer or TRL: the curriculum re-packs the data at a new seq_len in the middle of a run,
 a resume must continue at exactly the same batch with the same RNG, checkpoints hold PEFT-format adapters
 with the expert factors packed as PEFT packs them, and the loss is our chunked one over document-masked
 packed batches. Each of those fights a general trainer; the loop below is short enough to read whole.
+
+Around its own data and trainer a stage after lang_rust calls `start_stage` (the base with LoRA, holding the
+previous stage's adapter) and every stage `finish_stage` (train or resume; at the end of the curriculum write
+the stage's adapter, what the next stage starts from).
 """
 
 from __future__ import annotations
@@ -16,10 +20,15 @@ from typing import Callable
 
 import torch
 
-from rustforge.config import ExpertMonitorConfig, LoraConfig, TrainConfig
+from rustforge.config import ExpertMonitorConfig, LoraConfig, RunConfig, TrainConfig
 from rustforge.model.gptoss import RustforgeModel
 from rustforge.train import checkpoint as ckpt
-from rustforge.train.expert_monitor import HISTORY_FILE, ExpertMonitor, probe_model_routing
+from rustforge.train import distributed
+from rustforge.train.expert_monitor import (
+    HISTORY_FILE,
+    ExpertMonitor,
+    probe_model_routing,
+)
 from rustforge.train.metrics import MetricsLogger
 
 Batch = dict[str, torch.Tensor]
@@ -98,6 +107,9 @@ class SFTTrainer:
         self.model, self.lora_cfg, self.cfg, self.data = model, lora_cfg, cfg, data
         self.stage_dir, self.device, self.progress = Path(stage_dir), device, progress
         self.ckpt_root = self.stage_dir / "checkpoints"
+        self.dist = distributed.current()  # world size 1 without torchrun (#11)
+        if self.dist.enabled and not distributed.is_sharded(model):
+            distributed.shard_model(model, self.dist)  # before the optimizer sees the parameters
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("no trainable parameters: lora.targets matched nothing")
@@ -118,6 +130,8 @@ class SFTTrainer:
     def _save(self) -> Path:
         from rustforge.model.lora import save_adapter
 
+        if self.dist.enabled:  # full tensors, single-process format: resumable at any world size
+            return self._save_distributed()
         state = {
             "step": self.step,
             "phase": self.phase,
@@ -130,6 +144,30 @@ class SFTTrainer:
             self.ckpt_root, self.step, lambda d: save_adapter(self.model.hf, self.lora_cfg, d), state
         )
 
+    def _save_distributed(self) -> Path:
+        """Every rank gathers (collectives), rank 0 writes the single-process format, all wait for it."""
+        from rustforge.model.lora import save_adapter
+
+        lora = distributed.full_trainable_state(self.model)
+        optimizer = distributed.full_optimizer_state(self.optimizer)
+        path = self.ckpt_root / f"step-{self.step:06d}"
+        if self.dist.is_main:
+            state = {
+                "step": self.step,
+                "phase": self.phase,
+                "optimizer": optimizer,
+                "data": self.source.state_dict() if self.source else None,  # the same on every rank
+                "rng": ckpt.rng_state(),
+                "expert_monitor": self.monitor.state_dict() if self.monitor else None,
+                "world_size": self.dist.world_size,
+            }
+            with distributed.params_in_place(self.model, lora):
+                path = ckpt.save_checkpoint(
+                    self.ckpt_root, self.step, lambda d: save_adapter(self.model.hf, self.lora_cfg, d), state
+                )
+        self.dist.barrier()
+        return path
+
     def _resume(self) -> bool:
         from rustforge.model.lora import load_adapter
 
@@ -137,8 +175,12 @@ class SFTTrainer:
         if path is None:
             return False
         state = ckpt.load_trainer_state(path)
-        load_adapter(self.model.hf, path / "adapter")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.dist.enabled:
+            distributed.load_adapter_full(self.model, path / "adapter", self.dist)
+            distributed.load_optimizer_state(self.optimizer, self.params, state["optimizer"])
+        else:
+            load_adapter(self.model.hf, path / "adapter")
+            self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.phase = state["step"], state["phase"]
         if self.phase >= 0:
             self.source = self.data.train(self.phase, self.cfg.phases[self.phase].seq_len)
@@ -154,14 +196,21 @@ class SFTTrainer:
         resumed = resume and self._resume()
         if not resumed:
             ckpt.seed_everything(self.cfg.seed)
-        logger = MetricsLogger(self.stage_dir / "logs", self.total_steps, self.step, self.progress)
+        logger = (
+            MetricsLogger(self.stage_dir / "logs", self.total_steps, self.step, self.progress)
+            if self.dist.is_main
+            else distributed.NullLogger()
+        )
         if resumed:
             logger.bar.write(f"resumed from step {self.step}")
         last_val = {}
         if self.step == 0:
             last_val = self.evaluate(logger)
         if self.monitor and self.monitor.cfg.probe_drift and self.monitor.base_counts is None:
-            self.monitor.set_probe_base(self._probe_routing())  # LoRA B is still zero: the base's routing
+            from rustforge.model.lora import lora_disabled
+
+            with lora_disabled(self.model):  # the base's routing, also when starting from an earlier adapter
+                self.monitor.set_probe_base(self._probe_routing())
         steps_this_call = 0
         try:
             while self.step < self.total_steps and (stop_after is None or steps_this_call < stop_after):
@@ -173,7 +222,7 @@ class SFTTrainer:
                 done = self.step == self.total_steps
                 if self.step % self.cfg.eval_every == 0 or done:
                     last_val = self.evaluate(logger)
-                stop = self._watch_experts(logger)
+                stop = self.dist.broadcast_flag(self._watch_experts(logger))  # rank 0 decides for all
                 if self.step % self.cfg.save_every == 0 or done or stop:
                     self._save()
                 if stop:
@@ -181,6 +230,7 @@ class SFTTrainer:
                     break
         finally:
             logger.close()
+        self.dist.barrier()  # rank 0's logs and checkpoints are complete before any rank reads them
         return last_val
 
     def _probe_routing(self):
@@ -209,17 +259,21 @@ class SFTTrainer:
 
     def train_step(self) -> dict[str, float]:
         t0, lr, batches = self.begin_step()
-        n_total = sum(int((b["labels"] != -100).sum()) for b in batches)
+        n_total = self.step_label_tokens  # over the global step: every rank's micro-batches
+        pieces = len(batches) * self.dist.world_size  # micro-batches (or row slices of them) in the global step
         ce_total, aux_total = 0.0, 0.0
         for batch in batches:
             with self._autocast():
                 out = self.model(**batch)
             if self.monitor:
                 self.monitor.update(self.model.router_logits, batch["doc_ids"] >= 0)
-            loss = out.ce_sum / max(n_total, 1) + self.model.config.router_aux_loss_coef * out.aux_loss / len(batches)
+            loss = out.ce_sum / max(n_total, 1) + self.model.config.router_aux_loss_coef * out.aux_loss / pieces
+            if self.dist.enabled:
+                loss = loss * self.dist.world_size  # FSDP averages gradients over ranks; we want their sum
             loss.backward()
             ce_total += float(out.ce_sum.detach())
-            aux_total += float(out.aux_loss.detach()) / len(batches)
+            aux_total += float(out.aux_loss.detach()) / pieces
+        ce_total, aux_total = self.dist.all_reduce_sum([ce_total, aux_total])
         return self.finish_step(batches, t0, lr, {"loss": ce_total / max(n_total, 1), "aux_loss": aux_total})
 
     def begin_step(self) -> tuple[float, float, list[Batch]]:
@@ -229,15 +283,20 @@ class SFTTrainer:
         lr = lr_at(self.step, self.total_steps, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        return t0, lr, [self._to_device(self.source.next_batch()) for _ in range(self.cfg.grad_accum)]
+        # every rank draws the whole global step in the same order and keeps its slice (train/distributed.py)
+        step_batches = [self.source.next_batch() for _ in range(self.cfg.grad_accum)]
+        self.step_label_tokens = sum(int((b["labels"] != -100).sum()) for b in step_batches)
+        return t0, lr, [self._to_device(b) for b in self.dist.shard_micro_batches(step_batches)]
 
     def finish_step(self, batches: list[Batch], t0: float, lr: float, metrics: dict[str, float]) -> dict[str, float]:
         """Clip, step the optimizer, and add the bookkeeping every stage logs to the stage's own metrics."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
-        tokens = sum(b["labels"].numel() for b in batches)
+        tokens = sum(b["labels"].numel() for b in batches) * self.dist.world_size  # ranks hold equal slices
         return {
             **metrics,
             "lr": lr,
@@ -256,11 +315,16 @@ class SFTTrainer:
         if seq_len not in self.val_cache:
             self.val_cache[seq_len] = self.data.validation(seq_len)
         ce, n = 0.0, 0
-        for batch in self.val_cache[seq_len]:
+        batches = self.val_cache[seq_len]
+        for i, counts in self.dist.eval_slices(len(batches)):  # all of them at world size 1
             with self._autocast():
-                out = self.model(**self._to_device(batch))
-            ce += float(out.ce_sum)
-            n += int(out.n_tokens)
+                out = self.model(**self._to_device(batches[i]))
+            if counts:
+                ce += float(out.ce_sum)
+                n += int(out.n_tokens)
+        if self.dist.enabled:
+            ce, n = self.dist.all_reduce_sum([ce, n])
+            n = int(n)
         loss = ce / max(n, 1)
         metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": n}
         if logger is not None:
@@ -286,3 +350,51 @@ def _memory_gb(device: torch.device) -> float:
     except Exception:  # pragma: no cover - non-POSIX
         return 0.0
 
+
+# ------------------------------------------------------------------------------------ stage setup
+@dataclass
+class StageStart:
+    model: RustforgeModel
+    tokenizer: object
+    device: torch.device
+    stage_dir: Path
+
+
+def initial_adapter(run_dir: str | Path, init_from: str, previous_stage: str, field_name: str) -> Path | None:
+    """The adapter a stage starts from: the previous stage's (`previous`), none, or a given directory."""
+    if init_from == "none":
+        return None
+    path = Path(run_dir) / previous_stage / "adapter" if init_from == "previous" else Path(init_from)
+    if not (path / "adapter_config.json").is_file():
+        hint = f"run the {previous_stage} stage first, or " if init_from == "previous" else ""
+        raise FileNotFoundError(f"{field_name}: no adapter at {path} ({hint}set {field_name}: none to start fresh)")
+    return path
+
+
+def start_stage(cfg: RunConfig, stage: str, init_from: str, previous_stage: str, progress: bool = True) -> StageStart:
+    """The base model with LoRA on the training device, holding the adapter `init_from` names (checked
+    before the model is built); a checkpoint of this stage, when resuming, replaces it in SFTTrainer.run."""
+    from rustforge.model.base import prepare_base
+    from rustforge.model.lora import load_adapter
+
+    start = initial_adapter(cfg.run_dir, init_from, previous_stage, f"{stage}.init_from")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = prepare_base(cfg, device, progress=progress)
+    if start is not None:
+        load_adapter(model.hf, start)
+    return StageStart(model, tokenizer, device, Path(cfg.run_dir) / stage)
+
+
+def finish_stage(trainer: SFTTrainer, resume: bool, stop_after: int | None) -> bool:
+    """Train (or resume) to the end of the curriculum or stop_after; at the end write <stage_dir>/adapter,
+    what the next stage starts from. True when the stage is complete."""
+    from rustforge.model.lora import save_adapter
+
+    trainer.run(resume=resume, stop_after=stop_after)
+    done = trainer.step == trainer.total_steps
+    if done:
+        if trainer.dist.enabled:
+            distributed.save_adapter_full(trainer.model, trainer.lora_cfg, trainer.stage_dir / "adapter", trainer.dist)
+        else:
+            save_adapter(trainer.model.hf, trainer.lora_cfg, trainer.stage_dir / "adapter")
+    return done

@@ -1,0 +1,94 @@
+"""`rustforge pipeline`: every training stage in order from one config, each resumable, then the efficacy table.
+
+lang_rust -> core_agent -> ipo. Each stage starts from the previous stage's adapter (`init_from: previous`).
+Before core_agent and ipo, the run's agent data is made when their config names none (train/agent_data.py:
+mine a task set, replay it into trajectories and pairs; finished steps are skipped). A stage whose adapter is
+written and whose last checkpoint is the end of its curriculum is skipped, its before/after read back from
+its logs; an unfinished one resumes from its latest checkpoint -- so rerunning a killed pipeline continues
+where it stopped. `fresh` trains every stage from step 0 (the agent data, a cache, is kept).
+
+The efficacy table has, per stage, the stage's own metric before and after it (`EFFICACY_METRICS`: a later
+stage adds its entry there); it is printed and written to <run_dir>/efficacy.json for the report and README.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+
+from rustforge.config import RunConfig
+
+STAGES = ("lang_rust", "core_agent", "ipo")
+AGENT_DATA_BEFORE = {"core_agent": "trajectories", "ipo": "pairs"}  # stage -> the agent data it trains on
+EFFICACY_FILE = "efficacy.json"
+# stage -> (metric as printed, key of the stage summary's <key>_start / <key>_end)
+EFFICACY_METRICS = {
+    "lang_rust": [("held-out Rust loss (nats/token)", "val_loss")],
+    "core_agent": [
+        ("held-out loss on assistant tokens", "val_loss"),
+        ("Harmony compliance of sampled turns", "harmony_compliance"),
+        ("valid tool-call rate", "valid_tool_call_rate"),
+    ],
+    "ipo": [("held-out preference accuracy", "accuracy"), ("held-out margin (target 1/(2 beta))", "margin")],
+}
+
+
+def stage_complete(cfg: RunConfig, stage: str) -> bool:
+    """The stage's adapter is written and its latest checkpoint is the last step of its curriculum."""
+    from rustforge.train.checkpoint import latest_checkpoint
+
+    stage_dir = Path(cfg.run_dir) / stage
+    if not (stage_dir / "adapter" / "adapter_config.json").is_file():
+        return False
+    latest = latest_checkpoint(stage_dir / "checkpoints")
+    total = sum(phase.steps for phase in getattr(cfg, stage).phases)
+    return latest is not None and int(latest.name.removeprefix("step-")) == total  # step-000180
+
+
+def run_pipeline(cfg: RunConfig, fresh: bool = False, progress: bool = True) -> list[dict]:
+    """Run STAGES in order (see the module docstring); returns the efficacy rows, also printed and saved."""
+    from rustforge.train.agent_data import ensure_agent_data
+    from rustforge.train.checkpoint import write_json
+
+    rows: list[dict] = []
+    for stage in STAGES:
+        module = importlib.import_module(f"rustforge.train.{stage}")
+        if not fresh and stage_complete(cfg, stage):
+            print(f"{stage}: complete, skipped")
+            result = module.summary(Path(cfg.run_dir) / stage)
+        else:
+            if stage in AGENT_DATA_BEFORE:
+                ensure_agent_data(cfg, AGENT_DATA_BEFORE[stage], progress=progress)
+            result = module.run(cfg, resume=not fresh, progress=progress)
+        rows += efficacy_rows(stage, result)
+        write_json(Path(cfg.run_dir) / EFFICACY_FILE, {"rows": rows})  # after each stage: a partial table too
+    print(format_efficacy(rows))
+    return rows
+
+
+def efficacy_rows(stage: str, summary: dict) -> list[dict]:
+    """The stage's EFFICACY_METRICS rows from its summary (a metric the run did not log is left out)."""
+    rows = []
+    for metric, key in EFFICACY_METRICS.get(stage, []):
+        if f"{key}_start" in summary:
+            before, after = (_number(summary[f"{key}_{end}"]) for end in ("start", "end"))
+            rows.append({"stage": stage, "metric": metric, "before": before, "after": after, "steps": summary["steps"]})
+    return rows
+
+
+def _number(value) -> float | None:
+    """JSON-safe: NaN (e.g. a tool-call rate with no tool call sampled) becomes None."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def format_efficacy(rows: list[dict]) -> str:
+    """The table the pipeline prints: stage, metric, before, after, steps."""
+    lines = [f"{'stage':<11} {'metric':<38} {'before':>8} {'after':>8} {'steps':>6}"]
+    for row in rows:
+        before, after = (f"{v:8.3f}" if v is not None else f"{'n/a':>8}" for v in (row["before"], row["after"]))
+        lines.append(f"{row['stage']:<11} {row['metric']:<38} {before} {after} {row['steps']:>6}")
+    return "\n".join(lines)
+
+
+__all__ = ["EFFICACY_METRICS", "STAGES", "efficacy_rows", "format_efficacy", "run_pipeline", "stage_complete"]

@@ -1,0 +1,339 @@
+"""Stage qat: quantisation-aware training after the last training stage, so that the MXFP4 (or NVFP4) export
+keeps what fine-tuning learnt.
+
+Why: gpt-oss ships its experts in MXFP4. LoRA fine-tuning moves them in bf16 by deltas mostly smaller than
+half an MXFP4 step, so post-training quantisation (PTQ) of the merged model rounds much of the fine-tuning
+back to the base. QAT trains through the quantiser instead.
+
+Flow: base (float32) + the previous stage's adapter merged in float32 (checked against base + adapter on a
+probe batch like the export, export/hf.check_merge) -> every `mlp.experts` becomes `QatExperts`, whose
+forward uses the expert weights quantised and dequantised exactly as the export will write them (the
+straight-through estimator passes the gradient to the float32 weights) -> SFTTrainer (checkpoints, resume,
+lr schedule) at a low lr (default 1e-5) on the previous stage's data -> `<run_dir>/qat/final/`, which
+`rustforge export` picks up.
+
+What trains (`qat.trainable`):
+- "experts" (default): the expert weight stacks themselves as float32 master weights; everything else is
+  frozen. On the tiny model that is 6M parameters. On gpt-oss-20b it is ~19.7B parameters, x 16 bytes for
+  fp32 master + Adam ~ 300 GB: more than a node's GPUs without sharding -> use "lora" there.
+- "lora": a fresh LoRA on the experts of the merged model; the forward fake-quantises W + scaling * A @ B
+  (the sum the export writes), materialised per expert like PEFT's target_parameters. Adapter-sized state.
+Attention, router, embeddings and norms stay frozen and unquantised (gpt-oss's MXFP4 checkpoints keep
+them bf16).
+
+Data: the lang_rust mix (corpus) with lang_rust's validation set, so the numbers compare with that stage.
+Metrics at each evaluation: `loss` = the fake-quantised model (what the export computes; at step 0 this is
+the PTQ loss), `loss_bf16` = the same weights unquantised, `quant_gap` = their difference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rustforge.config import LoraConfig, QatConfig, RunConfig
+from rustforge.model.moe import (
+    EXPERT_TARGETS,
+    ReferenceLoraExperts,
+    add_expert_lora,
+    dense_expert_params,
+)
+from rustforge.model.quant import fake_quant
+from rustforge.train import checkpoint as ckpt
+from rustforge.train.sft import SFTTrainer
+
+STAGE = "qat"
+FINAL_DIR = "final"
+INFO_NAME = "qat.json"
+EXPERTS_FILE = "experts.safetensors"
+TRAINABLE_FILE = "trainable.safetensors"
+QAT_FORMATS = ("mxfp4", "nvfp4")
+TRAINABLE = ("experts", "lora")
+
+
+# -------------------------------------------------------------------------------------- the module
+class QatExperts(ReferenceLoraExperts):
+    """transformers' expert loop whose weights are fake-quantised in the forward: per expert, W_e (+ the
+    LoRA delta) quantised along its input dim as the export stores it, gradient straight through."""
+
+    def __init__(self, *args, fmt: str, mxfp4_rule: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        if fmt not in QAT_FORMATS:
+            raise ValueError(f"qat.format must be one of {QAT_FORMATS}, got {fmt!r}")
+        self.fmt, self.mxfp4_rule, self.fake_quant_enabled = fmt, mxfp4_rule, True
+
+    @classmethod
+    def from_experts(cls, experts, fmt: str, mxfp4_rule: str) -> QatExperts:
+        weights = [t.detach().float().clone() for t in dense_expert_params(experts)]
+        return cls(*weights, alpha=experts.alpha, limit=experts.limit, fmt=fmt, mxfp4_rule=mxfp4_rule)
+
+    def expert_weight(self, proj: str, e: int) -> torch.Tensor:
+        weight = super().expert_weight(proj, e)  # [in, out], LoRA delta included
+        if not self.fake_quant_enabled:
+            return weight
+        return fake_quant(weight, self.fmt, dim=0, mxfp4_rule=self.mxfp4_rule)
+
+    def extra_repr(self) -> str:
+        return f"fmt={self.fmt}, rule={self.mxfp4_rule}, fake_quant={self.fake_quant_enabled}"
+
+
+@contextlib.contextmanager
+def fake_quant_disabled(model):
+    """The model with unquantised expert weights for the duration (its bf16/float32 function)."""
+    modules = [m for m in getattr(model, "hf", model).modules() if isinstance(m, QatExperts)]
+    try:
+        for m in modules:
+            m.fake_quant_enabled = False
+        yield model
+    finally:
+        for m in modules:
+            m.fake_quant_enabled = True
+
+
+def install_qat_experts(hf_model, qcfg: QatConfig, mxfp4_rule: str, lora_cfg: LoraConfig, seed: int) -> None:
+    """Swap every layer's experts for QatExperts and make exactly the `qcfg.trainable` tensors trainable."""
+    if qcfg.trainable not in TRAINABLE:
+        raise ValueError(f"qat.trainable must be one of {TRAINABLE}, got {qcfg.trainable!r}")
+    hf_model.requires_grad_(False)
+    torch.manual_seed(seed)
+    for layer in hf_model.model.layers:
+        experts = QatExperts.from_experts(layer.mlp.experts, qcfg.format, mxfp4_rule)
+        if qcfg.trainable == "experts":
+            experts.gate_up_proj.requires_grad_(True)
+            experts.down_proj.requires_grad_(True)
+        else:
+            add_expert_lora(experts, lora_cfg.r, lora_cfg.alpha, EXPERT_TARGETS)
+        layer.mlp.experts = experts
+
+
+def expert_lora_config(lora_cfg: LoraConfig) -> LoraConfig:
+    return replace(lora_cfg, targets=list(EXPERT_TARGETS), dropout=0.0)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    hf = getattr(model, "hf", model)
+    return {n: p.detach().cpu().contiguous() for n, p in hf.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, tensors: dict[str, torch.Tensor], where: str) -> None:
+    params = {n: p for n, p in getattr(model, "hf", model).named_parameters() if p.requires_grad}
+    if set(params) != set(tensors):
+        missing = sorted(set(params) - set(tensors)) or sorted(set(tensors) - set(params))
+        raise KeyError(f"{where}: trainable tensors do not match the QAT model (first difference: {missing[0]})")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name])
+
+
+# ------------------------------------------------------------------------------------- the trainer
+class QatTrainer(SFTTrainer):
+    """SFTTrainer whose checkpoints hold the trainable tensors (expert weights or expert LoRA) and whose
+    evaluation reports the fake-quantised and the unquantised loss."""
+
+    def _save(self) -> Path:
+        state = {
+            "step": self.step,
+            "phase": self.phase,
+            "optimizer": self.optimizer.state_dict(),
+            "data": self.source.state_dict() if self.source else None,
+            "rng": ckpt.rng_state(),
+        }
+
+        def write(directory: Path) -> None:
+            directory.mkdir(parents=True)
+            save_file(trainable_state(self.model), str(directory / TRAINABLE_FILE))
+
+        return ckpt.save_checkpoint(self.ckpt_root, self.step, write, state)
+
+    def _resume(self) -> bool:
+        path = ckpt.latest_checkpoint(self.ckpt_root)
+        if path is None:
+            return False
+        state = ckpt.load_trainer_state(path)
+        weights = path / "adapter" / TRAINABLE_FILE
+        load_trainable_state(self.model, load_file(str(weights)), str(weights))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.phase = state["step"], state["phase"]
+        if self.phase >= 0:
+            self.source = self.data.train(self.phase, self.cfg.phases[self.phase].seq_len)
+            self.source.load_state_dict(state["data"])
+        ckpt.set_rng_state(state["rng"])
+        return True
+
+    @torch.no_grad()
+    def evaluate(self, logger=None) -> dict[str, float]:
+        quantized = super().evaluate(None)
+        with fake_quant_disabled(self.model):
+            unquantized = super().evaluate(None)
+        metrics = {
+            **quantized,
+            "loss_bf16": unquantized["loss"],
+            "quant_gap": quantized["loss"] - unquantized["loss"],
+        }
+        if logger is not None:
+            logger.log(self.step, metrics, split="val")
+        return metrics
+
+
+# ---------------------------------------------------------------------------------------- building
+def stage_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.run_dir) / STAGE
+
+
+def result_dir(cfg: RunConfig) -> Path:
+    return stage_dir(cfg) / FINAL_DIR
+
+
+def is_complete(directory: Path) -> bool:
+    return (Path(directory) / INFO_NAME).is_file()
+
+
+def merged_start(cfg: RunConfig, adapter: Path, probe_tokens: int, kl_threshold: float):
+    """(plain float32 model = base + adapter merged, tokenizer, merge check result); refuses a bad merge."""
+    from rustforge.data.tokenizer import load_tokenizer
+    from rustforge.export.hf import check_merge, lora_reference, probe_batch
+    from rustforge.model.base import base_dir
+    from rustforge.model.loader import load_gptoss
+    from rustforge.model.lora import merge_adapter
+
+    tokenizer = load_tokenizer(base_dir(cfg))
+    base = load_gptoss(base_dir(cfg), dtype=torch.float32)
+    reference = lora_reference(base, adapter)
+    merged = base  # merged in place: the reference holds its own copy
+    merge_adapter(merged, adapter)
+    check = check_merge(merged, reference, probe_batch(tokenizer, probe_tokens), kl_threshold)
+    return merged, tokenizer, check
+
+
+def stage_data(cfg: RunConfig, qcfg: QatConfig, tokenizer):
+    """The lang_rust mix at QAT's batch size, validated on exactly lang_rust's validation batches (its
+    eval_seq_len, batch size and eval_batches), so that the losses compare with that stage's."""
+    from rustforge.train import lang_rust
+    from rustforge.train.sft import StageData
+
+    if qcfg.data != "lang_rust":
+        raise ValueError(f"qat.data: only 'lang_rust' is supported so far, got {qcfg.data!r}")
+    train_cfg = replace(cfg.lang_rust, batch_size=qcfg.batch_size, seed=qcfg.seed)
+    train = lang_rust.stage_data(replace(cfg, lang_rust=train_cfg), tokenizer, stage_dir(cfg)).train
+    lang_val = lang_rust.stage_data(cfg, tokenizer, stage_dir(cfg)).validation
+    val_seq_len = cfg.lang_rust.eval_seq_len or cfg.lang_rust.phases[0].seq_len
+    return StageData(train=train, validation=lambda _seq_len: lang_val(val_seq_len))
+
+
+def build(cfg: RunConfig, device: torch.device):
+    """(RustforgeModel with QatExperts, tokenizer, info) at the start of QAT."""
+    from rustforge.export.hf import stage_adapter
+    from rustforge.model.gptoss import RustforgeModel, resolve_attention
+
+    qcfg = cfg.qat
+    adapter = stage_adapter(cfg.run_dir, qcfg.source)
+    merged, tokenizer, check = merged_start(cfg, adapter, cfg.export.probe_tokens, cfg.export.kl_threshold)
+    install_qat_experts(merged, qcfg, cfg.export.mxfp4_rounding, expert_lora_config(cfg.lora), cfg.model.seed)
+    model = RustforgeModel(merged.to(device), cfg.model, resolve_attention(cfg.model, device))
+    info = {"source_adapter": str(adapter), "format": qcfg.format, "trainable": qcfg.trainable,
+            "mxfp4_rounding": cfg.export.mxfp4_rounding, "merge_check": check}  # fmt: skip
+    return model, tokenizer, info
+
+
+# ------------------------------------------------------------------------------------------ result
+def save_result(model, cfg: RunConfig, info: dict, directory: Path) -> Path:
+    """<run_dir>/qat/final: experts.safetensors (trained expert stacks, float32) or adapter/ (expert LoRA over
+    base + source adapter), and qat.json. Atomic: staged, then renamed."""
+    from rustforge.model.lora import save_adapter
+
+    staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    hf = getattr(model, "hf", model)
+    if info["trainable"] == "experts":
+        stacks = {f"model.layers.{i}.mlp.experts.{p}": getattr(layer.mlp.experts, p).detach().float().cpu().contiguous()
+                  for i, layer in enumerate(hf.model.layers) for p in EXPERT_TARGETS}  # fmt: skip
+        save_file(stacks, str(staging / EXPERTS_FILE))
+    else:
+        save_adapter(hf, expert_lora_config(cfg.lora), staging / "adapter")
+    (staging / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+    if directory.exists():
+        shutil.rmtree(directory)
+    staging.rename(directory)
+    return directory
+
+
+def load_result(cfg: RunConfig, directory: Path):
+    """(plain float32 model = base + source adapter merged with the QAT experts in place, QAT adapter dir or
+    None, info) -- what export merges and writes."""
+    from rustforge.model.base import base_dir
+    from rustforge.model.loader import load_gptoss
+    from rustforge.model.lora import merge_adapter
+
+    directory = Path(directory)
+    info = json.loads((directory / INFO_NAME).read_text())
+    model = load_gptoss(base_dir(cfg), dtype=torch.float32)
+    merge_adapter(model, info["source_adapter"])
+    if info["trainable"] == "lora":
+        return model, directory / "adapter", {"source": str(directory), **info}
+    stacks = load_file(str(directory / EXPERTS_FILE))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in stacks.items():
+            if name not in params or params[name].shape != tensor.shape:
+                raise ValueError(f"{directory / EXPERTS_FILE}: {name} does not fit the base model")
+            params[name].copy_(tensor)
+    return model, None, {"source": str(directory), **info}
+
+
+# --------------------------------------------------------------------------------------------- run
+def run(cfg: RunConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Merge, then train with fake-quantised experts to the end of qat.phases; writes qat/final when done."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, info = build(cfg, device)
+    data = stage_data(cfg, cfg.qat, tokenizer)
+    trainer = QatTrainer(model, cfg.lora, cfg.qat, data, stage_dir(cfg), device, progress)
+    trainer.run(resume=resume, stop_after=stop_after)
+    if trainer.step == trainer.total_steps:
+        save_result(model, cfg, {**info, "steps": trainer.step}, result_dir(cfg))
+    return summary(stage_dir(cfg))
+
+
+def summary(directory: Path) -> dict:
+    """The stage's before/after: the fake-quantised model's held-out loss (`val_loss_quantised_start` is PTQ,
+    `_end` is QAT; also as val_loss_ptq / val_loss_qat) and the same weights unquantised (`val_loss_bf16_*`)."""
+    from rustforge.train.metrics import read_metrics
+
+    val = read_metrics(Path(directory) / "logs" / "metrics.jsonl", "val")
+    if not val:
+        raise ValueError(f"{directory}: no validation metrics logged")
+    first, last = val[min(val)], val[max(val)]
+    return {
+        "steps": max(val),
+        "val_loss_bf16_start": first["loss_bf16"],
+        "val_loss_ptq": first["loss"],
+        "val_loss_qat": last["loss"],
+        "val_loss_bf16_end": last["loss_bf16"],
+        "val_loss_quantised_start": first["loss"],
+        "val_loss_quantised_end": last["loss"],
+        "val_ppl_ptq": math.exp(min(first["loss"], 50)),
+        "val_ppl_qat": math.exp(min(last["loss"], 50)),
+    }
+
+
+__all__ = [
+    "QatExperts",
+    "QatTrainer",
+    "build",
+    "fake_quant_disabled",
+    "install_qat_experts",
+    "is_complete",
+    "load_result",
+    "result_dir",
+    "run",
+    "save_result",
+    "summary",
+]
