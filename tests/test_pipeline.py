@@ -83,6 +83,7 @@ def run_cfg(tiny_base, tmp_path, monkeypatch) -> tuple[RunConfig, FakeAgentData]
                        "sample_prompts": 2, "sample_max_new_tokens": 6},
         "ipo": {**small, "phases": [{"seq_len": 640, "steps": 2}], "eval_every": 2, "save_every": 1,
                 "max_length": 320, "max_prompt_length": 240, "beta": 0.5},
+        "qat": {**small, "phases": [{"seq_len": 128, "steps": 2}], "eval_every": 2, "save_every": 2},
     })  # fmt: skip
     fake = FakeAgentData()
     monkeypatch.setattr(agent_data, "mine", fake.mine)
@@ -111,8 +112,12 @@ def test_pipeline_chains_the_stages_and_a_rerun_skips_what_is_done(run_cfg, monk
     # the table: each stage's own metric before and after, printed and saved
     assert [(r["stage"], r["metric"].split()[0]) for r in rows] == [
         ("lang_rust", "held-out"), ("core_agent", "held-out"), ("core_agent", "Harmony"),
-        ("core_agent", "valid"), ("ipo", "held-out"), ("ipo", "held-out"),
+        ("core_agent", "valid"), ("ipo", "held-out"), ("ipo", "held-out"), ("qat", "held-out"), ("qat", "held-out"),
     ]  # fmt: skip
+    # qat ran from ipo's adapter and its result was exported in the gpt-oss layout
+    assert (run_dir / "qat" / "final").is_dir()
+    export_config = json.loads((run_dir / "export" / run_cfg.qat.format / "config.json").read_text())
+    assert export_config["quantization_config"]["quant_method"] == "mxfp4"
     assert json.loads((run_dir / pipeline.EFFICACY_FILE).read_text())["rows"] == rows
     printed = capsys.readouterr().out
     assert pipeline.format_efficacy(rows) in printed
@@ -122,8 +127,9 @@ def test_pipeline_chains_the_stages_and_a_rerun_skips_what_is_done(run_cfg, monk
     def must_not_train(*args, **kwargs):
         raise AssertionError("a finished stage was run again")
 
-    for stage in pipeline.STAGES:
+    for stage in (*pipeline.STAGES, "qat"):
         monkeypatch.setattr(f"rustforge.train.{stage}.run", must_not_train)
+    monkeypatch.setattr("rustforge.export.hf.export_run", must_not_train)
     assert pipeline.run_pipeline(run_cfg, progress=False) == rows
     assert fake.calls[5:] == [] and "complete, skipped" in capsys.readouterr().out
 
@@ -140,6 +146,7 @@ def test_an_unfinished_stage_and_data_step_resume(run_cfg, monkeypatch):
     monkeypatch.setattr(ipo, "run", lambda cfg, **kw: real_ipo_run(cfg, **{**kw, "stop_after": 1}))
     pipeline.run_pipeline(run_cfg, progress=False)
     assert not pipeline.stage_complete(run_cfg, "ipo") and pipeline.stage_complete(run_cfg, "core_agent")
+    assert not (run_dir / "qat").exists()  # an unfinished stage stops the pipeline there
     steps = agent_data.finished_steps(run_dir)
     del steps["pairs.val"]
     (run_dir / "agent_data" / "steps.json").write_text(json.dumps(steps))
@@ -154,7 +161,7 @@ def test_an_unfinished_stage_and_data_step_resume(run_cfg, monkeypatch):
     assert resumed_from == ["ipo"]  # lang_rust and core_agent were skipped, not resumed
     train = read_metrics(run_dir / "ipo" / "logs" / "metrics.jsonl", "train")
     assert sorted(train) == [1, 2] and pipeline.stage_complete(run_cfg, "ipo")
-    assert [r["stage"] for r in rows][-2:] == ["ipo", "ipo"]
+    assert [r["stage"] for r in rows][-4:] == ["ipo", "ipo", "qat", "qat"]
 
 
 def test_stage_without_data_of_its_own_explains_what_to_run(tmp_path):

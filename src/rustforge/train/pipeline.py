@@ -1,6 +1,7 @@
 """`rustforge pipeline`: every training stage in order from one config, each resumable, then the efficacy table.
 
-lang_rust -> core_agent -> ipo. Each stage starts from the previous stage's adapter (`init_from: previous`).
+lang_rust -> core_agent -> ipo, then qat (the last adapter merged, trained through fake-quantised experts)
+and the export of its result in `qat.format` to <run_dir>/export/<format>. Each stage starts from the previous stage's adapter (`init_from: previous`).
 Before core_agent and ipo, the run's agent data is made when their config names none (train/agent_data.py:
 mine a task set, replay it into trajectories and pairs; finished steps are skipped). A stage whose adapter is
 written and whose last checkpoint is the end of its curriculum is skipped, its before/after read back from
@@ -31,6 +32,9 @@ EFFICACY_METRICS = {
         ("valid tool-call rate", "valid_tool_call_rate"),
     ],
     "ipo": [("held-out preference accuracy", "accuracy"), ("held-out margin (target 1/(2 beta))", "margin")],
+    # before = PTQ (the merged model quantised as is), after = QAT; lang_rust's held-out set
+    "qat": [("held-out loss, quantised (PTQ->QAT)", "val_loss_quantised"),
+            ("held-out loss, the same unquantised", "val_loss_bf16")],
 }
 
 
@@ -63,8 +67,31 @@ def run_pipeline(cfg: RunConfig, fresh: bool = False, progress: bool = True) -> 
             result = module.run(cfg, resume=not fresh, progress=progress)
         rows += efficacy_rows(stage, result)
         write_json(Path(cfg.run_dir) / EFFICACY_FILE, {"rows": rows})  # after each stage: a partial table too
+        if not stage_complete(cfg, stage):  # stopped early (e.g. a routing-collapse alarm): later stages wait
+            print(f"{stage}: stopped before the end of its curriculum; rerun the pipeline to resume it")
+            print(format_efficacy(rows))
+            return rows
+    rows += quantise_and_export(cfg, fresh, progress)
+    write_json(Path(cfg.run_dir) / EFFICACY_FILE, {"rows": rows})
     print(format_efficacy(rows))
     return rows
+
+
+def quantise_and_export(cfg: RunConfig, fresh: bool, progress: bool) -> list[dict]:
+    """qat from the last stage's adapter (skipped when its result is written), then the export in qat.format
+    (skipped when that directory exists); returns qat's efficacy rows."""
+    from rustforge.export.hf import export_run
+    from rustforge.train import qat
+
+    if not fresh and qat.is_complete(qat.result_dir(cfg)):
+        print("qat: complete, skipped")
+        result = qat.summary(qat.stage_dir(cfg))
+    else:
+        result = qat.run(cfg, resume=not fresh, progress=progress)
+    export_dir = Path(cfg.export.out_dir or Path(cfg.run_dir) / "export" / cfg.qat.format)
+    if fresh or not (export_dir / "config.json").is_file():
+        print(f"export: {export_run(cfg, cfg.qat.format, export_dir)}")
+    return efficacy_rows("qat", result)
 
 
 def efficacy_rows(stage: str, summary: dict) -> list[dict]:
@@ -91,4 +118,7 @@ def format_efficacy(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["EFFICACY_METRICS", "STAGES", "efficacy_rows", "format_efficacy", "run_pipeline", "stage_complete"]
+__all__ = [
+    "EFFICACY_METRICS", "STAGES", "efficacy_rows", "format_efficacy", "quantise_and_export", "run_pipeline",
+    "stage_complete",
+]
