@@ -5,8 +5,8 @@
     rustforge data trajectories|pairs --config ... --out F.jsonl   agent trajectories / IPO pairs, tools run for real
     rustforge init --config configs/tiny.yaml             build the embedded tiny base (tokenizer + model)
     rustforge train --stage lang_rust|core_agent|ipo|grpo|qat --config ... [--resume]
-    rustforge pipeline --config configs/tiny.yaml         lang_rust -> core_agent -> ipo (mining a task set for the
-                                                          agent stages) -> qat + export, each resumable, then the
+    rustforge pipeline --config configs/tiny.yaml         lang_rust -> core_agent -> ipo -> grpo (mining a task set for
+                                                          the agent stages) -> qat + export -> eval, resumable; then the
                                                           efficacy table
     rustforge smoke --config configs/tiny.yaml            build the base and run one forward pass
     rustforge plan --config configs/gpt-oss-20b-h100.yaml [--tier h100_80gb]   memory plan per stage
@@ -255,7 +255,7 @@ def cmd_train(cfg: RunConfig, args) -> int:
 
 
 def cmd_pipeline(cfg: RunConfig, args) -> int:
-    """lang_rust -> core_agent -> ipo -> qat + export (rustforge.train.pipeline), the efficacy table, the report."""
+    """Every stage in order (rustforge.train.pipeline), the efficacy table, the report."""
     from rustforge.train.distributed import context_from_env
 
     if context_from_env().enabled:  # core_agent/ipo/grpo do not run under FSDP yet (train/distributed.py)

@@ -358,12 +358,12 @@ def export_adapter(
 
 
 # ------------------------------------------------------------------------------------------ a run
-TRAINED_STAGES = ("ipo", "core_agent", "lang_rust")  # latest first
+TRAINED_STAGES = ("grpo", "ipo", "core_agent", "lang_rust")  # latest first
 
 
 def stage_adapter(run_dir: str | Path, source: str = "auto") -> Path:
-    """The adapter to export: `auto` = the last stage (ipo, core_agent, lang_rust) that finished, a stage
-    name, or an adapter directory."""
+    """The adapter to export: `auto` = the last stage (grpo, ipo, core_agent, lang_rust) that wrote its
+    adapter, a stage name, or an adapter directory."""
     run_dir = Path(run_dir)
     if source == "auto":
         for stage in TRAINED_STAGES:

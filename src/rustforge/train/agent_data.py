@@ -69,14 +69,26 @@ def ensure_agent_data(cfg: RunConfig, kind: str, sandbox=None, progress: bool = 
     from rustforge.rust.sandbox import Sandbox
 
     sandbox = sandbox or Sandbox(cfg.sandbox)
-    (Path(cfg.run_dir) / AGENT_DATA).mkdir(parents=True, exist_ok=True)
-    if "tasks" not in finished_steps(cfg.run_dir):
-        _record(cfg.run_dir, "tasks", mine(cfg, sandbox, progress))
+    _ensure_mined(cfg, sandbox, progress)
     for split in SPLITS:
         step = f"{kind}.{split}"
         if step not in finished_steps(cfg.run_dir):
             _record(cfg.run_dir, step, build(cfg, kind, split, sandbox, progress))
     return finished_steps(cfg.run_dir)
+
+
+def ensure_tasks(cfg: RunConfig, sandbox=None, progress: bool = True) -> None:
+    """Mine the run's task set (for grpo) unless `grpo.tasks_dir` names tasks of its own or it is done."""
+    if not cfg.grpo.tasks_dir:
+        from rustforge.rust.sandbox import Sandbox
+
+        _ensure_mined(cfg, sandbox or Sandbox(cfg.sandbox), progress)
+
+
+def _ensure_mined(cfg: RunConfig, sandbox, progress: bool) -> None:
+    (Path(cfg.run_dir) / AGENT_DATA).mkdir(parents=True, exist_ok=True)
+    if "tasks" not in finished_steps(cfg.run_dir):
+        _record(cfg.run_dir, "tasks", mine(cfg, sandbox, progress))
 
 
 def mine(cfg: RunConfig, sandbox, progress: bool = True) -> dict:

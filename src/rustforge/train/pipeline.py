@@ -1,27 +1,39 @@
 """`rustforge pipeline`: every training stage in order from one config, each resumable, then the efficacy table.
 
-lang_rust -> core_agent -> ipo, then qat (the last adapter merged, trained through fake-quantised experts)
-and the export of its result in `qat.format` to <run_dir>/export/<format>. Each stage starts from the previous stage's adapter (`init_from: previous`).
+lang_rust -> core_agent -> ipo -> grpo, then qat (the last adapter merged, trained through fake-quantised
+experts) and the export of its result in `qat.format` to <run_dir>/export/<format>, then the eval row. Each
+stage starts from the previous stage's adapter (`init_from: previous`).
 Before core_agent and ipo, the run's agent data is made when their config names none (train/agent_data.py:
-mine a task set, replay it into trajectories and pairs; finished steps are skipped). A stage whose adapter is
+mine a task set, replay it into trajectories and pairs; finished steps are skipped); grpo's episodes are the
+run's mined tasks (grpo.tasks_dir empty = tasks.out_dir), mined first if that step is not done. A stage whose adapter is
 written and whose last checkpoint is the end of its curriculum is skipped, its before/after read back from
 its logs; an unfinished one resumes from its latest checkpoint -- so rerunning a killed pipeline continues
 where it stopped. `fresh` trains every stage from step 0 (the agent data, a cache, is kept).
 
 The efficacy table has, per stage, the stage's own metric before and after it (`EFFICACY_METRICS`: a later
 stage adds its entry there); it is printed and written to <run_dir>/efficacy.json for the report and README.
+Its last rows ("eval") come from the evaluation harness (eval/harness.py, the `eval` section: by default
+single-shot on the val split of the run's mined tasks, crates no stage trained on): pass@1 and compile rate of
+the model before the agent stages (lang_rust's adapter) and after the last one (grpo's); their "steps" column
+is the number of samples per model. Each evaluation's JSON is written to <run_dir>/eval/ and a rerun reads
+it back instead of evaluating again.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import math
 from pathlib import Path
 
 from rustforge.config import RunConfig
 
-STAGES = ("lang_rust", "core_agent", "ipo")
+STAGES = ("lang_rust", "core_agent", "ipo", "grpo")
 AGENT_DATA_BEFORE = {"core_agent": "trajectories", "ipo": "pairs"}  # stage -> the agent data it trains on
+TASKS_BEFORE = ("grpo",)  # stages whose episodes are the run's mined tasks (when grpo.tasks_dir is empty)
+# the eval row: (the model's stage dir in the run, its JSON under <run_dir>/eval/) before and after the agent stages
+EVAL_MODELS = {"before": "lang_rust", "after": "grpo"}
+EVAL_METRICS = [("pass@1", "pass@1"), ("compile rate", "compile_rate")]  # (printed, key of the report's overall)
 EFFICACY_FILE = "efficacy.json"
 # stage -> (metric as printed, key of the stage summary's <key>_start / <key>_end)
 EFFICACY_METRICS = {
@@ -32,6 +44,9 @@ EFFICACY_METRICS = {
         ("valid tool-call rate", "valid_tool_call_rate"),
     ],
     "ipo": [("held-out preference accuracy", "accuracy"), ("held-out margin (target 1/(2 beta))", "margin")],
+    # held-out episodes (greedy) at step 0 and at the end
+    "grpo": [("held-out mean reward", "reward"), ("held-out pass rate (all tests pass)", "pass_rate"),
+             ("Harmony compliance of episodes", "compliance_rate")],
     # before = PTQ (the merged model quantised as is), after = QAT; lang_rust's held-out set
     "qat": [("held-out loss, quantised (PTQ->QAT)", "val_loss_quantised"),
             ("held-out loss, the same unquantised", "val_loss_bf16")],
@@ -52,7 +67,7 @@ def stage_complete(cfg: RunConfig, stage: str) -> bool:
 
 def run_pipeline(cfg: RunConfig, fresh: bool = False, progress: bool = True) -> list[dict]:
     """Run STAGES in order (see the module docstring); returns the efficacy rows, also printed and saved."""
-    from rustforge.train.agent_data import ensure_agent_data
+    from rustforge.train.agent_data import ensure_agent_data, ensure_tasks
     from rustforge.train.checkpoint import write_json
 
     rows: list[dict] = []
@@ -64,6 +79,8 @@ def run_pipeline(cfg: RunConfig, fresh: bool = False, progress: bool = True) -> 
         else:
             if stage in AGENT_DATA_BEFORE:
                 ensure_agent_data(cfg, AGENT_DATA_BEFORE[stage], progress=progress)
+            if stage in TASKS_BEFORE:
+                ensure_tasks(cfg, progress=progress)  # grpo trains on the run's mined tasks
             result = module.run(cfg, resume=not fresh, progress=progress)
         rows += efficacy_rows(stage, result)
         write_json(Path(cfg.run_dir) / EFFICACY_FILE, {"rows": rows})  # after each stage: a partial table too
@@ -72,6 +89,8 @@ def run_pipeline(cfg: RunConfig, fresh: bool = False, progress: bool = True) -> 
             print(format_efficacy(rows))
             return rows
     rows += quantise_and_export(cfg, fresh, progress)
+    write_json(Path(cfg.run_dir) / EFFICACY_FILE, {"rows": rows})
+    rows += evaluation_rows(cfg, fresh, progress)
     write_json(Path(cfg.run_dir) / EFFICACY_FILE, {"rows": rows})
     print(format_efficacy(rows))
     return rows
@@ -92,6 +111,34 @@ def quantise_and_export(cfg: RunConfig, fresh: bool, progress: bool) -> list[dic
     if fresh or not (export_dir / "config.json").is_file():
         print(f"export: {export_run(cfg, cfg.qat.format, export_dir)}")
     return efficacy_rows("qat", result)
+
+
+def eval_out(cfg: RunConfig, label: str) -> Path:
+    """<run_dir>/eval/<suite>-<mode>-<before|after>.json"""
+    return Path(cfg.run_dir) / "eval" / f"{cfg.eval.suite}-{cfg.eval.mode}-{label}.json"
+
+
+def evaluation_rows(cfg: RunConfig, fresh: bool = False, progress: bool = True) -> list[dict]:
+    """The eval rows: cfg.eval's suite on EVAL_MODELS' stages (each skipped when its JSON exists, unless
+    fresh), pass@1 and compile rate before and after."""
+    from rustforge.eval import harness
+
+    overall = {}
+    for label, stage in EVAL_MODELS.items():
+        out = eval_out(cfg, label)
+        if fresh or not out.is_file():
+            report = harness.evaluate(cfg, Path(cfg.run_dir) / stage, cfg.eval, progress=progress, out=out)
+            print(f"eval ({label}: {stage})\n{report.table(max_rows=0)}")
+        else:
+            print(f"eval ({label}: {stage}): {out} exists, skipped")
+        overall[label] = json.loads(out.read_text())["overall"]
+    where = "held-out crates" if (cfg.eval.suite, cfg.eval.split) == ("crate_tasks", "val") else cfg.eval.suite
+    rows = []
+    for metric, key in EVAL_METRICS:
+        before, after = (_number(overall[label].get(key)) for label in EVAL_MODELS)
+        rows.append({"stage": "eval", "metric": f"{metric}, {where} ({cfg.eval.mode})", "before": before,
+                     "after": after, "steps": overall["after"].get("samples")})  # fmt: skip
+    return rows
 
 
 def efficacy_rows(stage: str, summary: dict) -> list[dict]:
@@ -119,6 +166,6 @@ def format_efficacy(rows: list[dict]) -> str:
 
 
 __all__ = [
-    "EFFICACY_METRICS", "STAGES", "efficacy_rows", "format_efficacy", "quantise_and_export", "run_pipeline",
-    "stage_complete",
+    "EFFICACY_METRICS", "EVAL_MODELS", "STAGES", "efficacy_rows", "eval_out", "evaluation_rows",
+    "format_efficacy", "quantise_and_export", "run_pipeline", "stage_complete",
 ]
