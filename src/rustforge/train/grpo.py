@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -679,16 +678,9 @@ SUMMARY_KEYS = ("reward", "pass_rate", "compliance_rate", "endless_reasoning_rat
 def summary(stage_dir: Path) -> dict:
     """Held-out episodes before (step 0) and after: reward, pass rate, Harmony compliance, endless-reasoning
     rate, completion length -- the stage's row of the pipeline table."""
-    from rustforge.train.metrics import read_metrics
+    from rustforge.train.metrics import before_after
 
-    val = read_metrics(Path(stage_dir) / "logs" / "metrics.jsonl", "val")
-    if not val:
-        raise ValueError(f"{stage_dir}: no validation metrics logged (no held-out prompts?)")
-    first, last = val[min(val)], val[max(val)]
-    out: dict = {"steps": max(val)}
-    for key in SUMMARY_KEYS:
-        out[f"{key}_start"], out[f"{key}_end"] = first.get(key, math.nan), last.get(key, math.nan)
-    return out
+    return before_after(stage_dir, SUMMARY_KEYS, "held-out prompts")
 
 
 __all__ = [

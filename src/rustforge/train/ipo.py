@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -322,16 +321,9 @@ SUMMARY_KEYS = ("loss", "accuracy", "margin", "chosen_logratio", "rejected_logra
 
 def summary(stage_dir: Path) -> dict:
     """Held-out preference metrics before (step 0) and after."""
-    from rustforge.train.metrics import read_metrics
+    from rustforge.train.metrics import before_after
 
-    val = read_metrics(Path(stage_dir) / "logs" / "metrics.jsonl", "val")
-    if not val:
-        raise ValueError(f"{stage_dir}: no validation metrics logged (no held-out pairs?)")
-    first, last = val[min(val)], val[max(val)]
-    out: dict = {"steps": max(val)}
-    for key in SUMMARY_KEYS:
-        out[f"{key}_start"], out[f"{key}_end"] = first.get(key, math.nan), last.get(key, math.nan)
-    return out
+    return before_after(stage_dir, SUMMARY_KEYS, "held-out pairs")
 
 
 __all__ = [

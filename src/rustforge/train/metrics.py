@@ -56,3 +56,18 @@ def read_metrics(path: Path, split: str = "train") -> dict[int, dict]:
             if rec.get("split") == split:
                 out[rec["step"]] = rec
     return out
+
+
+def before_after(stage_dir: Path, keys, what_is_held_out: str) -> dict:
+    """A stage's first and last validation records as {"steps", <key>_start, <key>_end} (NaN when a record
+    lacks a key): the row a stage gives the pipeline's efficacy table."""
+    import math
+
+    val = read_metrics(Path(stage_dir) / "logs" / "metrics.jsonl", "val")
+    if not val:
+        raise ValueError(f"{stage_dir}: no validation metrics logged (no {what_is_held_out}?)")
+    first, last = val[min(val)], val[max(val)]
+    out: dict = {"steps": max(val)}
+    for key in keys:
+        out[f"{key}_start"], out[f"{key}_end"] = first.get(key, math.nan), last.get(key, math.nan)
+    return out

@@ -139,13 +139,7 @@ class QatTrainer(SFTTrainer):
     evaluation reports the fake-quantised and the unquantised loss."""
 
     def _save(self) -> Path:
-        state = {
-            "step": self.step,
-            "phase": self.phase,
-            "optimizer": self.optimizer.state_dict(),
-            "data": self.source.state_dict() if self.source else None,
-            "rng": ckpt.rng_state(),
-        }
+        state = self._trainer_state(self.optimizer.state_dict())
 
         def write(directory: Path) -> None:
             directory.mkdir(parents=True)

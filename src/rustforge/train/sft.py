@@ -127,19 +127,23 @@ class SFTTrainer:
             self.monitor = ExpertMonitor.for_model(model.config, monitor_cfg, history)
 
     # ------------------------------------------------------------------ state
+    def _trainer_state(self, optimizer_state: dict) -> dict:
+        """What a checkpoint holds besides the weights (the data order is the same on every rank)."""
+        return {
+            "step": self.step,
+            "phase": self.phase,
+            "optimizer": optimizer_state,
+            "data": self.source.state_dict() if self.source else None,
+            "rng": ckpt.rng_state(),
+            "expert_monitor": self.monitor.state_dict() if self.monitor else None,
+        }
+
     def _save(self) -> Path:
         from rustforge.model.lora import save_adapter
 
         if self.dist.enabled:  # full tensors, single-process format: resumable at any world size
             return self._save_distributed()
-        state = {
-            "step": self.step,
-            "phase": self.phase,
-            "optimizer": self.optimizer.state_dict(),
-            "data": self.source.state_dict() if self.source else None,
-            "rng": ckpt.rng_state(),
-            "expert_monitor": self.monitor.state_dict() if self.monitor else None,
-        }
+        state = self._trainer_state(self.optimizer.state_dict())
         return ckpt.save_checkpoint(
             self.ckpt_root, self.step, lambda d: save_adapter(self.model.hf, self.lora_cfg, d), state
         )
@@ -152,15 +156,7 @@ class SFTTrainer:
         optimizer = distributed.full_optimizer_state(self.optimizer)
         path = self.ckpt_root / f"step-{self.step:06d}"
         if self.dist.is_main:
-            state = {
-                "step": self.step,
-                "phase": self.phase,
-                "optimizer": optimizer,
-                "data": self.source.state_dict() if self.source else None,  # the same on every rank
-                "rng": ckpt.rng_state(),
-                "expert_monitor": self.monitor.state_dict() if self.monitor else None,
-                "world_size": self.dist.world_size,
-            }
+            state = {**self._trainer_state(optimizer), "world_size": self.dist.world_size}
             with distributed.params_in_place(self.model, lora):
                 path = ckpt.save_checkpoint(
                     self.ckpt_root, self.step, lambda d: save_adapter(self.model.hf, self.lora_cfg, d), state
