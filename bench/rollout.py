@@ -9,14 +9,16 @@ Order (each case's failure, OOM included, is recorded and the run goes on):
 1. `check`: greedy decode of the engine == argmax of repeated full forwards of transformers' eager
    GptOssForCausalLM, token for token, on a small fp32 model whose prompts wrap the sliding window.
 2. `ceiling`: copy bandwidth, 2 x bytes / time of a large device copy (each byte read once, written once).
-3. `ours`: the 20B shape with random weights, MXFP4 experts, LoRA r16 on all targets (merged for
-   rollout when it fits: rollout/weights.py), batch 1/16/64, `--prompt-len` random prompt tokens,
+3. `ours`: the 20B shape with random weights, MXFP4 experts, LoRA r16 on all targets, in each --weights
+   mode (auto live merged compressed: rollout/weights.py), batch 1/16/64, `--prompt-len` random prompt tokens,
    `--new-tokens` decoded (no stop tokens). One warm-up generate (captures the CUDA graphs) then a timed
    one. decode_tok_s = tokens sampled by decode steps / decode time; e2e_tok_s = all sampled tokens / the
    whole generate call (prefill, and in merged mode the refresh of the merged weights, included).
    On CUDA also `graphs_check`: the same tokens with and without CUDA graphs at batch 16.
-4. `hf`: transformers' GptOssForCausalLM in bf16 (the same shape, default experts implementation,
-   eager attention), `generate` greedy with min_new_tokens = max_new_tokens; decode_tok_s =
+4. `hf`: transformers' GptOssForCausalLM in bf16 (the same shape, eager attention), `generate` greedy with
+   min_new_tokens = max_new_tokens, in two modes (--hf-modes): `as_shipped` (on GPU generate swaps the
+   experts to "batched_mm", which gathers a weight matrix per token and expert, prefill included) and
+   `grouped_mm` (that swap turned off: transformers' fastest configuration that fits); decode_tok_s =
    B * (N - 1) / (t(N new tokens) - t(1 new token)), e2e_tok_s = B * N / t(N).
 
 Bandwidth floor of one decode step at batch B (weights only; every weight byte read once per step):
@@ -27,8 +29,10 @@ Bandwidth floor of one decode step at batch B (weights only; every weight byte r
     floor_tok_s = B / (bytes(B) / copy_bandwidth)
 expert_bytes: 17/32 for MXFP4 (a byte per two 4-bit values + one E8M0 scale per 32), 1 + 4/128 for FP8
 (block scales), 2 for bf16. `floor_mxfp4` is the floor of an engine reading MXFP4 experts directly;
-`floor_as_run` counts what ours reads: bf16 experts when merged (LoRA folded in) else the stored format
-(plus its dequantised copy written and read back, not counted). KV-cache bytes are reported apart
+`floor_as_run` counts what ours reads: bf16 experts when merged (LoRA folded in), else the stored format:
+"compressed" (and "live" where the decode kernels run) reads the routed experts as stored
+(model/triton_moe_decode.py; the LoRA factors, <1% of it, not counted); "live" without them also writes
+and reads back a dequantised copy of every expert, not counted. KV-cache bytes are reported apart
 (`kv_bytes`: 2 * L_full * B * ctx * Hkv * D * 2 + 2 * L_sliding * B * min(W, ctx) * Hkv * D * 2).
 
 `--plan grpo` (train/grpo.py's trainer on the 20B shape, random weights, LoRA r16, gradient checkpointing,
@@ -45,6 +49,7 @@ KV cache one rollout slot needs at L (the rollout runs while no training state i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -110,6 +115,11 @@ def step_bytes(preset, batch: int, expert_format: str, dtype_bytes: int = 2) -> 
     return {"experts_hit": experts_hit, "bytes": dense + L * experts_hit * per_expert}
 
 
+def expert_format_read(weights_mode: str, expert_format: str) -> str:
+    """The expert format a decode step reads in this engine weights mode (module docstring)."""
+    return "bf16" if weights_mode == "merged" else expert_format
+
+
 def kv_bytes(preset, batch: int, context: int, dtype_bytes: int = 2) -> int:
     per_token = 2 * preset.num_key_value_heads * preset.head_dim * dtype_bytes
     full = preset.num_hidden_layers // 2  # layers alternate, sliding first (presets.hf_config)
@@ -167,6 +177,7 @@ def build_ours(args, device, train: bool = False):
         dtype="bfloat16" if device.type == "cuda" else "float32",
         attention="auto" if train else "eager",
         gradient_checkpointing=train,
+        moe_tile_tokens=args.moe_tile if train else 0,
     )
     return build_model(mcfg, LoraConfig(r=16, alpha=32), device=device)
 
@@ -202,6 +213,7 @@ def time_ours(engine, prompts, new_tokens: int, device) -> dict:
 
 def bench_ours(args, device, bandwidth: float) -> None:
     from rustforge.rollout import RolloutEngine
+    from rustforge.rollout.weights import decode_kernels_serve
 
     preset = get_preset(args.preset)
     t0 = time.perf_counter()
@@ -229,9 +241,10 @@ def bench_ours(args, device, bandwidth: float) -> None:
                     torch.cuda.reset_peak_memory_stats(device)
                 rec.update(time_ours(engine, random_prompts(batch, args.prompt_len, vocab), args.new_tokens, device))
                 rec["weights_mode"] = engine.weights_mode
+                rec["decode_kernels"] = decode_kernels_serve(engine.hf)  # experts read as stored at decode
                 rec["cuda_graphs"] = engine.use_graphs
                 rec["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-                as_run = "bf16" if engine.weights_mode == "merged" else args.expert_format
+                as_run = expert_format_read(engine.weights_mode, args.expert_format)
                 context = args.prompt_len + args.new_tokens // 2
                 for name, fmt in (("floor_mxfp4", "mxfp4"), ("floor_as_run", as_run)):
                     need = step_bytes(preset, batch, fmt)
@@ -300,6 +313,16 @@ def build_hf(args, device):
     return model.eval()
 
 
+def keep_grouped_mm_in_generate(model) -> bool:
+    """transformers' generate swaps the experts to "batched_mm" on GPU for the whole call (prefill too), which
+    gathers a weight matrix per (token, expert): 253 GiB at 16 x 128 prompt tokens. Keeping "grouped_mm" is
+    transformers' fastest configuration that fits; returns whether the switch was found and turned off."""
+    if not hasattr(model, "_optimize_model_for_decode"):
+        return False
+    model._optimize_model_for_decode = contextlib.nullcontext  # instance attribute shadows the method
+    return True
+
+
 @torch.no_grad()
 def bench_hf(args, device) -> None:
     t0 = time.perf_counter()
@@ -310,38 +333,45 @@ def bench_hf(args, device) -> None:
         return
     experts_impl = getattr(model.config, "_experts_implementation", None)
     emit(args.out, {"record": "hf_built", "build_s": time.perf_counter() - t0, "experts_implementation": str(experts_impl)})
-    vocab = model.config.vocab_size
-    for batch in args.batches:
-        rec = {"record": "hf", "preset": args.preset, "batch": batch, "prompt_len": args.prompt_len,
-               "new_tokens": args.new_tokens, "experts_implementation": str(experts_impl)}  # fmt: skip
-        try:
-            ids = torch.tensor(random_prompts(batch, args.prompt_len, vocab), device=device)
-            mask = torch.ones_like(ids)
-
-            def run(n, model=model, ids=ids, mask=mask):
-                sync(device)
-                t = time.perf_counter()
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                     do_sample=False, pad_token_id=0, eos_token_id=None)  # fmt: skip
-                sync(device)
-                assert out.shape[1] == ids.shape[1] + n
-                return time.perf_counter() - t
-
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            run(2)  # warm-up
-            first, full = run(1), run(args.new_tokens)
-            rec.update(ok=True, e2e_tok_s=batch * args.new_tokens / full, elapsed_s=full, prefill_plus_one_s=first,
-                       decode_tok_s=batch * (args.new_tokens - 1) / max(full - first, 1e-9),
-                       peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0)  # fmt: skip
-        except torch.OutOfMemoryError as e:
-            rec.update(ok=False, error="OOM", detail=str(e).splitlines()[0][:200])
-        except Exception as e:  # noqa: BLE001
-            rec.update(ok=False, error=type(e).__name__, detail=traceback.format_exc()[-1200:])
-        emit(args.out, rec)
-        free_memory(device)
+    for mode in args.hf_modes:
+        if mode == "grouped_mm" and not keep_grouped_mm_in_generate(model):
+            emit(args.out, {"record": "hf", "hf_mode": mode, "ok": False, "error": "no decode switch to turn off"})
+            continue
+        for batch in args.batches:
+            emit(args.out, time_hf(args, model, device, batch, mode))
+            free_memory(device)
     del model
     free_memory(device)
+
+
+def time_hf(args, model, device, batch: int, mode: str) -> dict:
+    rec = {"record": "hf", "preset": args.preset, "batch": batch, "prompt_len": args.prompt_len,
+           "new_tokens": args.new_tokens, "hf_mode": mode}  # fmt: skip
+    try:
+        ids = torch.tensor(random_prompts(batch, args.prompt_len, model.config.vocab_size), device=device)
+        mask = torch.ones_like(ids)
+
+        def run(n):
+            sync(device)
+            t = time.perf_counter()
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=0, eos_token_id=None)  # fmt: skip
+            sync(device)
+            assert out.shape[1] == ids.shape[1] + n
+            return time.perf_counter() - t
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        run(2)  # warm-up
+        first, full = run(1), run(args.new_tokens)
+        rec.update(ok=True, e2e_tok_s=batch * args.new_tokens / full, elapsed_s=full, prefill_plus_one_s=first,
+                   decode_tok_s=batch * (args.new_tokens - 1) / max(full - first, 1e-9),
+                   peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0)  # fmt: skip
+    except torch.OutOfMemoryError as e:
+        rec.update(ok=False, error="OOM", detail=str(e).splitlines()[0][:200])
+    except Exception as e:  # noqa: BLE001
+        rec.update(ok=False, error=type(e).__name__, detail=traceback.format_exc()[-1200:])
+    return rec
 
 
 # --------------------------------------------------------------------------------------------- grpo
@@ -485,7 +515,8 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="gpt-oss-20b")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--expert-format", default="mxfp4", choices=["mxfp4", "fp8", "bf16"])
-    p.add_argument("--weights", nargs="+", default=["auto"], help="engine weight modes to time: auto live merged")
+    p.add_argument("--weights", nargs="+", default=["auto"], choices=["auto", "live", "merged", "compressed"],
+                   help="engine weight modes to time (rollout/weights.py)")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -493,8 +524,11 @@ def parse_args(argv=None):
     p.add_argument("--no-graphs", action="store_true")
     p.add_argument("--skip", nargs="*", default=[], choices=["check", "ours", "hf"])
     p.add_argument("--plan", default="decode", choices=["decode", "grpo"])
+    p.add_argument("--hf-modes", nargs="+", default=["as_shipped", "grouped_mm"], choices=["as_shipped", "grouped_mm"],
+                   help="transformers' generate as shipped (batched_mm experts on GPU) and with grouped_mm kept")
     p.add_argument("--grpo-prompts", type=int, default=4)
     p.add_argument("--grpo-generations", type=int, default=8)
+    p.add_argument("--moe-tile", type=int, default=0, help="model.moe_tile_tokens for the GRPO plan (0 = off)")
     p.add_argument("--grpo-seqs", nargs="+", type=int, default=[8192, 16384, 32768, 65536])
     p.add_argument("--out", default=None, help="JSON lines are appended here (and printed)")
     return p.parse_args(argv)

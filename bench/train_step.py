@@ -110,7 +110,9 @@ def build_ours(args, device):
         dtype="bfloat16" if device.type == "cuda" else "float32",
         gradient_checkpointing=not args.no_ckpt,
         offload_activations=args.offload,
+        offload_pinned=not args.pageable,
         loss_chunk_size=args.loss_chunk,
+        moe_tile_tokens=args.moe_tile,
     )
     return build_model(mcfg, LoraConfig(r=16, alpha=32), device=device)
 
@@ -169,7 +171,7 @@ def run_case(args) -> None:
     device = torch.device(args.device)
     preset = get_preset(args.shape)
     record = {"case": args.case, "fmt": args.fmt, "hf_attn": args.hf_attn, "hf_experts": args.hf_experts,
-              "ckpt": not args.no_ckpt, "offload": args.offload, "shape": args.shape}
+              "ckpt": not args.no_ckpt, "offload": args.offload, "pageable": args.pageable, "moe_tile": args.moe_tile, "shape": args.shape}
     t0 = time.perf_counter()
     if args.torch_dequant:
         from rustforge.model import moe
@@ -422,6 +424,11 @@ PLANS = {
     "long": [
         "--case ours --fmt mxfp4 --offload --seqs 131072,196608,262144,393216,524288 --iters 1 --warmup 1",
     ],
+    # token-tiled experts (model.moe_tile_tokens) on top of offload: the MoE rows exist for one tile only
+    "long_tiled": [
+        "--case ours --fmt mxfp4 --offload --moe-tile 16384 --seqs 262144,393216,524288 --iters 1 --warmup 0",
+        "--case ours --fmt mxfp4 --offload --pageable --moe-tile 16384 --seqs 524288 --iters 1 --warmup 0",
+    ],
     "profile": ["--case ours --fmt mxfp4 --seqs 16384 --profile-seq 16384 --warmup 1 --iters 2"],
     # where a 4K step's time goes, per format and with/without checkpointing (one profile each)
     # one H100 run, every headline row side by side (2026-11-25 session 2)
@@ -435,6 +442,15 @@ PLANS = {
         "--case ours --fmt mxfp4 --torch-dequant --seqs 4096 --warmup 1 --iters 2",
     ],
     "memory": ["--case ours --fmt mxfp4 --seqs 4096 --warmup 1 --iters 1 --memory-phases 16384"],
+    # the grid in one run: every base format at 4K-64K beside the transformers + PEFT baseline
+    "grid": [
+        "--case hf --hf-attn eager --seqs 4096 --warmup 1 --iters 1",
+        "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 1",
+        "--case ours --fmt mxfp4 --seqs 4096,16384,32768,65536 --warmup 1 --iters 1",
+        "--case ours --fmt fp8 --seqs 4096,16384,32768,65536 --warmup 1 --iters 1",
+        "--case ours --fmt bf16 --seqs 4096,16384,32768,65536 --warmup 1 --iters 1",
+        "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 1 --iters 1",
+    ],
     "session2": [
         "--case ours --fmt mxfp4 --seqs 4096,16384 --profile-seq 4096 --warmup 1 --iters 2",
         "--case ours --fmt bf16 --seqs 4096 --profile-seq 4096 --warmup 1 --iters 2",
@@ -493,6 +509,8 @@ def main() -> None:
     p.add_argument("--hf-experts", default=None, help="transformers experts implementation (default: its own)")
     p.add_argument("--no-ckpt", action="store_true")
     p.add_argument("--offload", action="store_true")
+    p.add_argument("--pageable", action="store_true", help="offload to pageable host memory (model.offload_pinned: false)")
+    p.add_argument("--moe-tile", type=int, default=0, help="model.moe_tile_tokens: experts in token tiles (0 = off)")
     p.add_argument("--seqs", default="4096")
     p.add_argument("--docs", type=int, default=4, help="documents packed per sequence")
     p.add_argument("--warmup", type=int, default=2)

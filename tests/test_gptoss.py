@@ -20,3 +20,36 @@ def test_checkpoint_recompute_keeps_the_forward_router_logits():
     assert len(kept) == model.config.num_hidden_layers
     out.loss.backward()
     assert {layer: id(t) for layer, t in model.router_logits.items()} == kept
+
+
+def test_token_tiled_experts_give_the_same_loss_and_gradients_in_the_model():
+    """model.moe_tile_tokens (the long-context setting) with checkpointing and the router aux loss on:
+    the loss and every LoRA gradient equal the untiled model's (fp32, tiles that do not divide T)."""
+    results = []
+    for tile in (0, 23):
+        model = build_model(
+            ModelConfig(preset="tiny", attention="eager", gradient_checkpointing=True, router_aux_loss_coef=0.01,
+                        expert_format="mxfp4", moe_tile_tokens=tile),
+            LoraConfig(r=4, alpha=8),
+            vocab_size=256,
+        )  # fmt: skip
+        model.train()
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # B factors start at zero; make them nonzero so every gradient is exercised
+            for name, p in model.named_parameters():
+                if name.endswith("_B") or "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        ids = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(0))
+        doc_ids = (torch.arange(96) >= 50).long()[None]
+        positions = torch.cat([torch.arange(50), torch.arange(46)])[None]
+        out = model(ids, positions, doc_ids, torch.roll(ids, -1, 1))
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((out.loss.detach(), grads))
+    (loss0, grads0), (loss1, grads1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-6)
+    assert grads0.keys() == grads1.keys() and any("lora_down_A" in n for n in grads0)
+    for name, g in grads0.items():
+        scale = g.abs().max().item()
+        assert scale > 0, name
+        torch.testing.assert_close(grads1[name], g, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}")

@@ -423,3 +423,67 @@ def test_gpu_grouped_mm_native_matches_loop():
     g = torch.randn(256, 16, device="cuda", dtype=torch.bfloat16)
     got = grouped_mm(a.t(), g, offs)
     torch.testing.assert_close(got.float(), _grouped_mm_loop(a.t(), g, offs).float(), rtol=2e-2, atol=2e-1)
+
+
+# ------------------------------------------------------------------------------------ token tiles
+@pytest.mark.parametrize("fmt", ["bf16", "mxfp4"])
+@pytest.mark.parametrize("tile", [7, 16])
+def test_token_tiled_experts_equal_untiled_forward_and_grads(fmt, tile):
+    _, grouped = _lora_pair(fmt)
+    x = torch.randn(41, H, generator=torch.Generator().manual_seed(5))  # 41: tiles that do not divide it
+    idx, w = _routing(41)
+    g = torch.randn(41, H, generator=torch.Generator().manual_seed(6))
+    want = _run(grouped, x, idx, w, g)
+    grouped.tile_tokens = tile
+    got = _run(grouped, x, idx, w, g)
+    _assert_close(got, want, rtol=1e-5, atol_frac=1e-5)  # fp32 sums in another order: rounding only
+    with torch.no_grad():  # inference tiles too, without the autograd Function
+        _assert_close({"out": grouped(x, idx, w)}, {"out": want["out"]}, rtol=1e-5, atol_frac=1e-5)
+
+
+def test_token_tiled_experts_under_checkpoint_and_with_frozen_lora():
+    from torch.utils.checkpoint import checkpoint
+
+    _, grouped = _lora_pair("mxfp4")
+    x = torch.randn(30, H, generator=torch.Generator().manual_seed(5))
+    idx, w = _routing(30)
+    g = torch.randn(30, H, generator=torch.Generator().manual_seed(6))
+    grouped.lora_down_B.requires_grad_(False)  # a frozen factor gets no gradient, the rest still do
+    want = _run(grouped, x, idx, w, g)
+    assert want.pop("lora_down_B") is None
+    grouped.tile_tokens = 8
+    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    for p in grouped.parameters():
+        p.grad = None
+    out = checkpoint(grouped, xr, idx, wr, use_reentrant=False)
+    (out.float() * g).sum().backward()
+    assert grouped.lora_down_B.grad is None
+    got = {"out": out.detach(), "hidden": xr.grad, "routing": wr.grad}
+    got.update({name: getattr(grouped, name).grad for name in ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A")})
+    _assert_close(got, want, rtol=1e-5, atol_frac=1e-5)
+
+
+def test_token_tiles_bound_what_the_backward_keeps():
+    """Saved for backward by the tiled path: the inputs only (no [tokens * k, 2I] rows)."""
+    _, grouped = _lora_pair("bf16")
+    n = 64
+    x = torch.randn(n, H, requires_grad=True)
+    idx, w = _routing(n)
+    w.requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    biggest_param = max(p.numel() for p in grouped.parameters())  # saved by reference, not copied
+    for tile, limit in ((0, None), (8, max(n * H, biggest_param))):
+        grouped.tile_tokens = tile
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            grouped(x, idx, w)
+        rows = max(saved)
+        if limit is None:
+            assert rows >= n * TOP_K * 2 * I  # the untiled path saves gate_up rows for all tokens
+        else:
+            assert rows <= limit, f"tiled path saved a tensor of {rows} elements"

@@ -79,13 +79,13 @@ def greedy_reference(next_logits, prompt, steps):
 
 
 def hf_next(model):
-    return lambda ids: model(torch.tensor([ids])).logits[0, -1]
+    return lambda ids: model(torch.tensor([ids], device=model.device)).logits[0, -1]
 
 
 def rustforge_next(model: RustforgeModel):
     def next_logits(ids):
-        x = torch.tensor([ids])
-        hidden = model.hidden_states(x, torch.arange(len(ids))[None], torch.zeros_like(x))
+        x = torch.tensor([ids], device=model.hf.device)
+        hidden = model.hidden_states(x, torch.arange(len(ids), device=x.device)[None], torch.zeros_like(x))
         return model.hf.lm_head(hidden[0, -1])
 
     return next_logits
@@ -107,7 +107,7 @@ def test_greedy_decode_equals_full_forwards_of_transformers(reference, prefill_c
         assert completion.finish_reason == "length" and completion.sampled_mask == [1] * 24
 
 
-@pytest.mark.parametrize("weights", ["live", "merged"])
+@pytest.mark.parametrize("weights", ["live", "merged", "compressed"])
 @pytest.mark.parametrize("fmt", ["bf16", "mxfp4"])
 def test_greedy_decode_equals_rustforge_forward_with_lora(weights, fmt):
     model = rustforge_model(fmt)
@@ -119,6 +119,22 @@ def test_greedy_decode_equals_rustforge_forward_with_lora(weights, fmt):
     model.eval()
     for prompt, completion in zip(prompts, completions):
         assert completion.output_ids == greedy_reference(rustforge_next(model), prompt, 24)
+
+
+def test_compressed_weights_merge_attention_and_serve_the_model_experts():
+    """"compressed" copies no expert: each layer serves the model's own GroupedExperts (decode kernels on
+    a GPU), with the attention LoRA merged; on CPU "auto" stays live."""
+    from rustforge.rollout.weights import EngineWeights, _MergedLinear, decode_kernels_serve, merged_bytes
+
+    model = rustforge_model("mxfp4")
+    weights = EngineWeights(model.hf, "compressed")
+    for layer, w in zip(model.hf.model.layers, weights.layers):
+        assert w.experts is layer.mlp.experts
+        assert all(isinstance(p, _MergedLinear) for p in (w.q, w.k, w.v, w.o))
+    attention = merged_bytes(model.hf, "compressed")
+    assert 0 < attention < merged_bytes(model.hf, "merged") and merged_bytes(model.hf, "live") == 0
+    assert not decode_kernels_serve(model.hf)  # CPU
+    assert RolloutEngine(model, max_batch=1, max_len=16).weights_mode == "live"
 
 
 def test_lora_matters_and_merged_weights_follow_updates():
@@ -325,7 +341,8 @@ def test_the_rollout_benchmark_runs_on_cpu(tmp_path):
     assert bench.main(argv) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     kinds = [r["record"] for r in records]
-    assert kinds.count("ours") == 2 and kinds.count("hf") == 2 and kinds[-1] == "done"
+    assert kinds.count("ours") == 2 and kinds.count("hf") == 4 and kinds[-1] == "done"  # 2 batches x 2 hf modes
+    assert {r["hf_mode"] for r in records if r["record"] == "hf"} == {"as_shipped", "grouped_mm"}
     assert all(r.get("ok", True) for r in records), [r for r in records if not r.get("ok", True)]
     ours = [r for r in records if r["record"] == "ours"]
     assert all(r["decode_tok_s"] > 0 and r["floor_mxfp4_tok_s"] > r["decode_tok_s"] for r in ours)

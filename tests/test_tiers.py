@@ -1,5 +1,6 @@
 """GPU tiers: detection from the device (monkeypatched), format and dtype rules, the memory estimate's
-calibration against the H100 measurements, and plans that fit or refuse with advice."""
+calibration against the H100 measurements (untiled, offloaded, token-tiled, host RAM), plans that fit or
+refuse with advice, and the long-context picks (offload, then tiles, then pageable) per sequence length."""
 
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ from rustforge.train.tiers import (
 )
 
 GPT_OSS_20B = get_preset("gpt-oss-20b")
+MEASURED_HOST_GIB = 125.0  # the H100 host of the long-context runs (bench/RESULTS.md, 2026-11-26)
+H100 = dataclasses.replace(TIERS["h100_80gb"], host_memory_gib=MEASURED_HOST_GIB)
+OFFLOAD = {"offload_activations": True}
+TILED = {"offload_activations": True, "moe_tile_tokens": 16384}
+PAGEABLE = {**TILED, "offload_pinned": False}
 
 
 def fake_gpu(monkeypatch, name: str, memory_gib: float, capability: tuple[int, int]):
@@ -167,6 +173,52 @@ def test_estimate_reproduces_the_calibration_peaks_and_scales_sensibly():
         estimate_stage_memory(GPT_OSS_20B, "sft", StageSettings(1, 1, 1, 1), setup)
 
 
+@pytest.mark.parametrize(
+    "seq_len, knobs, measured",
+    [
+        (65536, {}, 40.1),  # the untiled calibration, unchanged
+        (98304, {}, 52.6),
+        (131072, OFFLOAD, 48.8),  # offload (pinned), untiled
+        (196608, OFFLOAD, 67.5),
+        (262144, TILED, 45.3),  # offload (pinned) + tiles of 16384 tokens
+        (393216, PAGEABLE, 60.9),  # offload (pageable) + tiles
+    ],
+)
+def test_long_context_calibration_reproduces_each_measured_peak(seq_len, knobs, measured):
+    setup = dataclasses.replace(Setup("mxfp4"), **knobs)
+    estimate = estimate_stage_memory(GPT_OSS_20B, "lang_rust", StageSettings(1, 1, seq_len, 1), setup)
+    assert estimate.total_gib == pytest.approx(measured, rel=0.02)
+    assert (estimate.host_gib > 0) == bool(knobs)
+
+
+def test_long_context_terms_are_physical_and_match_the_failures():
+    setup = Setup("mxfp4")
+
+    def est(seq_len, **knobs):
+        return estimate_stage_memory(
+            GPT_OSS_20B, "lang_rust", StageSettings(1, 1, seq_len, 1), dataclasses.replace(setup, **knobs)
+        )
+
+    budget = tiers.usable_gib(TIERS["h100_80gb"])
+    # the fitted factors: a residue of the offloaded checkpoints stays on the GPU, the tile's expert rows
+    # cost about what untiled rows cost per token, the dense part of a tiled layer stays per token
+    assert 0 < tiers.OFFLOAD_RESIDUE_FRACTION < 0.5 and tiers.OFFLOAD_RESIDUE_OFFSET_GIB > 0
+    assert tiers.TILE_WORKING_FACTOR == pytest.approx(tiers.WORKING_SET_FACTOR, rel=0.2)
+    assert 0 < tiers.TILED_WORKING_FACTOR < 5 and 20 < tiers.HOST_BASE_GIB < 40
+    # offload never saves more than the checkpoints; tiling never costs memory
+    for n in (4096, 16384, 65536, 131072, 262144):
+        full = est(n)
+        assert full.total_gib - est(n, **OFFLOAD).total_gib <= full.parts["checkpoints"] + 1e-9
+        assert est(n, moe_tile_tokens=16384).total_gib <= full.total_gib + 1e-9
+    assert est(16384, moe_tile_tokens=16384).total_gib == pytest.approx(est(16384).total_gib)  # one tile: no change
+    # the measured failures: untiled offload at 256K and tiled at 512K ran out of GPU memory
+    assert est(262144, **OFFLOAD).total_gib > budget and est(524288, **PAGEABLE).total_gib > budget
+    # host: pinned blocks round up to a power of two; 512K pinned (24 x 2.8 GB -> 4 GiB) was OOM-killed on 125 GiB
+    assert est(524288, **TILED).host_gib == pytest.approx(24 * 4 + tiers.HOST_BASE_GIB) and est(524288, **TILED).host_gib > 125
+    assert est(393216, **PAGEABLE).host_gib == pytest.approx(82.0, rel=0.02)  # measured (`free`)
+    assert est(262144, **TILED).host_gib == pytest.approx(24 * 2 + tiers.HOST_BASE_GIB)  # 1.4 GB blocks -> 2 GiB
+
+
 # ---------------------------------------------------------------------------------------------- plan
 @pytest.mark.parametrize("name", sorted(TIERS))
 def test_every_tier_preset_fits_its_own_plan(name):
@@ -189,16 +241,92 @@ def test_plan_refuses_bf16_on_a100_40gb_and_says_switch_to_mxfp4():
 
 def test_plan_refuses_192k_on_h100_with_seq_len_and_offload_advice():
     long = {"lang_rust": StageSettings(1, 1, 196608, 10)}
-    with pytest.raises(PlanError, match=r"lang_rust: needs 90\.\d GiB.*lower seq_len to 131072 \(65.1 GiB\).*offload"):
-        plan("h100_80gb", stages=("lang_rust",), settings=long)
-    p = plan("h100_80gb", stages=("lang_rust",), settings=long, check=False)
+    kw = {"stages": ("lang_rust",), "settings": long, "auto_long_context": False}  # as configured: no picks
+    with pytest.raises(
+        PlanError,
+        match=r"lang_rust: needs 90\.\d GiB.*lower seq_len to 131072 \(65.1 GiB\).*"
+        r"set model.offload_activations=true \(67.5 GiB; host 79.4 GiB of 100.0 usable\)",
+    ):
+        plan(H100, **kw)
+    p = plan(H100, **kw, check=False)
     assert not p.fits and "lang_rust does NOT fit" in format_plan(p)
 
 
 def test_plan_suggests_offload_when_that_is_enough():
-    tier = dataclasses.replace(TIERS["h100_80gb"], memory_gib=68.0)  # 64.1 GiB usable; 128K needs 65.1
-    with pytest.raises(PlanError, match=r"enable model.offload_activations \(48.2 GiB\)"):
-        plan(tier, stages=("lang_rust",), settings={"lang_rust": StageSettings(1, 1, 131072, 10)})
+    tier = dataclasses.replace(H100, memory_gib=68.0)  # 64.1 GiB usable; 128K needs 65.1
+    with pytest.raises(PlanError, match=r"set model.offload_activations=true \(48.8 GiB"):
+        plan(tier, stages=("lang_rust",), settings={"lang_rust": StageSettings(1, 1, 131072, 10)}, setup=Setup.of(tier))
+
+
+def _long(seq_len: int, tier=H100, **kw):
+    return plan(tier, stages=("lang_rust",), settings={"lang_rust": StageSettings(1, 1, seq_len, 10)}, **kw)
+
+
+@pytest.mark.parametrize(
+    "seq_len, offload, pinned, tile, total",
+    [
+        (131072, False, True, 0, 65.1),  # fits as configured: nothing that costs speed
+        (196608, True, True, 0, 67.5),  # offload alone is enough
+        (262144, True, True, 16384, 45.3),  # + tiles; 24 x 2 GiB pinned blocks fit the 125 GiB host
+        (393216, True, False, 16384, 60.9),  # + pageable: pinned blocks would round up to 24 x 4 GiB
+    ],
+)
+def test_tier_preset_picks_offload_then_tiles_then_pageable_per_seq_len(seq_len, offload, pinned, tile, total):
+    p = _long(seq_len)
+    s = p.stages[0]
+    assert p.fits and s.memory.total_gib == pytest.approx(total, abs=0.05)
+    assert (s.setup.offload_activations, s.setup.offload_pinned, s.setup.moe_tile_tokens) == (offload, pinned, tile)
+    assert not p.setup.offload_activations  # the tier's own setup is unchanged; the pick is per stage
+    text = format_plan(p)
+    if offload:
+        assert f"does not fit as configured; picked {tiers._describe(s.setup)}" in text
+        assert "--set model.offload_activations=true" in text and "host RAM 125.0 GiB (100.0 usable)" in text
+        assert ("pageable" in text) == (not pinned) and (f"--set model.moe_tile_tokens={tile}" in text) == bool(tile)
+    else:
+        assert "picked" not in text and "host RAM" not in text
+
+
+def test_a_host_too_small_for_pinned_blocks_gets_pageable_offload_and_one_too_small_for_either_none():
+    p = _long(262144, host_memory_gib=64.0, check=False)  # 51.2 usable: pinned 79.4 GiB no, pageable 65.1 no
+    assert not p.fits and "131072 with offload (pageable) + MoE tiles 16384" in p.stages[0].advice[-1]
+    assert any("offloaded checkpoints need 65.1 GiB of host RAM (pageable)" in a and "81 GiB or more" in a
+               for a in p.stages[0].advice)  # fmt: skip
+    p = _long(196608, host_memory_gib=80.0)  # 64 usable: pinned 79.4 no, pageable 56.7 yes
+    assert p.fits and not p.stages[0].setup.offload_pinned and p.stages[0].setup.moe_tile_tokens == 0
+
+
+def test_512k_is_refused_on_80gb_with_the_largest_length_each_way():
+    with pytest.raises(PlanError) as err:
+        _long(524288)
+    message = str(err.value)
+    assert "lang_rust: needs 215.1 GiB" in message and "lower seq_len to 131072 (65.1 GiB)" in message
+    assert (
+        "largest seq_len that fits: 131072 as configured, 196608 with offload (pinned), "
+        "393216 with offload (pageable) + MoE tiles 16384" in message
+    )
+    assert _long(524288, tier=dataclasses.replace(TIERS["h200"], host_memory_gib=250.0)).fits  # 141 GB: fits
+
+
+def test_short_contexts_stay_without_offload_or_tiles():
+    for name in ("a100_40gb", "a100_80gb", "h100_80gb", "h200"):
+        p = plan(dataclasses.replace(TIERS[name], host_memory_gib=MEASURED_HOST_GIB))
+        assert p.fits and all(not s.setup.offload_activations and s.setup.moe_tile_tokens == 0 for s in p.stages)
+        assert all(s.memory.host_gib == 0 for s in p.stages) and "offload" not in format_plan(p).split("\n")[1]
+    for seq_len in (4096, 16384, 65536, 98304, 131072):
+        assert not _long(seq_len).stages[0].setup.offload_activations
+
+
+def test_explicit_setup_is_kept_and_advised_and_unneeded_offload_is_flagged():
+    offload_tiles = dataclasses.replace(Setup.of(H100), **TILED)
+    with pytest.raises(PlanError, match=r"set model.offload_activations=true model.moe_tile_tokens=16384 \(45.3 GiB"):
+        _long(262144, setup=Setup.of(H100))  # a given setup (a run config) is not changed, only advised
+    with pytest.raises(PlanError, match=r"set model.offload_pinned=false \(60.9 GiB; host 82.0 GiB.*round up to 127.4"):
+        _long(393216, setup=offload_tiles)
+    p = _long(65536, setup=offload_tiles)
+    assert p.fits and p.stages[0].setup == offload_tiles
+    assert "offload (pinned) + MoE tiles 16384 is not needed at seq_len 65536 (no offload fits in 40.1 GiB)" in (
+        format_plan(p)
+    )
 
 
 def test_plan_says_when_nothing_fits():
@@ -219,6 +347,7 @@ def test_tier_overrides_load_into_the_run_config(tmp_path):
     path.write_text("model: {preset: tiny}\n")
     cfg = load_config(path, tier_overrides(TIERS["h100_80gb"]))
     assert cfg.model.expert_format == "mxfp4" and cfg.model.gradient_checkpointing
+    assert not cfg.model.offload_activations and cfg.model.offload_pinned and cfg.model.moe_tile_tokens == 0
     assert (cfg.lang_rust.batch_size, cfg.lang_rust.grad_accum) == (1, 4)
     cpu = load_config(path, tier_overrides(TIERS["cpu"]))
     assert cpu.model.attention == "auto" and not cpu.model.gradient_checkpointing
@@ -234,3 +363,35 @@ def test_plan_run_checks_the_real_configs():
     on_h100 = plan_run(h100, "h100_80gb")  # its last curriculum phase, 64K, ran in 40.1 GiB on the H100
     assert on_h100.fits and on_h100.stages[0].settings.seq_len == 65536
     assert on_h100.stages[0].memory.total_gib == pytest.approx(40.1, abs=0.5)
+    # the config's long-context settings are read, not picked: a 384K phase needs them written in
+    phases = "lang_rust.phases=[{seq_len: 393216, steps: 10}]"
+    with pytest.raises(PlanError, match="set model.offload_activations=true model.moe_tile_tokens=16384"):
+        plan_run(load_config(root / "gpt-oss-20b-h100.yaml", [phases]), H100)
+    long = load_config(
+        root / "gpt-oss-20b-h100.yaml",
+        [phases, "model.offload_activations=true", "model.moe_tile_tokens=16384", "model.offload_pinned=false"],
+    )
+    on_h100 = plan_run(long, H100)
+    assert on_h100.fits and on_h100.stages[0].memory.total_gib == pytest.approx(60.9, abs=0.05)
+    assert "pageable  16384" in format_plan(on_h100)
+
+
+def test_rustforge_plan_prints_the_long_context_settings(capsys):
+    from rustforge.cli import main
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "gpt-oss-20b-h100.yaml")
+    args = ["plan", "--config", config, "--tier", "h100_80gb", "--host-gib", "125",
+            "--set", "lang_rust.phases=[{seq_len: 393216, steps: 10}]"]  # fmt: skip
+    assert main(args) == 3  # the config as written: refused, with the settings to set
+    out = capsys.readouterr().out
+    assert "lang_rust does NOT fit" in out
+    assert "set model.offload_activations=true model.moe_tile_tokens=16384 model.offload_pinned=false (60.9 GiB" in out
+    written = ["--set", "model.offload_activations=true", "--set", "model.moe_tile_tokens=16384",
+               "--set", "model.offload_pinned=false"]  # fmt: skip
+    assert main(args + written) == 0
+    out = capsys.readouterr().out
+    assert "MoE grouped in 16384-token tiles" in out and "checkpointing on + offload (pageable)" in out
+    assert "host RAM 125.0 GiB (100.0 usable)" in out and "(this machine's)" not in out
+    row = next(line for line in out.splitlines() if line.startswith("lang_rust"))
+    assert row.split()[6:8] == ["pageable", "16384"] and "60.9" in row and "82.0" in row
+    assert "core_agent: offload (pageable) + MoE tiles 16384 is not needed at seq_len 16384" in out

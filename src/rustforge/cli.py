@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except ValueError as e:  # bad values that only the command can judge (a tier name, a plan that can't fit)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps-this-run", type=int, default=None, help="stop after N steps (for testing)")
     plan = command("plan", cmd_plan, "print the GPU-tier preset and a memory estimate per stage")
     plan.add_argument("--tier", default=None, help="tier name (default: config's tier, auto = from the GPU found)")
+    plan.add_argument("--host-gib", type=float, default=None,
+                      help="host RAM of the GPU machine, for offloaded checkpoints (default: this machine's)")  # fmt: skip
     command("report", cmd_report, "write the run's HTML report")
     export = command("export", cmd_export, "write the trained model as a Hugging Face directory, or its adapter")
     export.add_argument("--format", required=True, choices=("mxfp4", "bf16", "nvfp4", "adapter"))
@@ -183,7 +188,7 @@ def cmd_plan(cfg: RunConfig, args) -> int:
     name = args.tier or cfg.tier
     # a named tier plans for that card without needing it here (plan before you rent); auto reads the GPU found
     tier = detect_tier() if name == "auto" else get_tier(name)
-    plan = plan_run(cfg, tier, check=False)
+    plan = plan_run(cfg, tier, check=False, host_memory_gib=args.host_gib)
     print(format_plan(plan))
     return 0 if plan.fits else 3
 
@@ -256,18 +261,21 @@ def cmd_train(cfg: RunConfig, args) -> int:
 
 def cmd_pipeline(cfg: RunConfig, args) -> int:
     """Every stage in order (rustforge.train.pipeline), the efficacy table, the report."""
-    from rustforge.train.distributed import context_from_env
-
-    if context_from_env().enabled:  # core_agent/ipo/grpo do not run under FSDP yet (train/distributed.py)
-        print("pipeline: not under torchrun; run `rustforge train --stage lang_rust` distributed, the rest as one process",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    _save_run_config(cfg)
     from rustforge.eval.report import write_report
+    from rustforge.train import distributed
     from rustforge.train.pipeline import run_pipeline
 
-    run_pipeline(cfg, fresh=args.fresh, progress=not args.no_progress)
-    print(f"report: {write_report(cfg.run_dir)}")
+    # under `torchrun --nproc-per-node N`: every stage trains under FSDP2; rank 0 prepares data, exports,
+    # evaluates and writes the report (train/pipeline.py)
+    dist = distributed.init_distributed()
+    try:
+        if dist.is_main:
+            _save_run_config(cfg)
+        run_pipeline(cfg, fresh=args.fresh, progress=not args.no_progress and dist.is_main)
+        if dist.is_main:
+            print(f"report: {write_report(cfg.run_dir)}")
+    finally:
+        distributed.shutdown()
     return 0
 
 

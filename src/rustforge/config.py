@@ -34,7 +34,9 @@ class ModelConfig:
     router_aux_loss_coef: float = 0.01  # 0.005-0.01 suits fine-tuning; 0.02+ fights the pretrained router
     gradient_checkpointing: bool = False
     offload_activations: bool = False  # checkpointed layer inputs kept in pinned CPU memory
+    offload_pinned: bool = True  # False: exact-size pageable host copies (pinned ones round up to a power of 2)
     loss_chunk_size: int = 4096  # tokens per chunk of the chunked cross-entropy
+    moe_tile_tokens: int = 0  # > 0: experts run in token tiles of this size (long context; 0 = off)
     seed: int = 0  # weight init seed for presets without a checkpoint
 
 
@@ -337,7 +339,7 @@ class IpoConfig(TrainConfig):
 
 # ---- grpo and its rollouts (issue #7)
 ROLLOUT_BACKENDS = ("rustforge", "vllm")
-ROLLOUT_WEIGHTS = ("auto", "live", "merged")
+ROLLOUT_WEIGHTS = ("auto", "live", "merged", "compressed")
 
 
 @dataclass
@@ -346,7 +348,8 @@ class RolloutConfig:
 
     backend: str = "rustforge"  # "rustforge" (own engine, shares the training weights) | "vllm" (if installed)
     max_batch: int = 64  # sequences decoding at once (KV-cache slots); more episodes wait in a queue
-    weights: str = "auto"  # "live" (the model's modules) | "merged" (LoRA folded into dense copies) | "auto"
+    weights: str = "auto"  # "live" (the model's modules) | "merged" (LoRA folded into dense copies) |
+    # "compressed" (attention merged, experts read in their stored format) | "auto" (rollout/weights.py)
     cuda_graphs: bool = True  # capture decode steps (CUDA, bf16)
     prefill_chunk: int = 512  # prompt tokens per prefill chunk
     max_turns: int = 8  # tool calls per episode; a call past it ends the episode
@@ -466,8 +469,13 @@ class ExportConfig:
     probe_tokens: int = 256  # tokens of the merge-check probe batch
     max_shard_gb: float = 5.0
     base_model_name: str | None = None  # base_model_name_or_path written into adapter exports
+    # true: merge, check and write one decoder layer at a time (export/streaming.py; ~2 layers of float32 in
+    # RAM instead of 3 models); false: the whole model in memory; auto: stream from 1B parameters up
+    streaming: str | bool = "auto"
 
     def __post_init__(self):
+        if self.streaming not in ("auto", True, False):
+            raise ValueError(f"export.streaming must be auto, true or false, got {self.streaming!r}")
         if self.mxfp4_rounding not in MXFP4_ROUNDINGS:
             raise ValueError(f"export.mxfp4_rounding must be one of {MXFP4_ROUNDINGS}, got {self.mxfp4_rounding!r}")
         if not self.kl_threshold > 0 or self.probe_tokens < 2 or not self.max_shard_gb > 0:

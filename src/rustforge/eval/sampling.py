@@ -48,12 +48,15 @@ def sample_completions(
     top_p: float = 1.0,
     seed: int = 0,
     batch_size: int = 8,
+    streams: Sequence[int] | None = None,
 ) -> list[Sample]:
     """One assistant turn per prompt (ids ending with `<|start|>assistant`, as harmony.render_prompt makes),
     in the prompts' order.
 
     model: a RustforgeModel or a GptOssForCausalLM. temperature 0 = greedy. Deterministic for a seed, the
-    same for any batch_size (sequences decoding at once). The model's training mode is restored."""
+    same for any batch_size (sequences decoding at once). streams: each prompt's sampling stream (default
+    0, 1, ...; a caller sampling a share of a larger list passes the prompts' indices in it, so each samples
+    what it would in the whole list). The model's training mode is restored."""
     from rustforge.rollout import RolloutEngine, SamplingParams
 
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -63,7 +66,7 @@ def sample_completions(
     engine = RolloutEngine(model, max_batch=max(1, min(batch_size, len(prompts))), max_len=max_len,
                            stop_ids=assistant_stop_ids(tokenizer))  # fmt: skip
     try:
-        completions = engine.generate(prompts, params)
+        completions = engine.generate(prompts, params, streams=streams)
     finally:
         engine.release()
     return [Sample(list(c.prompt_ids), list(c.output_ids), c.finish_reason == "stop") for c in completions]

@@ -101,7 +101,7 @@ class RustforgeModel(nn.Module):
             doc_ids, self.config.sliding_window, self.attention, self.hf.model.embed_tokens.weight.dtype
         )
         offload = (
-            torch.autograd.graph.save_on_cpu(pin_memory=True)
+            torch.autograd.graph.save_on_cpu(pin_memory=self.cfg.offload_pinned)
             if self.cfg.offload_activations and self.training
             else contextlib.nullcontext()
         )
@@ -151,7 +151,7 @@ def build_model(
 ) -> RustforgeModel:
     """The base model (local gpt-oss dir, or a preset with seeded random weights) with LoRA and fast paths."""
     from rustforge.model.lora import apply_lora
-    from rustforge.model.moe import install_experts
+    from rustforge.model.moe import install_experts, set_tile_tokens
 
     device = torch.device(device)
     dtype = resolve_dtype(model_cfg, device)
@@ -176,6 +176,8 @@ def build_model(
     hf.requires_grad_(False)
     hf.to(device)
     install_experts(hf, experts, model_cfg.expert_format, lora_cfg)
+    if experts == "grouped":
+        set_tile_tokens(hf, model_cfg.moe_tile_tokens)
     if lora_cfg is not None:
         torch.manual_seed(model_cfg.seed)  # the adapter's init depends on the seed alone, not on what ran before
         apply_lora(hf, lora_cfg)

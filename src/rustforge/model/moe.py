@@ -16,7 +16,9 @@ dicts interchange: `lora_gate_up_A [E, H, r]`, `lora_gate_up_B [E, r, 2I]`, `lor
   the same groups, never forming `A_e @ B_e`. Own autograd Functions save only the sorted inputs,
   `x @ A` [S, r] and the offsets; frozen weights (bf16, block-scaled FP8 or MXFP4) are dequantised just
   in time in forward and again in backward. Own code: transformers' grouped path has no LoRA and
-  PEFT's materialises a delta the size of every expert stack.
+  PEFT's materialises a delta the size of every expert stack. Inference with few rows (decode: at most
+  DECODE_MAX_ROWS token-expert rows, no autograd, bf16 on a GPU) instead reads the stored experts
+  directly, LoRA included (model/triton_moe_decode.py), rather than dequantising every expert.
 """
 
 from __future__ import annotations
@@ -29,12 +31,15 @@ from torch import nn
 
 from rustforge.model.quant import fp8_dequantize, fp8_quantize, mxfp4_dequantize, mxfp4_quantize
 from rustforge.model.triton_dequant import fp8_dequantize_triton, mxfp4_dequantize_triton, triton_dequant_available
+from rustforge.model.triton_moe_decode import ExpertWeights, moe_decode, moe_decode_supported
 
 EXPERT_TARGETS = ("gate_up_proj", "down_proj")
 EXPERT_FORMATS = ("bf16", "fp8", "mxfp4")
 FP8_BLOCK = 128
 _EXPERTS_PER_CHUNK = 4  # bounds the float32 / int64 temporaries of (de)quantisation
 TRITON_DEQUANT = True  # one-pass Triton dequantisation on GPU (model/triton_dequant.py); False = torch reference
+DECODE_KERNELS = True  # inference with few rows reads the stored experts directly (model/triton_moe_decode.py)
+DECODE_MAX_ROWS = 256  # token-expert rows (tokens x top-k) up to which it does: decode steps up to batch 64 at k=4
 _LORA_PREFIX = {"gate_up_proj": "lora_gate_up", "down_proj": "lora_down"}
 
 _NATIVE_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -475,6 +480,7 @@ class GroupedExperts(nn.Module):
             for name in lora_param_names(proj):
                 self.register_parameter(name, None)
         self.lora_r, self.lora_scaling = 0, 0.0
+        self.tile_tokens = 0  # > 0: sequences longer than this run in token tiles (_TokenTiledExperts)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -576,14 +582,35 @@ class GroupedExperts(nn.Module):
             return None, None
         return lora_A.to(dtype), lora_B.to(dtype)
 
-    def _project(self, proj: str, x, offs):
+    def _project(self, proj: str, x, offs, dense: dict | None = None):
         lora_A, lora_B = self._lora(proj, x.dtype)
-        storage = tuple(t.detach() for t in self.storage(proj))
+        if dense is None:
+            fmt, storage = self.fmt, tuple(t.detach() for t in self.storage(proj))
+        else:  # dequantised once by the caller and shared by its token tiles
+            fmt, storage = "bf16", (dense[proj],)
         bias = getattr(self, f"{proj}_bias").detach()
-        return _GroupedLoraLinear.apply(x, lora_A, lora_B, bias, offs, self.lora_scaling, self.fmt, storage)
+        return _GroupedLoraLinear.apply(x, lora_A, lora_B, bias, offs, self.lora_scaling, fmt, storage)
+
+    def dense_weights(self) -> dict:
+        """Both projections' frozen weights dequantised in the model dtype (what the token tiles share)."""
+        return {proj: self.dense_weight(proj) for proj in EXPERT_TARGETS}
+
+    def lora_parameters(self) -> list[torch.Tensor]:
+        return [p for proj in EXPERT_TARGETS for p in (getattr(self, n) for n in lora_param_names(proj)) if p is not None]
 
     # ---- forward
     def forward(self, hidden_states, router_indices, routing_weights):
+        if self.decode_path_applies(hidden_states, router_indices):
+            return self.forward_decode(hidden_states, router_indices, routing_weights)
+        tile = self.tile_tokens
+        if not tile or hidden_states.shape[0] <= tile:
+            return self.forward_rows(hidden_states, router_indices, routing_weights)
+        if torch.is_grad_enabled():
+            return _TokenTiledExperts.apply(self, hidden_states, router_indices, routing_weights, *self.lora_parameters())
+        return _tiled_forward(self, hidden_states, router_indices, routing_weights, self.dense_weights())
+
+    def forward_rows(self, hidden_states, router_indices, routing_weights, dense: dict | None = None):
+        """The experts over all given tokens at once (`dense`: pre-dequantised weights, else from storage)."""
         top_k = router_indices.shape[1]
         expert_ids = router_indices.reshape(-1)
         # one stable sort per layer; gate_up and down reuse the permutation and the offsets
@@ -597,18 +624,120 @@ class GroupedExperts(nn.Module):
         # compute in the model dtype whatever the residual stream carries: an fp32 input here would
         # send every expert GEMM down the fp32 per-expert loop (seen on the H100, 2026-11-25)
         x = _GatherSorted.apply(hidden_states.to(self.dtype), token_of_row, inverse, top_k)
-        gate_up = self._project("gate_up_proj", x, offs)
+        gate_up = self._project("gate_up_proj", x, offs, dense)
         gated = _ClampedSwiGLU.apply(gate_up, self.alpha, self.limit)
-        out = self._project("down_proj", gated, offs)
+        del gate_up  # saved by _ClampedSwiGLU when it is needed; the tiled path's peak is lower without it
+        out = self._project("down_proj", gated, offs, dense)
         # routing weights stay in plain autograd so the gradient reaches the router and hidden states
         out = out * routing_weights.reshape(-1)[perm].to(out.dtype).unsqueeze(-1)
         return _SumUnsorted.apply(out, inverse, token_of_row, top_k).to(hidden_states.dtype)
+
+    # ---- decode (inference with few rows)
+    def decode_path_applies(self, hidden_states, router_indices) -> bool:
+        """No autograd, at most DECODE_MAX_ROWS token-expert rows, a bf16 model on a GPU that runs the decode
+        kernels: then forward reads the stored experts directly instead of dequantising all of them."""
+        return (
+            DECODE_KERNELS
+            and not torch.is_grad_enabled()
+            and router_indices.numel() <= DECODE_MAX_ROWS
+            and self.dtype == torch.bfloat16
+            and moe_decode_supported(self.fmt, hidden_states)
+        )
+
+    def decode_weights(self, proj: str) -> ExpertWeights:
+        """One projection as the decode kernels read it: the module's own storage, bias and LoRA (no copies)."""
+        name_A, name_B = lora_param_names(proj)
+        lora_A, lora_B = getattr(self, name_A), getattr(self, name_B)
+        return ExpertWeights(
+            self.fmt,
+            tuple(t.detach() for t in self.storage(proj)),
+            getattr(self, f"{proj}_bias").detach(),
+            None if lora_A is None else lora_A.detach(),
+            None if lora_B is None else lora_B.detach(),
+            self.lora_scaling,
+            FP8_BLOCK,
+        )
+
+    def forward_decode(self, hidden_states, router_indices, routing_weights):
+        """forward through model/triton_moe_decode.py (GPU, no autograd)."""
+        out = moe_decode(
+            hidden_states.to(self.dtype),
+            router_indices,
+            routing_weights,
+            self.decode_weights("gate_up_proj"),
+            self.decode_weights("down_proj"),
+            alpha=self.alpha,
+            limit=self.limit,
+        )
+        return out.to(hidden_states.dtype)
 
     def extra_repr(self) -> str:
         return (
             f"fmt={self.fmt}, num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
             f"intermediate_size={self.intermediate_size}, lora={expert_lora_targets(self)}, r={self.lora_r}"
         )
+
+
+# ------------------------------------------------------------------------------ token-tiled experts
+def _tiled_forward(experts: GroupedExperts, hidden, router_indices, routing_weights, dense: dict) -> torch.Tensor:
+    out = torch.empty_like(hidden)
+    for lo in range(0, hidden.shape[0], experts.tile_tokens):
+        hi = lo + experts.tile_tokens
+        out[lo:hi] = experts.forward_rows(hidden[lo:hi], router_indices[lo:hi], routing_weights[lo:hi], dense)
+    return out
+
+
+class _TokenTiledExperts(torch.autograd.Function):
+    """The experts over tiles of `tile_tokens` tokens, for long sequences (Unsloth's tiled MLP, for the
+    MoE). Forward keeps no intermediates; backward recomputes one tile at a time under autograd, so the
+    expert-row tensors ([tokens * k, 2I] and kin, ~200 KB per token on the 20B shape) only ever exist
+    for one tile. The frozen weights are dequantised once per call and shared by the tiles. Costs one
+    more expert forward per step. Gradients reach the hidden states, the routing weights (so the router)
+    and the expert LoRA factors, which are passed in so autograd can return theirs."""
+
+    @staticmethod
+    def forward(ctx, experts, hidden, router_indices, routing_weights, *lora):
+        ctx.experts = experts
+        ctx.save_for_backward(hidden, router_indices, routing_weights, *lora)
+        return _tiled_forward(experts, hidden, router_indices, routing_weights, experts.dense_weights())
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, router_indices, routing_weights, *lora = ctx.saved_tensors
+        experts, tile = ctx.experts, ctx.experts.tile_tokens
+        want_hidden, want_routing = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        want_lora = list(ctx.needs_input_grad[4:])
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_routing = torch.empty_like(routing_weights) if want_routing else None
+        grad_lora = [torch.zeros_like(p) if want else None for p, want in zip(lora, want_lora)]
+        dense = experts.dense_weights()
+        for lo in range(0, hidden.shape[0], tile):
+            hi = lo + tile
+            with torch.enable_grad():
+                h = hidden[lo:hi].detach().requires_grad_(want_hidden)
+                w = routing_weights[lo:hi].detach().requires_grad_(want_routing)
+                out = experts.forward_rows(h, router_indices[lo:hi], w, dense)
+                inputs = [t for t, want in zip((h, w, *lora), (want_hidden, want_routing, *want_lora)) if want]
+                grads = iter(torch.autograd.grad(out, inputs, grad_out[lo:hi], allow_unused=True))
+            if want_hidden:
+                grad_hidden[lo:hi] = next(grads)
+            if want_routing:
+                grad_routing[lo:hi] = next(grads)
+            for acc, want in zip(grad_lora, want_lora):
+                if want:
+                    g = next(grads)
+                    if g is not None:
+                        acc.add_(g)
+        return None, grad_hidden, None, grad_routing, *grad_lora
+
+
+def set_tile_tokens(hf_model: nn.Module, tile_tokens: int) -> None:
+    """Token tiles for every GroupedExperts layer (0 = off); see _TokenTiledExperts."""
+    if tile_tokens < 0:
+        raise ValueError(f"model.moe_tile_tokens must be >= 0, got {tile_tokens}")
+    for module in hf_model.modules():
+        if isinstance(module, GroupedExperts):
+            module.tile_tokens = tile_tokens
 
 
 def _carry_or_add_lora(src: nn.Module | None, dst: nn.Module, lora_cfg) -> None:

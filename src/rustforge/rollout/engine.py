@@ -4,7 +4,8 @@ Own code rather than transformers' `generate` (one batch in lockstep, padding fo
 tool turns inside a rollout) or vLLM (a second copy of the weights and a weight sync after every
 optimizer step; it can still be used through rollout/vllm_backend.py, same interface). The engine runs
 the model's own layers -- norms, attention projections (with their LoRA, or merged: rollout/weights.py),
-the router and the experts through the grouped path -- around its own attention over the cache
+the router and the experts (the grouped path; decode steps read the stored experts directly:
+model/triton_moe_decode.py) -- around its own attention over the cache
 (rollout/attention.py, sinks included) and its own sampling (rollout/sampling.py).
 
 How a call to `generate` runs:
@@ -38,7 +39,7 @@ from torch import Tensor
 from rustforge.rollout.attention import apply_rope, attend, window_allowed
 from rustforge.rollout.kv_cache import KVCache
 from rustforge.rollout.sampling import SamplingParams, sample_tokens
-from rustforge.rollout.weights import EngineWeights, merged_bytes, route
+from rustforge.rollout.weights import WEIGHT_MODES, EngineWeights, decode_kernels_serve, merged_bytes, route
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,9 @@ class RolloutEngine:
 
     model: a RustforgeModel or transformers' GptOssForCausalLM (any experts module).
     max_batch: cache slots = sequences decoding at once. max_len: context per sequence (prompt + output).
-    stop_ids: default stop tokens. weights: "live" | "merged" | "auto" (rollout/weights.py; auto = merged
-    where its buffers fit in free GPU memory next to the cache, live on CPU).
+    stop_ids: default stop tokens. weights: "live" | "merged" | "compressed" | "auto" (rollout/weights.py;
+    auto = compressed for MXFP4/FP8 experts where the decode kernels run, else merged, either where its
+    buffers fit in free GPU memory next to the cache, else live; live on CPU).
     cuda_graphs: capture decode steps on CUDA (bf16 models). prefill_chunk: tokens per prefill chunk.
     """
 
@@ -167,8 +169,8 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------------------------ resources
     def _resolve_weights(self, mode: str) -> str:
-        if mode not in ("auto", "live", "merged"):
-            raise ValueError(f"rollout.weights: expected auto, live or merged, got {mode!r}")
+        if mode not in WEIGHT_MODES:
+            raise ValueError(f"rollout.weights: expected one of {WEIGHT_MODES}, got {mode!r}")
         if mode != "auto":
             return mode
         if self.device.type != "cuda":
@@ -176,8 +178,9 @@ class RolloutEngine:
         free, _ = torch.cuda.mem_get_info(self.device)
         cache = KVCache.bytes_for(self.layer_types, self.config.sliding_window, self.config.num_key_value_heads,
                                   self.head_dim, self.max_batch, self.max_len, self.dtype)  # fmt: skip
-        need = merged_bytes(self.hf) + cache + 4 * 2**30  # + room for activations and graphs
-        return "merged" if need < free else "live"
+        preferred = "compressed" if decode_kernels_serve(self.hf) else "merged"
+        need = merged_bytes(self.hf, preferred) + cache + 4 * 2**30  # + room for activations and graphs
+        return preferred if need < free else "live"
 
     def _ensure_ready(self) -> None:
         if self.weights is None:  # "auto" is decided again: free memory changes between GRPO steps

@@ -1,16 +1,24 @@
 """What the rollout engine reads per decoder layer: the model's own modules, or a merged snapshot.
 
-Two modes, one interface (`LayerWeights`):
+Three modes, one interface (`LayerWeights`):
 - "live": the model's modules as they are (LoraLinear, GroupedExperts with split LoRA and just-in-time
-  dequantisation). No extra memory; every decode step pays the LoRA side GEMMs and, for FP8/MXFP4
-  experts, a dequantisation of every expert of every layer.
+  dequantisation). No extra memory; every decode step pays the attention LoRA side GEMMs; the experts
+  take GroupedExperts' decode path where it runs (as in "compressed"), else a dequantisation of every
+  FP8/MXFP4 expert of every layer.
 - "merged": persistent buffers holding W + scaling * B @ A for the attention projections and, per expert,
   dense (dequantised) W_e + scaling * A_e @ B_e in the model dtype, served through a bf16-format
   GroupedExperts without LoRA (the same grouped path). `refresh()` rewrites the buffers in place, so CUDA
   graphs captured on them stay valid across GRPO steps. Costs a dense copy of what is merged (20B, MXFP4
   base: 38 GB of bf16 experts), which is why "auto" picks it only where it fits.
+- "compressed": the attention projections merged as above (1.3 GB on the 20B), the experts served from
+  the model's own compressed storage: GroupedExperts' decode path (model/triton_moe_decode.py) reads
+  only the experts a step routes to, in their stored format, LoRA applied beside them, with no expert
+  copies. Prefill chunks (more rows than moe.DECODE_MAX_ROWS) take the grouped path, as in "live". Where
+  the decode kernels do not run (CPU, no Triton) it is "live" experts with merged attention. "auto"
+  picks it for MXFP4/FP8 experts when the kernels run (`decode_kernels_serve`), else "merged" where that
+  fits, else "live".
 
-The result is the same function up to rounding: the tests compare both modes with the model's forward.
+The result is the same function up to rounding: the tests compare every mode with the model's forward.
 """
 
 from __future__ import annotations
@@ -22,10 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rustforge.model import moe
 from rustforge.model.lora import LoraLinear
 from rustforge.model.moe import GroupedExperts, dense_expert_weight, expert_lora_targets, lora_param_names
+from rustforge.model.triton_moe_decode import moe_decode_supported
 
-WEIGHT_MODES = ("auto", "live", "merged")
+WEIGHT_MODES = ("auto", "live", "merged", "compressed")
+_MERGES_ATTENTION = ("merged", "compressed")
 _EXPERTS_PER_CHUNK = 4
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -105,28 +116,39 @@ def _needs_merge(module: nn.Module) -> bool:
     return isinstance(module, LoraLinear)
 
 
-def merged_bytes(hf: nn.Module) -> int:
-    """Extra memory the merged mode allocates for this model."""
+def merged_bytes(hf: nn.Module, mode: str = "merged") -> int:
+    """Extra memory `mode` allocates for this model (merged: attention and experts; compressed: attention)."""
     total = 0
     for layer in hf.model.layers:
         for name in _PROJECTIONS:
             proj = getattr(layer.self_attn, name)
-            if isinstance(proj, LoraLinear):
+            if isinstance(proj, LoraLinear) and mode in _MERGES_ATTENTION:
                 total += proj.base_layer.weight.numel() * proj.base_layer.weight.element_size()
         experts = layer.mlp.experts
-        if isinstance(experts, GroupedExperts) and _needs_merge(experts):
+        if mode == "merged" and isinstance(experts, GroupedExperts) and _needs_merge(experts):
             E, H, I = experts.num_experts, experts.hidden_size, experts.intermediate_size
             total += E * 3 * H * I * torch.empty((), dtype=experts.dtype).element_size()
     return total
 
 
+def decode_kernels_serve(hf: nn.Module) -> bool:
+    """Whether "compressed" reads MXFP4/FP8 experts through the decode kernels on this model's device:
+    every GroupedExperts layer is bf16 with a format the kernels run there, and one is compressed."""
+    experts = [layer.mlp.experts for layer in hf.model.layers]
+    if not moe.DECODE_KERNELS or not all(isinstance(e, GroupedExperts) for e in experts):
+        return False
+    if not any(e.fmt in ("mxfp4", "fp8") for e in experts):
+        return False
+    return all(e.dtype == torch.bfloat16 and moe_decode_supported(e.fmt, e.gate_up_proj_bias) for e in experts)
+
+
 class EngineWeights:
-    """Per-layer LayerWeights in `mode` ("live" or "merged"); merged buffers are built once, refreshed
-    by `refresh()` (call it whenever the trainable weights changed, e.g. before each rollout)."""
+    """Per-layer LayerWeights in `mode` ("live", "merged" or "compressed"); merged buffers are built once,
+    refreshed by `refresh()` (call it whenever the trainable weights changed, e.g. before each rollout)."""
 
     def __init__(self, hf: nn.Module, mode: str):
-        if mode not in ("live", "merged"):
-            raise ValueError(f"rollout.weights: expected live or merged here, got {mode!r}")
+        if mode not in ("live", "merged", "compressed"):
+            raise ValueError(f"rollout.weights: expected live, merged or compressed here, got {mode!r}")
         self.hf, self.mode = hf, mode
         self._merged: list = []
         self.layers = [self._layer(layer) for layer in hf.model.layers]
@@ -136,7 +158,7 @@ class EngineWeights:
         projections = {}
         for name in _PROJECTIONS:
             module = getattr(attn, name)
-            if self.mode == "merged" and isinstance(module, LoraLinear):
+            if self.mode in _MERGES_ATTENTION and isinstance(module, LoraLinear):
                 module = _MergedLinear(module)
                 self._merged.append(module)
             projections[name[0]] = module

@@ -50,6 +50,7 @@ from rustforge.data.packing import (
     PackResult,
     collate,
 )
+from rustforge.train import distributed
 from rustforge.train.sft import BatchSource, DatasetBatches, SFTTrainer, StageData, finish_stage, start_stage
 
 log = logging.getLogger(__name__)
@@ -347,16 +348,29 @@ class CoreAgentTrainer(SFTTrainer):
         return bool(self.val_cache[seq_len])
 
     def sample_metrics(self) -> dict[str, float]:
-        from rustforge.eval.sampling import format_metrics, sample_completions
+        from rustforge.eval.sampling import format_metrics
+
+        names = [p.tool_names or None for p in self.prompts]
+        s = self.stage_cfg
+        return format_metrics(self.sample_prompts(), self.tokenizer, names, s.reasoning_token_budget)
+
+    def sample_prompts(self):
+        """One completion per held-out prompt, in their order. Under FSDP every rank gathers the full
+        weights (the engine reads parameters directly), samples its own block of the prompts with their
+        global indices as sampling streams (the single-process tokens), and the blocks are exchanged."""
+        from rustforge.eval.sampling import sample_completions
 
         s = self.stage_cfg
-        with self._autocast():
-            samples = sample_completions(
-                self.model, [p.ids for p in self.prompts], self.tokenizer, s.sample_max_new_tokens,
-                s.sample_temperature, s.sample_top_p, seed=s.seed, batch_size=s.sample_batch_size,
-            )  # fmt: skip
-        names = [p.tool_names or None for p in self.prompts]
-        return format_metrics(samples, self.tokenizer, names, s.reasoning_token_budget)
+        mine = self.dist.share(len(self.prompts))
+        samples = []
+        with distributed.full_weights(self.model), self._autocast():
+            if len(mine):
+                samples = sample_completions(
+                    self.model, [self.prompts[i].ids for i in mine], self.tokenizer, s.sample_max_new_tokens,
+                    s.sample_temperature, s.sample_top_p, seed=s.seed, batch_size=s.sample_batch_size,
+                    streams=list(mine),
+                )  # fmt: skip
+        return self.dist.gather_lists(samples)
 
 
 # ---------------------------------------------------------------------------------------------- run

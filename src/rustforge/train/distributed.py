@@ -15,7 +15,19 @@ NVLink multicast off, gloo on CPU) and FSDP2's `fully_shard`; own code only for 
 - Data: every rank draws the same global step (grad_accum micro-batches of batch_size sequences, the same
   deterministic order as one process) and keeps a disjoint slice: whole micro-batches when grad_accum divides
   by the world size (exact, aux loss included), else rows of each micro-batch. The global step is the config's
-  whatever the world size, which is what lets a checkpoint of one world size resume at another.
+  whatever the world size, which is what lets a checkpoint of one world size resume at another. ipo takes
+  the same slices (its pair count over the global step); grpo, whose round is already on every rank, takes
+  a round-robin share of the round's micro-batches (the single-process packing), padded with an uncounted
+  repeat so every rank runs as many forwards and backwards (`padded_share`).
+- Sampling (core_agent's format metrics, grpo's rollouts): the rollout engine reads parameters directly,
+  outside any module's forward, where FSDP leaves them sharded. `full_weights` unshards every FSDP group
+  (FSDP2's `FSDPModule.unshard`, an all-gather each, in the same module order on every rank), so during it
+  each rank holds the whole model and samples its own share of the prompts with no collective at all; the
+  shares are exchanged afterwards (`gather_lists`). Sampling streams are the global prompt indices, so a
+  prompt samples the same tokens whichever rank runs it (rollout/sampling.py is counter-based). It costs
+  the whole model's parameters on every rank while sampling (FP8/MXFP4 expert buffers are whole anyway).
+- Work of rank 0 alone (the pipeline's task mining and replay, export, evaluation): `on_main`, the others
+  waiting on a gloo group with a long timeout.
 - Checkpoints: world-size independent. LoRA weights and the optimizer state are all-gathered to full tensors
   and written by rank 0 in exactly the single-process format (PEFT adapter; `optimizer.state_dict()` keyed by
   trainable-parameter index); loading reads the full tensors on every rank and keeps each rank's shard
@@ -37,6 +49,8 @@ from torch import nn
 Batch = dict[str, torch.Tensor]
 
 _CURRENT: DistContext | None = None
+_WAIT_GROUP = None  # gloo group with a long timeout: ranks waiting for rank 0's data preparation
+WAIT_TIMEOUT_S = 48 * 3600.0  # task mining and trajectory replay run for hours on big crate sets
 
 
 @dataclass(frozen=True)
@@ -82,6 +96,35 @@ class DistContext:
 
             dist.barrier()
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's (picklable) object, in rank order."""
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def gather_lists(self, items: list) -> list:
+        """The concatenation, in rank order, of every rank's list (the inverse of `share`)."""
+        return [item for part in self.all_gather_object(list(items)) for item in part]
+
+    def share(self, n: int) -> range:
+        """This rank's contiguous block of n items (sizes differ by at most one; may be empty)."""
+        return range(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size)
+
+    def on_main(self, fn, *args, **kwargs):
+        """fn(...) on rank 0 alone while the others wait for it (data preparation, export, evaluation);
+        rank 0's result, None elsewhere. The wait is on a gloo group with a long timeout (WAIT_TIMEOUT_S):
+        the default group's timeout would fire during hours of task mining."""
+        result = fn(*args, **kwargs) if self.is_main else None
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier(group=_WAIT_GROUP)
+        return result
+
     @contextlib.contextmanager
     def main_first(self):
         """Rank 0 runs the block first (building caches other ranks then read), the others after it."""
@@ -112,9 +155,10 @@ class DistContext:
         per = rows // w
         return [{k: v[self.rank * per : (self.rank + 1) * per] for k, v in b.items()} for b in batches]
 
-    def eval_slices(self, n: int) -> list[tuple[int, bool]]:
-        """(batch index, counts) for this rank: a disjoint share of n evaluation batches, padded with
-        batch 0 (not counted) so that every rank runs the same number of forwards (FSDP's collectives)."""
+    def padded_share(self, n: int) -> list[tuple[int, bool]]:
+        """(batch index, counts) for this rank: a disjoint round-robin share of n batches, padded with
+        batch 0 (not counted) so that every rank runs the same number of forwards and backwards (each is
+        a sequence of FSDP collectives)."""
         if not self.enabled:
             return [(i, True) for i in range(n)]
         rounds = -(-n // self.world_size)
@@ -155,6 +199,8 @@ def init_distributed(timeout_s: float = 1800.0) -> DistContext:
             torch.cuda.set_device(ctx.device)
         if not dist.is_initialized():
             dist.init_process_group(ctx.backend, timeout=datetime.timedelta(seconds=timeout_s))
+        global _WAIT_GROUP  # created by every rank here, at the same point: new_group is a collective
+        _WAIT_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=WAIT_TIMEOUT_S))
     _CURRENT = ctx
     return ctx
 
@@ -165,13 +211,13 @@ def current() -> DistContext:
 
 
 def shutdown() -> None:
-    global _CURRENT
+    global _CURRENT, _WAIT_GROUP
     if _CURRENT is not None and _CURRENT.enabled:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
-    _CURRENT = None
+    _CURRENT, _WAIT_GROUP = None, None
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -201,6 +247,31 @@ def shard_model(model: nn.Module, ctx: DistContext, reshard_after_forward: bool 
     if unmanaged:
         raise ValueError(f"shard_model: trainable parameters outside the sharded body would not sync: {unmanaged[:3]}")
     return model
+
+
+def _fsdp_module_type():
+    try:
+        from torch.distributed.fsdp import FSDPModule  # torch >= 2.6
+    except ImportError:  # pragma: no cover - older torch
+        from torch.distributed._composable.fsdp import FSDPModule
+    return FSDPModule
+
+
+@contextlib.contextmanager
+def full_weights(model: nn.Module):
+    """For the duration, every FSDP-managed parameter of `model` is its whole unsharded tensor on this rank,
+    so code that reads parameters outside a module's forward (the rollout engine) sees the full model.
+    A collective (one all-gather per FSDP group, in module order): every rank must enter it. Nothing is
+    gathered for an unsharded model. Costs the full model's memory on each rank while inside."""
+    fsdp_module = _fsdp_module_type()
+    groups = [m for m in model.modules() if isinstance(m, fsdp_module)]
+    for module in groups:
+        module.unshard()
+    try:
+        yield model
+    finally:
+        for module in groups:
+            module.reshard()  # local: frees the gathered copies
 
 
 def _is_dtensor(t) -> bool:
@@ -329,15 +400,9 @@ class NullLogger:
 
 
 # ---------------------------------------------------------------------------------------- stages
-# What each stage still lacks under torchrun; a stage absent here runs distributed (tested: lang_rust).
-MISSING_FOR_DISTRIBUTED = {
-    "core_agent": "its evaluation samples completions with the rollout engine, which reads the model's "
-    "parameters directly and would see FSDP shards",
-    "ipo": "not yet verified under FSDP (token_logprobs and the LoRA-disabled reference pass)",
-    "grpo": "data-parallel rollouts (each rank generating its share of the prompts on an unsharded or "
-    "gathered copy of the weights) and a shared reward pool",
-    "qat": "fake-quantised forward of sharded weights",
-}
+# What each stage still lacks under torchrun; a stage absent here runs distributed. Empty: lang_rust,
+# core_agent, ipo, grpo and qat all run under FSDP2 (tests/test_distributed.py compares each with one process).
+MISSING_FOR_DISTRIBUTED: dict[str, str] = {}
 
 
 def check_stage_supported(stage: str, ctx: DistContext) -> None:

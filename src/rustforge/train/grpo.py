@@ -25,6 +25,13 @@ Loss masks: only tokens the model sampled are trained -- the prompt, the tool ou
 appended and the `<|start|>assistant` after them are context (rollout's sampled_mask). With
 mask_truncated_completions, episodes cut by a budget get no loss (DAPO).
 
+Under torchrun (FSDP2, train/distributed.py): rollouts are data-parallel -- each rank generates whole groups
+(its block of the step's prompts) on the gathered full weights, sampling streams = the episodes' global
+indices, and scores them in its own environment (reward pool of grpo.reward_workers / world size workers,
+tool threads likewise: the configured counts are the host's); the episodes are then exchanged, so every
+rank holds the single-process round, its advantages and token weights. Each rank trains on a round-robin
+share of the round's micro-batches; the ranks' gradient sum is the single-process gradient.
+
 Metrics per step: reward mean/std and per reward part, pass rate, Harmony compliance, endless-reasoning
 rate, completion lengths, tool calls, groups with zero reward std, KL to the reference, clip fractions
 (low/high/region as TRL), rollout and train tokens/s, peak memory, micro-batch tokens. Held-out episodes
@@ -54,6 +61,7 @@ from rustforge.rollout.engine import EngineStats, RolloutEngine
 from rustforge.rollout.environments import Prompt, Score
 from rustforge.rollout.multiturn import EpisodeResult, run_episodes
 from rustforge.rollout.sampling import SamplingParams
+from rustforge.train import distributed
 from rustforge.train.sft import BatchSource, SFTTrainer, StageData, finish_stage, lr_at, start_stage
 
 log = logging.getLogger(__name__)
@@ -314,12 +322,19 @@ class GrpoTrainer(SFTTrainer):
     def __init__(self, *args, grpo_cfg: GrpoConfig, rollout_cfg: RolloutConfig, environment, tokenizer,
                  val_prompts: Sequence[Prompt], model_dir: str | None = None, **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
+        if self.dist.enabled and rollout_cfg.backend == "vllm":
+            raise ValueError(
+                "rollout.backend = vllm does not run under torchrun (one vLLM server per rank would each need the "
+                "gathered adapter and a GPU share); use rollout.backend: rustforge for distributed grpo"
+            )
         self.grpo, self.rollout_cfg, self.env, self.tokenizer = grpo_cfg, rollout_cfg, environment, tokenizer
         self.val_prompts = list(val_prompts)
         self.model_dir = model_dir
         self.micro_tokens = grpo_cfg.micro_batch_tokens
         self.engine = None
-        self.executor = ThreadPoolExecutor(rollout_cfg.tool_workers, thread_name_prefix="tool")
+        # the configured number is for the host: under torchrun each rank runs its share of the tool calls
+        workers = max(1, rollout_cfg.tool_workers // self.dist.world_size)
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="tool")
         self.stop_ids = assistant_stop_ids(tokenizer) + ([tokenizer.end_id] if rollout_cfg.stop_on_end else [])
 
     def close(self) -> None:
@@ -346,27 +361,47 @@ class GrpoTrainer(SFTTrainer):
 
     def rollout(self, prompts: Sequence[Prompt], generations: int, params: SamplingParams, seq_len: int) -> Round:
         """generations episodes per prompt (context seq_len), laid out group after group, scored by the
-        environment."""
-        per_episode = [p for p in prompts for _ in range(generations)]
+        environment.
+
+        Under torchrun, data-parallel: each rank runs whole groups (its block of the prompts, so no group is
+        split) on the gathered full weights, with the episodes' global indices as sampling streams (each
+        samples the tokens it would in one process), and scores them with its own environment (its share of
+        the reward workers); then the ranks exchange their episodes, so every rank holds the whole round,
+        in the single-process order, and computes the same advantages."""
+        block = self.dist.share(len(prompts))
+        local = [prompts[i] for i in block for _ in range(generations)]
+        streams = list(range(block.start * generations, block.stop * generations))
         t0 = time.perf_counter()
-        sessions = [self.env.open(p) for p in per_episode]
+        sessions = [self.env.open(p) for p in local]
         try:
-            engine = self._engine(seq_len)
-            if isinstance(engine, RolloutEngine):
-                engine.stats = EngineStats()  # this round's decode rate
-            results = run_episodes(
-                engine, [p.ids for p in per_episode], [s.tools for s in sessions], self.tokenizer, params,
-                max_turns=self.rollout_cfg.max_turns, executor=self.executor,
-            )  # fmt: skip
-            if self.rollout_cfg.release_between_steps:
-                engine.release()
+            with distributed.full_weights(self.model):  # a collective: entered by every rank, even an idle one
+                results = self._run_episodes(local, sessions, params, seq_len, streams)
             t1 = time.perf_counter()
-            scores = self.env.score(per_episode, results, sessions)
+            scores = self.env.score(local, results, sessions) if local else []
         finally:
             for session in sessions:
                 session.close()
+        parts = self.dist.all_gather_object((results, scores, t1 - t0, time.perf_counter() - t1))
+        results = [r for part in parts for r in part[0]]
+        scores = [sc for part in parts for sc in part[1]]
+        per_episode = [p for p in prompts for _ in range(generations)]
         sampled = sum(r.completion.num_sampled for r in results)
-        return Round(per_episode, results, scores, t1 - t0, time.perf_counter() - t1, sampled)
+        # the slowest rank's times: the round's wall time, so rollout_tok_s is the throughput of all ranks
+        return Round(per_episode, results, scores, max(p[2] for p in parts), max(p[3] for p in parts), sampled)
+
+    def _run_episodes(self, prompts: list[Prompt], sessions, params: SamplingParams, seq_len: int, streams):
+        if not prompts:
+            return []
+        engine = self._engine(seq_len)
+        if isinstance(engine, RolloutEngine):
+            engine.stats = EngineStats()  # this round's decode rate
+        results = run_episodes(
+            engine, [p.ids for p in prompts], [s.tools for s in sessions], self.tokenizer, params,
+            max_turns=self.rollout_cfg.max_turns, executor=self.executor, streams=streams,
+        )  # fmt: skip
+        if self.rollout_cfg.release_between_steps:
+            engine.release()
+        return results
 
     def _params(self, temperature: float, seed: int) -> SamplingParams:
         return SamplingParams(temperature=temperature, top_p=self.grpo.top_p if temperature > 0 else 1.0,
@@ -435,6 +470,13 @@ class GrpoTrainer(SFTTrainer):
     def _micro_batches(self, episodes: list[Episode]) -> list[dict]:
         return pack_episodes(episodes, self.seq_len(), self.micro_tokens, pow2=self.device.type == "cuda")
 
+    def _rank_micro_batches(self, micro_batches: list[dict]) -> list[tuple[dict, bool]]:
+        """(micro-batch, counts) this rank runs: all of them in one process; under torchrun a round-robin
+        share of the round's micro-batches (the single-process packing, so even the per-micro-batch router
+        aux loss is the same), padded with an uncounted repeat so that every rank runs as many forwards
+        and backwards (FSDP's collectives)."""
+        return [(micro_batches[i], counts) for i, counts in self.dist.padded_share(len(micro_batches))]
+
     def _to_device(self, batch: dict) -> dict:
         return {k: (v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}
 
@@ -444,13 +486,15 @@ class GrpoTrainer(SFTTrainer):
         )
 
     def _retry_on_oom(self, work):
-        """work() with micro-batches of micro_tokens; on CUDA OOM the budget halves and work() reruns."""
+        """work() with micro-batches of micro_tokens; on CUDA OOM the budget halves and work() reruns.
+        Not under torchrun: the other ranks are inside a collective, which a retry on one rank would never
+        join (a hang); there an OOM ends the run (set grpo.micro_batch_tokens lower)."""
         for attempt in range(MAX_OOM_RETRIES + 1):
             try:
                 return work()
             except torch.OutOfMemoryError:
                 self.optimizer.zero_grad(set_to_none=True)
-                if attempt == MAX_OOM_RETRIES or self.micro_tokens <= 1:
+                if attempt == MAX_OOM_RETRIES or self.micro_tokens <= 1 or self.dist.enabled:
                     raise
                 self.micro_tokens = max(1, self.micro_tokens // 2)
                 log.warning("grpo: out of memory; micro_batch_tokens -> %d", self.micro_tokens)
@@ -461,12 +505,12 @@ class GrpoTrainer(SFTTrainer):
         """Per-episode log-probs of the current policy (pi_old) or of the LoRA-disabled reference."""
 
         @torch.no_grad()
-        def work():
-            for batch in self._micro_batches(episodes):
+        def work():  # under torchrun each rank fills the episodes of the micro-batches it will train on
+            for batch, counts in self._rank_micro_batches(self._micro_batches(episodes)):
                 batch = self._to_device(batch)
                 with (lora_disabled(self.model) if reference else contextlib.nullcontext()), self._autocast():
                     lp = self._logprobs(batch).float().cpu().numpy()
-                for place in batch["placements"]:
+                for place in batch["placements"] if counts else []:
                     setattr(episodes[place.episode], key, lp[place.row, place.start : place.start + place.length].copy())
 
         was_training = self.model.training
@@ -479,17 +523,15 @@ class GrpoTrainer(SFTTrainer):
     def _update(self, episodes: list[Episode], have_ref: bool) -> dict[str, float]:
         """One optimizer update on the round (micro-batches halve on CUDA OOM and the update restarts)."""
         totals = self._retry_on_oom(lambda: self._accumulate(self._micro_batches(episodes), have_ref))
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {**totals, "grad_norm": float(grad_norm)}
+        return {**totals, "grad_norm": self.clip_and_step()}
 
     def _accumulate(self, micro_batches: list[dict], have_ref: bool) -> dict[str, float]:
+        """Backward of the round's loss over this rank's micro-batches (every token weight is already over
+        the whole round, so the ranks' sums add up to the single-process loss); metrics over all ranks."""
         g = self.grpo
-        sums = dict.fromkeys(("loss", "kl", "clip_low", "clip_high", "aux_loss"), 0.0)
-        trained = 0
+        sums = dict.fromkeys(("loss", "kl", "clip_low", "clip_high", "aux_loss", "trained"), 0.0)
         total = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
-        for mb in micro_batches:
+        for mb, counts in self._rank_micro_batches(micro_batches):
             batch = self._to_device(mb)
             mask = (batch["labels"] != IGNORE_INDEX).to(torch.float32)
             with self._autocast():
@@ -498,18 +540,26 @@ class GrpoTrainer(SFTTrainer):
             ref = batch["ref_logp"] if have_ref else None
             objective = clipped_objective(logp, old, batch["advantages"], g.epsilon, g.epsilon_high, g.beta, ref)
             loss = (objective.loss * mask * batch["weights"].to(logp.dtype)).sum()
-            n_mb = int(mask.sum())
+            n_mb = int(mask.sum()) if counts else 0
             aux = self.model.aux_loss(batch["doc_ids"])
-            if self.monitor:
+            if self.monitor and counts:
                 self.monitor.update(self.model.router_logits, batch["doc_ids"] >= 0)
-            (loss + self.model.config.router_aux_loss_coef * aux * n_mb / max(total, 1)).backward()
+            aux_term = self.model.config.router_aux_loss_coef * aux * n_mb / max(total, 1)
+            objective_total = (loss if counts else loss * 0.0) + aux_term
+            if self.dist.enabled:
+                objective_total = objective_total * self.dist.world_size  # FSDP averages over ranks; we want the sum
+            objective_total.backward()  # also for the uncounted padding: FSDP's reduce-scatter needs every rank
+            if not counts:
+                continue
             sums["loss"] += float(loss.detach())
             sums["aux_loss"] += float(aux.detach()) * n_mb / max(total, 1)
             sums["clip_low"] += float((objective.low_clipped * mask).sum())
             sums["clip_high"] += float((objective.high_clipped * mask).sum())
             if objective.kl is not None:
                 sums["kl"] += float((objective.kl.detach() * mask).sum())
-            trained += n_mb
+            sums["trained"] += n_mb
+        sums = dict(zip(sums, self.dist.all_reduce_sum(list(sums.values()))))
+        trained = int(sums["trained"])
         out = {
             "loss": sums["loss"],
             "aux_loss": sums["aux_loss"],
@@ -599,9 +649,14 @@ def build_environment(cfg: RunConfig, stage_cfg: GrpoConfig, tokenizer):
     if stage_cfg.environment == "rust_tasks":
         from rustforge.rust.sandbox import Sandbox
 
+        # under torchrun each rank scores its own episodes in its own reward pool: the configured workers
+        # (sized for the host's cores) split over the ranks, and a work dir per rank
+        dist = distributed.current()
+        workers = max(1, stage_cfg.reward_workers // dist.world_size)
+        work_root = Path(cfg.run_dir) / STAGE / "work"
         return RustTaskEnvironment(
-            splits, tokenizer, Sandbox(cfg.sandbox), cfg.rewards, stage_cfg.reward_workers, cfg.rollout.tool_output_chars,
-            work_root=Path(cfg.run_dir) / STAGE / "work",
+            splits, tokenizer, Sandbox(cfg.sandbox), cfg.rewards, workers, cfg.rollout.tool_output_chars,
+            work_root=work_root / f"rank{dist.rank}" if dist.enabled else work_root,
         )  # fmt: skip
     from rustforge.rust.tools import tool_definitions
 

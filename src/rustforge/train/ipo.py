@@ -99,7 +99,11 @@ def pair_logprobs(model, batch: dict[str, torch.Tensor], average: bool) -> SideL
 
 # ----------------------------------------------------------------------------------------- reference
 class AdapterSnapshot:
-    """The LoRA tensors as they are now; `active()` swaps them into the model for the duration."""
+    """The LoRA tensors as they are now; `active()` puts them into the model for the duration.
+
+    By in-place copies (current values saved, snapshot copied in, then back), not by swapping `.data`:
+    under FSDP2 each parameter is a DTensor view of FSDP's own shard storage, the tensor its all-gather
+    reads, so only an in-place write reaches the forward. Costs two copies of the adapter per use."""
 
     def __init__(self, model):
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -107,14 +111,16 @@ class AdapterSnapshot:
 
     @contextlib.contextmanager
     def active(self):
-        current = [p.data for p in self.params]
-        try:
+        with torch.no_grad():
+            current = [p.detach().clone() for p in self.params]
             for p, v in zip(self.params, self.values):
-                p.data = v
+                p.copy_(v)
+        try:
             yield
         finally:
-            for p, v in zip(self.params, current):
-                p.data = v
+            with torch.no_grad():
+                for p, v in zip(self.params, current):
+                    p.copy_(v)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -218,9 +224,15 @@ class IpoTrainer(SFTTrainer):
         finally:
             self.model.train(was_training)
 
+    def _preference_loss(self, policy: SideLogprobs, reference: SideLogprobs):
+        return preference_loss(
+            policy.chosen, policy.rejected, reference.chosen, reference.rejected, self.ipo.beta, self.ipo.loss_type
+        )
+
     def train_step(self) -> dict[str, float]:
         t0, lr, batches = self.begin_step()
-        n_pairs = sum(_pairs_in(b) for b in batches)
+        n_pairs = sum(_pairs_in(b) for b in self.step_batches)  # over the global step: every rank's slice
+        pieces = len(batches) * self.dist.world_size  # micro-batches (or row slices of them) in the global step
         totals = _Totals()
         for batch in batches:
             reference = self._reference_logprobs(batch)
@@ -229,13 +241,14 @@ class IpoTrainer(SFTTrainer):
             if self.monitor:
                 self.monitor.update(self.model.router_logits, batch["doc_ids"] >= 0)
             aux = self.model.aux_loss(batch["doc_ids"])
-            losses, logits = preference_loss(
-                policy.chosen, policy.rejected, reference.chosen, reference.rejected, self.ipo.beta, self.ipo.loss_type
-            )
-            loss = losses.sum() / max(n_pairs, 1) + self.model.config.router_aux_loss_coef * aux / len(batches)
+            losses, logits = self._preference_loss(policy, reference)
+            loss = losses.sum() / max(n_pairs, 1) + self.model.config.router_aux_loss_coef * aux / pieces
+            if self.dist.enabled:
+                loss = loss * self.dist.world_size  # FSDP averages gradients over ranks; we want their sum
             loss.backward()
             totals.add(losses, logits, policy, reference, self.ipo.beta)
-            totals.aux += float(aux.detach()) / len(batches)
+            totals.aux += float(aux.detach()) / pieces
+        totals.all_reduce(self.dist)
         return self.finish_step(batches, t0, lr, {**totals.metrics(), "aux_loss": totals.aux})
 
     @torch.no_grad()
@@ -244,16 +257,16 @@ class IpoTrainer(SFTTrainer):
         seq_len = self.cfg.eval_seq_len or self.cfg.phases[0].seq_len
         if seq_len not in self.val_cache:
             self.val_cache[seq_len] = self.data.validation(seq_len)
+        batches = self.val_cache[seq_len]
         totals = _Totals()
-        for batch in self.val_cache[seq_len]:
-            batch = self._to_device(batch)
+        for i, counts in self.dist.padded_share(len(batches)):  # all of them at world size 1
+            batch = self._to_device(batches[i])
             reference = self._reference_logprobs(batch)
             with self._autocast():
                 policy = pair_logprobs(self.model, batch, self.ipo.averages)
-            losses, logits = preference_loss(
-                policy.chosen, policy.rejected, reference.chosen, reference.rejected, self.ipo.beta, self.ipo.loss_type
-            )
-            totals.add(losses, logits, policy, reference, self.ipo.beta)
+            if counts:  # the padding forward only keeps FSDP's collectives in step
+                totals.add(*self._preference_loss(policy, reference), policy, reference, self.ipo.beta)
+        totals.all_reduce(self.dist)
         metrics = totals.metrics() if totals.pairs else {}
         if logger is not None and metrics:
             logger.log(self.step, metrics, split="val")
@@ -281,6 +294,13 @@ class _Totals:
         self.sums["margin"] += float(logits.detach().sum())
         self.sums["chosen_logratio"] += float(chosen_ratio.sum())
         self.sums["rejected_logratio"] += float(rejected_ratio.sum())
+
+    def all_reduce(self, dist) -> None:
+        """Sums over every rank (a no-op at world size 1)."""
+        keys = list(self.sums)
+        values = dist.all_reduce_sum([self.sums[k] for k in keys] + [self.pairs, self.aux])
+        self.sums = dict(zip(keys, values[: len(keys)]))
+        self.pairs, self.aux = int(values[-2]), values[-1]
 
     def metrics(self) -> dict[str, float]:
         out = {k: v / max(self.pairs, 1) for k, v in self.sums.items()}

@@ -17,6 +17,10 @@ single-shot on the val split of the run's mined tasks, crates no stage trained o
 the model before the agent stages (lang_rust's adapter) and after the last one (grpo's); their "steps" column
 is the number of samples per model. Each evaluation's JSON is written to <run_dir>/eval/ and a rerun reads
 it back instead of evaluating again.
+
+Under `torchrun --nproc-per-node N` every training stage (qat included) runs on all ranks under FSDP2
+(train/distributed.py); the agent data and task mining, the export and the evaluation run on rank 0 alone
+while the others wait (`DistContext.on_main`), and rank 0 prints and writes the table.
 """
 
 from __future__ import annotations
@@ -66,51 +70,82 @@ def stage_complete(cfg: RunConfig, stage: str) -> bool:
 
 
 def run_pipeline(cfg: RunConfig, fresh: bool = False, progress: bool = True) -> list[dict]:
-    """Run STAGES in order (see the module docstring); returns the efficacy rows, also printed and saved."""
-    from rustforge.train.agent_data import ensure_agent_data, ensure_tasks
-    from rustforge.train.checkpoint import write_json
+    """Run STAGES in order (see the module docstring); returns the efficacy rows, also printed and saved
+    (under torchrun: rank 0's rows; the other ranks' lack the eval rows, which rank 0 alone computes)."""
+    from rustforge.train import distributed
 
+    dist = distributed.current()
     rows: list[dict] = []
     for stage in STAGES:
         module = importlib.import_module(f"rustforge.train.{stage}")
         if not fresh and stage_complete(cfg, stage):
-            print(f"{stage}: complete, skipped")
+            _say(f"{stage}: complete, skipped")
             result = module.summary(Path(cfg.run_dir) / stage)
         else:
-            if stage in AGENT_DATA_BEFORE:
-                ensure_agent_data(cfg, AGENT_DATA_BEFORE[stage], progress=progress)
-            if stage in TASKS_BEFORE:
-                ensure_tasks(cfg, progress=progress)  # grpo trains on the run's mined tasks
+            dist.on_main(prepare_data, cfg, stage, progress)  # the other ranks wait for rank 0's files
             result = module.run(cfg, resume=not fresh, progress=progress)
         rows += efficacy_rows(stage, result)
-        write_json(Path(cfg.run_dir) / EFFICACY_FILE, {"rows": rows})  # after each stage: a partial table too
+        _save_rows(cfg, rows)  # after each stage: a partial table too
         if not stage_complete(cfg, stage):  # stopped early (e.g. a routing-collapse alarm): later stages wait
-            print(f"{stage}: stopped before the end of its curriculum; rerun the pipeline to resume it")
-            print(format_efficacy(rows))
+            _say(f"{stage}: stopped before the end of its curriculum; rerun the pipeline to resume it")
+            _say(format_efficacy(rows))
             return rows
     rows += quantise_and_export(cfg, fresh, progress)
-    write_json(Path(cfg.run_dir) / EFFICACY_FILE, {"rows": rows})
-    rows += evaluation_rows(cfg, fresh, progress)
-    write_json(Path(cfg.run_dir) / EFFICACY_FILE, {"rows": rows})
-    print(format_efficacy(rows))
+    _save_rows(cfg, rows)
+    rows += dist.on_main(evaluation_rows, cfg, fresh, progress) or []
+    _save_rows(cfg, rows)
+    _say(format_efficacy(rows))
     return rows
+
+
+def prepare_data(cfg: RunConfig, stage: str, progress: bool = True) -> None:
+    """What `stage` trains on when its config names nothing of its own: the run's agent data, mined tasks."""
+    from rustforge.train.agent_data import ensure_agent_data, ensure_tasks
+
+    if stage in AGENT_DATA_BEFORE:
+        ensure_agent_data(cfg, AGENT_DATA_BEFORE[stage], progress=progress)
+    if stage in TASKS_BEFORE:
+        ensure_tasks(cfg, progress=progress)  # grpo trains on the run's mined tasks
+
+
+def _say(text: str) -> None:
+    """print on rank 0 only (every rank runs the pipeline under torchrun)."""
+    from rustforge.train import distributed
+
+    if distributed.current().is_main:
+        print(text)
+
+
+def _save_rows(cfg: RunConfig, rows: list[dict]) -> None:
+    from rustforge.train import distributed
+    from rustforge.train.checkpoint import write_json
+
+    if distributed.current().is_main:
+        write_json(Path(cfg.run_dir) / EFFICACY_FILE, {"rows": rows})
 
 
 def quantise_and_export(cfg: RunConfig, fresh: bool, progress: bool) -> list[dict]:
     """qat from the last stage's adapter (skipped when its result is written), then the export in qat.format
-    (skipped when that directory exists); returns qat's efficacy rows."""
-    from rustforge.export.hf import export_run
-    from rustforge.train import qat
+    (skipped when that directory exists; under torchrun by rank 0 while the others wait); returns qat's
+    efficacy rows."""
+    from rustforge.train import distributed, qat
 
     if not fresh and qat.is_complete(qat.result_dir(cfg)):
-        print("qat: complete, skipped")
+        _say("qat: complete, skipped")
         result = qat.summary(qat.stage_dir(cfg))
     else:
         result = qat.run(cfg, resume=not fresh, progress=progress)
+    distributed.current().on_main(export, cfg, fresh)
+    return efficacy_rows("qat", result)
+
+
+def export(cfg: RunConfig, fresh: bool) -> None:
+    """The export of qat's result in qat.format (skipped when that directory exists, unless fresh)."""
+    from rustforge.export.hf import export_run
+
     export_dir = Path(cfg.export.out_dir or Path(cfg.run_dir) / "export" / cfg.qat.format)
     if fresh or not (export_dir / "config.json").is_file():
         print(f"export: {export_run(cfg, cfg.qat.format, export_dir)}")
-    return efficacy_rows("qat", result)
 
 
 def eval_out(cfg: RunConfig, label: str) -> Path:
@@ -166,6 +201,6 @@ def format_efficacy(rows: list[dict]) -> str:
 
 
 __all__ = [
-    "EFFICACY_METRICS", "EVAL_MODELS", "STAGES", "efficacy_rows", "eval_out", "evaluation_rows",
-    "format_efficacy", "quantise_and_export", "run_pipeline", "stage_complete",
+    "EFFICACY_METRICS", "EVAL_MODELS", "STAGES", "efficacy_rows", "eval_out", "evaluation_rows", "export",
+    "format_efficacy", "prepare_data", "quantise_and_export", "run_pipeline", "stage_complete",
 ]

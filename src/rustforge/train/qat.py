@@ -47,7 +47,7 @@ from rustforge.model.moe import (
     dense_expert_params,
 )
 from rustforge.model.quant import fake_quant
-from rustforge.train import checkpoint as ckpt
+from rustforge.train import distributed
 from rustforge.train.sft import SFTTrainer
 
 STAGE = "qat"
@@ -119,48 +119,37 @@ def expert_lora_config(lora_cfg: LoraConfig) -> LoraConfig:
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    hf = getattr(model, "hf", model)
-    return {n: p.detach().cpu().contiguous() for n, p in hf.named_parameters() if p.requires_grad}
+    """{name in the transformers model: whole CPU tensor} of every trainable tensor; under FSDP gathered
+    from the shards, a collective every rank must call."""
+    full = distributed.full_trainable_state(getattr(model, "hf", model))
+    return {n: t.contiguous() for n, t in full.items()}
 
 
 def load_trainable_state(model, tensors: dict[str, torch.Tensor], where: str) -> None:
-    params = {n: p for n, p in getattr(model, "hf", model).named_parameters() if p.requires_grad}
+    """Whole tensors (trainable_state's names) into the model; under FSDP each rank keeps its shard."""
+    hf = getattr(model, "hf", model)
+    params = {n: p for n, p in hf.named_parameters() if p.requires_grad}
     if set(params) != set(tensors):
         missing = sorted(set(params) - set(tensors)) or sorted(set(tensors) - set(params))
         raise KeyError(f"{where}: trainable tensors do not match the QAT model (first difference: {missing[0]})")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[name])
+    distributed.load_full_into_shards(hf, tensors)
 
 
 # ------------------------------------------------------------------------------------- the trainer
 class QatTrainer(SFTTrainer):
     """SFTTrainer whose checkpoints hold the trainable tensors (expert weights or expert LoRA) and whose
-    evaluation reports the fake-quantised and the unquantised loss."""
+    evaluation reports the fake-quantised and the unquantised loss. Under torchrun SFTTrainer's FSDP2 path
+    as is: the float32 expert masters (or the expert LoRA) are sharded parameters of the decoder layers,
+    whole inside each layer's forward where QatExperts fake-quantises them."""
 
-    def _save(self) -> Path:
-        state = self._trainer_state(self.optimizer.state_dict())
+    def _write_weights(self, directory: Path, full: dict[str, torch.Tensor] | None) -> None:
+        directory.mkdir(parents=True)
+        hf_names = {n.removeprefix("hf."): t.contiguous() for n, t in full.items()} if full else None
+        save_file(hf_names or trainable_state(self.model), str(directory / TRAINABLE_FILE))
 
-        def write(directory: Path) -> None:
-            directory.mkdir(parents=True)
-            save_file(trainable_state(self.model), str(directory / TRAINABLE_FILE))
-
-        return ckpt.save_checkpoint(self.ckpt_root, self.step, write, state)
-
-    def _resume(self) -> bool:
-        path = ckpt.latest_checkpoint(self.ckpt_root)
-        if path is None:
-            return False
-        state = ckpt.load_trainer_state(path)
+    def _load_weights(self, path: Path) -> None:
         weights = path / "adapter" / TRAINABLE_FILE
         load_trainable_state(self.model, load_file(str(weights)), str(weights))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.phase = state["step"], state["phase"]
-        if self.phase >= 0:
-            self.source = self.data.train(self.phase, self.cfg.phases[self.phase].seq_len)
-            self.source.load_state_dict(state["data"])
-        ckpt.set_rng_state(state["rng"])
-        return True
 
     @torch.no_grad()
     def evaluate(self, logger=None) -> dict[str, float]:
@@ -240,7 +229,17 @@ def build(cfg: RunConfig, device: torch.device):
 # ------------------------------------------------------------------------------------------ result
 def save_result(model, cfg: RunConfig, info: dict, directory: Path) -> Path:
     """<run_dir>/qat/final: experts.safetensors (trained expert stacks, float32) or adapter/ (expert LoRA over
-    base + source adapter), and qat.json. Atomic: staged, then renamed."""
+    base + source adapter), and qat.json. Atomic: staged, then renamed. Under FSDP every rank gathers the
+    trained tensors (a collective), rank 0 writes, all wait for it."""
+    ctx = distributed.current()
+    trained = trainable_state(model)  # exactly the expert stacks ("experts") or the expert LoRA ("lora")
+    if ctx.is_main:
+        _write_result(model, cfg, info, directory, trained)
+    ctx.barrier()
+    return directory
+
+
+def _write_result(model, cfg: RunConfig, info: dict, directory: Path, trained: dict[str, torch.Tensor]) -> None:
     from rustforge.model.lora import save_adapter
 
     staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
@@ -248,16 +247,16 @@ def save_result(model, cfg: RunConfig, info: dict, directory: Path) -> Path:
     staging.mkdir(parents=True)
     hf = getattr(model, "hf", model)
     if info["trainable"] == "experts":
-        stacks = {f"model.layers.{i}.mlp.experts.{p}": getattr(layer.mlp.experts, p).detach().float().cpu().contiguous()
-                  for i, layer in enumerate(hf.model.layers) for p in EXPERT_TARGETS}  # fmt: skip
+        stacks = {f"model.layers.{i}.mlp.experts.{p}": trained[f"model.layers.{i}.mlp.experts.{p}"].float()
+                  for i in range(len(hf.model.layers)) for p in EXPERT_TARGETS}  # fmt: skip
         save_file(stacks, str(staging / EXPERTS_FILE))
     else:
-        save_adapter(hf, expert_lora_config(cfg.lora), staging / "adapter")
+        with distributed.params_in_place(hf, trained):
+            save_adapter(hf, expert_lora_config(cfg.lora), staging / "adapter")
     (staging / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
     if directory.exists():
         shutil.rmtree(directory)
     staging.rename(directory)
-    return directory
 
 
 def load_result(cfg: RunConfig, directory: Path):
@@ -287,8 +286,9 @@ def load_result(cfg: RunConfig, directory: Path):
 def run(cfg: RunConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
     """Merge, then train with fake-quantised experts to the end of qat.phases; writes qat/final when done."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, info = build(cfg, device)
-    data = stage_data(cfg, cfg.qat, tokenizer)
+    with distributed.current().main_first():  # under torchrun rank 0 alone builds the lang_rust token cache
+        model, tokenizer, info = build(cfg, device)
+        data = stage_data(cfg, cfg.qat, tokenizer)
     trainer = QatTrainer(model, cfg.lora, cfg.qat, data, stage_dir(cfg), device, progress)
     trainer.run(resume=resume, stop_after=stop_after)
     if trainer.step == trainer.total_steps:

@@ -139,43 +139,44 @@ class SFTTrainer:
         }
 
     def _save(self) -> Path:
-        from rustforge.model.lora import save_adapter
-
-        if self.dist.enabled:  # full tensors, single-process format: resumable at any world size
-            return self._save_distributed()
-        state = self._trainer_state(self.optimizer.state_dict())
-        return ckpt.save_checkpoint(
-            self.ckpt_root, self.step, lambda d: save_adapter(self.model.hf, self.lora_cfg, d), state
-        )
-
-    def _save_distributed(self) -> Path:
-        """Every rank gathers (collectives), rank 0 writes the single-process format, all wait for it."""
-        from rustforge.model.lora import save_adapter
-
-        lora = distributed.full_trainable_state(self.model)
-        optimizer = distributed.full_optimizer_state(self.optimizer)
+        """A checkpoint in the single-process format at any world size (resumable at any other): under
+        FSDP every rank gathers the trainable tensors and the optimizer state (collectives), rank 0 writes,
+        all wait for it."""
+        if self.dist.enabled:
+            weights = distributed.full_trainable_state(self.model)
+            optimizer = distributed.full_optimizer_state(self.optimizer)
+        else:
+            weights, optimizer = None, self.optimizer.state_dict()
         path = self.ckpt_root / f"step-{self.step:06d}"
         if self.dist.is_main:
-            state = {**self._trainer_state(optimizer), "world_size": self.dist.world_size}
-            with distributed.params_in_place(self.model, lora):
-                path = ckpt.save_checkpoint(
-                    self.ckpt_root, self.step, lambda d: save_adapter(self.model.hf, self.lora_cfg, d), state
-                )
+            state = self._trainer_state(optimizer)
+            if self.dist.enabled:
+                state["world_size"] = self.dist.world_size
+            path = ckpt.save_checkpoint(self.ckpt_root, self.step, lambda d: self._write_weights(d, weights), state)
         self.dist.barrier()
         return path
 
-    def _resume(self) -> bool:
-        from rustforge.model.lora import load_adapter
+    def _write_weights(self, directory: Path, full: dict[str, torch.Tensor] | None) -> None:
+        """The checkpoint's weights: the PEFT adapter. full: every trainable tensor gathered (under FSDP),
+        swapped in while writing; None: the model's own parameters are whole."""
+        from rustforge.model.lora import save_adapter
 
+        with distributed.params_in_place(self.model, full or {}):
+            save_adapter(self.model.hf, self.lora_cfg, directory)
+
+    def _load_weights(self, path: Path) -> None:
+        """The checkpoint's weights into the model (each rank keeps its shard under FSDP)."""
+        distributed.load_adapter_full(self.model, path / "adapter", self.dist)
+
+    def _resume(self) -> bool:
         path = ckpt.latest_checkpoint(self.ckpt_root)
         if path is None:
             return False
         state = ckpt.load_trainer_state(path)
+        self._load_weights(path)
         if self.dist.enabled:
-            distributed.load_adapter_full(self.model, path / "adapter", self.dist)
             distributed.load_optimizer_state(self.optimizer, self.params, state["optimizer"])
         else:
-            load_adapter(self.model.hf, path / "adapter")
             self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.phase = state["step"], state["phase"]
         if self.phase >= 0:
@@ -281,28 +282,34 @@ class SFTTrainer:
             group["lr"] = lr
         # every rank draws the whole global step in the same order and keeps its slice (train/distributed.py)
         step_batches = [self.source.next_batch() for _ in range(self.cfg.grad_accum)]
+        self.step_batches = step_batches  # the global step (every rank's slices), for counts over all of it
         self.step_label_tokens = sum(int((b["labels"] != -100).sum()) for b in step_batches)
         return t0, lr, [self._to_device(b) for b in self.dist.shard_micro_batches(step_batches)]
 
     def finish_step(self, batches: list[Batch], t0: float, lr: float, metrics: dict[str, float]) -> dict[str, float]:
         """Clip, step the optimizer, and add the bookkeeping every stage logs to the stage's own metrics."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-            grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.clip_and_step()
         elapsed = time.perf_counter() - t0
         tokens = sum(b["labels"].numel() for b in batches) * self.dist.world_size  # ranks hold equal slices
         return {
             **metrics,
             "lr": lr,
-            "grad_norm": float(grad_norm),
+            "grad_norm": grad_norm,
             "tok_s": tokens / elapsed,
             "seq_len": self.cfg.phases[self.phase].seq_len,
             "phase": self.phase,
             "packing_efficiency": self.source.packing_efficiency,
             "memory_gb": _memory_gb(self.device),
         }
+
+    def clip_and_step(self) -> float:
+        """Clip the gradient to max_grad_norm, step the optimizer, zero the gradients; the norm before."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2 (the norm over every rank's shard)
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
 
     @torch.no_grad()
     def evaluate(self, logger: MetricsLogger | None = None) -> dict[str, float]:
@@ -312,7 +319,7 @@ class SFTTrainer:
             self.val_cache[seq_len] = self.data.validation(seq_len)
         ce, n = 0.0, 0
         batches = self.val_cache[seq_len]
-        for i, counts in self.dist.eval_slices(len(batches)):  # all of them at world size 1
+        for i, counts in self.dist.padded_share(len(batches)):  # all of them at world size 1
             with self._autocast():
                 out = self.model(**self._to_device(batches[i]))
             if counts:
@@ -375,7 +382,8 @@ def start_stage(cfg: RunConfig, stage: str, init_from: str, previous_stage: str,
 
     start = initial_adapter(cfg.run_dir, init_from, previous_stage, f"{stage}.init_from")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = prepare_base(cfg, device, progress=progress)
+    with distributed.current().main_first():  # under torchrun rank 0 alone builds a missing corpus / tiny base
+        model, tokenizer = prepare_base(cfg, device, progress=progress)
     if start is not None:
         load_adapter(model.hf, start)
     return StageStart(model, tokenizer, device, Path(cfg.run_dir) / stage)
@@ -384,13 +392,8 @@ def start_stage(cfg: RunConfig, stage: str, init_from: str, previous_stage: str,
 def finish_stage(trainer: SFTTrainer, resume: bool, stop_after: int | None) -> bool:
     """Train (or resume) to the end of the curriculum or stop_after; at the end write <stage_dir>/adapter,
     what the next stage starts from. True when the stage is complete."""
-    from rustforge.model.lora import save_adapter
-
     trainer.run(resume=resume, stop_after=stop_after)
     done = trainer.step == trainer.total_steps
     if done:
-        if trainer.dist.enabled:
-            distributed.save_adapter_full(trainer.model, trainer.lora_cfg, trainer.stage_dir / "adapter", trainer.dist)
-        else:
-            save_adapter(trainer.model.hf, trainer.lora_cfg, trainer.stage_dir / "adapter")
+        distributed.save_adapter_full(trainer.model, trainer.lora_cfg, trainer.stage_dir / "adapter", trainer.dist)
     return done

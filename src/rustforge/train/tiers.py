@@ -11,12 +11,20 @@ length, steps and GRPO generations. Format rules:
 Memory model (`estimate_stage_memory`), in GiB, peak of one optimizer micro-step:
     weights          non-expert params in the model dtype + expert params at the format's bytes/param
     lora + AdamW     trainable LoRA params in float32: param + grad + two Adam moments = 16 B/param
-    checkpoints      gradient checkpointing keeps each layer's input: layers x tokens x hidden x 2 B
-                     (0 with offload_activations: they live in pinned host memory)
+    checkpoints      gradient checkpointing keeps each layer's input: layers x tokens x hidden x 2 B;
+                     with offload_activations they move to host memory and the GPU keeps a residue
+                     max(0, OFFLOAD_RESIDUE_FRACTION x that - OFFLOAD_RESIDUE_OFFSET_GIB) (copies in flight,
+                     what the allocator holds; fitted, see below)
     working          max(one layer's recompute/backward working set, the chunked-loss chunk)
-                     (+ one layer's experts dense twice for QAT's fake quantisation)
+                     (+ one layer's experts dense twice for QAT's fake quantisation); with moe_tile_tokens
+                     the experts run in token tiles, so the expert rows count for one tile only:
+                     TILED_WORKING_FACTOR x (hidden + attention projections) x 2 B per token
+                     + TILE_WORKING_FACTOR x top-k x 3 x intermediate x 2 B per tile token
     rollout          GRPO generation: KV cache of the generations (+ vLLM's own copy of the weights)
     reserve          allocator/runtime slack (embedding and residual grads, router logits, fragments)
+    host (not in the GPU total, `MemoryEstimate.host_gib`; only with offload) layers x one block of
+                     tokens x hidden x 2 B, each block rounded up to a power of two when pinned (torch's
+                     pinned host allocator does; pageable copies are exact), + HOST_BASE_GIB for the process
 Calibration: the weights use the frozen sizes measured on an H100 for GPT-OSS-20B (bf16 39.7 GiB, FP8 22.4,
 MXFP4 13.5; bench/RESULTS.md, 2026-11-25) as bytes per expert parameter. A layer's working set is
 `WORKING_SET_FACTOR` x (hidden + attention projections + top-k x 3 x intermediate) x 2 B per token, and
@@ -26,6 +34,33 @@ batch 1: 65536 tokens -> 40.1 GiB, 98304 tokens -> 52.6 GiB (`max_memory_allocat
 session 2, run B). Shorter runs peak in the loss chunk instead (measured 21.7 GiB at 4096 and 23.5 GiB at
 16384 tokens), which the estimate takes as the max of the two. The usable budget is
 95% of the card's memory less 0.5 GiB of CUDA context (`max_memory_allocated` does not count it).
+Long context, same setup, measured on an H100 on 2026-11-26 (bench/RESULTS.md, session 3), each pair
+solving two terms with the ones above held fixed:
+- offload_activations, untiled: 131072 -> 48.8 GiB, 196608 -> 67.5 GiB calibrate the GPU residue of the
+  offloaded checkpoints: the slope gives OFFLOAD_RESIDUE_FRACTION (0.253 of the checkpoints), the intercept
+  OFFLOAD_RESIDUE_OFFSET_GIB (3.70; the residue grows faster than the tokens; the clamp at 0 keeps offload
+  from saving more than the checkpoints at short lengths, where nothing was measured);
+- offload + moe_tile_tokens 16384: 262144 -> 45.3 GiB (pinned), 393216 -> 60.9 GiB (pageable; pinning moves
+  host memory only) calibrate the tiled working set: the slope gives TILED_WORKING_FACTOR (3.83), the intercept
+  TILE_WORKING_FACTOR (2.56, near WORKING_SET_FACTOR's 2.91, as it should be: a tile is an untiled pass of 16K
+  tokens). GPU bytes per token: 410 KB untiled, 306 KB offloaded, 128 KB offloaded + tiled;
+- host: pageable offload + tiles at 393216 tokens peaked at 82 GiB of host RAM (`free`, 125 GiB host); the
+  offloaded blocks are 24 x 393216 x 2880 x 2 B = 50.6 GiB, so HOST_BASE_GIB = 31.4 (the process: CUDA and
+  torch runtime, compile workers; not broken down). Check: pinned at 524288 rounds 24 blocks of 2.8 GiB to 4 GiB,
+  96 + 31.4 = 127.4 GiB > the 125 GiB host, where the run was killed by the host's OOM killer.
+The 524288 pageable + tiles run ran out of GPU memory (79.0 GiB in use asking 5.62 more) well above this model's
+76.5 GiB: past the calibrated 384K the linear estimate is optimistic, and the lengths the plan reports as
+largest come from the ladder of powers of two and 1.5 x powers of two (the lengths measured).
+
+Long-context picks (`plan`): when a stage's seq_len does not fit as configured, the tier preset (a plan
+without an explicit setup) turns on, in order of cost, offload_activations (slower: host copies), then
+moe_tile_tokens 16384 (an extra expert forward per tile in backward), then offload_pinned false (slower
+pageable copies) only where host RAM cannot hold the pinned rounding; lengths that fit stay as they are. The
+host budget is HOST_USABLE_FRACTION of the host's RAM: `plan(host_memory_gib=)` / `rustforge plan --host-gib`,
+else the tier's `host_memory_gib`, else this machine's (`_host_memory_gib`: right on the GPU machine, not
+when planning one from elsewhere). A plan with an explicit setup (a run config) keeps it: its advice names
+the settings (`--set` keys) and the largest seq_len that fits each way, and a stage whose offload or tiling
+is not needed at its length gets a note (both cost speed).
 
 Own code: the numbers are specific to this pipeline's kernels; no library estimates them.
 """
@@ -48,6 +83,13 @@ GIB = 2**30
 MEASURED_20B_WEIGHTS_GIB = {"bf16": 39.7, "fp8": 22.4, "mxfp4": 13.5}  # H100, bench/RESULTS.md
 CALIBRATION_PEAKS_GIB = {65536: 40.1, 98304: 52.6}  # MXFP4, r=16, checkpointing, flex, chunk 4096, batch 1
 CALIBRATION_LORA_R = 16
+# + offload_activations (pinned), untiled; H100 2026-11-26, bench/results/2026-11-26-h100-long-offload.jsonl
+OFFLOAD_CALIBRATION_PEAKS_GIB = {131072: 48.8, 196608: 67.5}
+# + offload + moe_tile_tokens 16384 (262144 pinned, 393216 pageable); ...-long-tiled(-pageable).jsonl
+TILED_CALIBRATION_PEAKS_GIB = {262144: 45.3, 393216: 60.9}
+TILED_CALIBRATION_TILE_TOKENS = 16384
+HOST_CALIBRATION_PEAK_GIB = (393216, 82.0)  # pageable offload + tiles: host RAM peak (`free`), 125 GiB host
+LONG_CONTEXT_TILE_TOKENS = 16384  # what the long-context pick sets model.moe_tile_tokens to
 VLLM_OVERHEAD_GIB = 2.0  # vLLM's CUDA graphs, sampler and activation workspace (not measured here)
 USABLE_FRACTION, CUDA_CONTEXT_GIB = 0.95, 0.5
 HOST_USABLE_FRACTION = 0.8  # the CPU tier shares the host with the OS and data workers
@@ -83,6 +125,9 @@ class GpuTier:
     dtype: str = "bfloat16"
     gradient_checkpointing: bool = True
     offload_activations: bool = False
+    offload_pinned: bool = True  # offloaded checkpoints in pinned host memory (False: exact-size pageable)
+    moe_tile_tokens: int = 0  # experts in token tiles of this size (0: off)
+    host_memory_gib: float = 0.0  # host RAM for offloaded checkpoints; 0: this machine's (`_host_memory_gib`)
     preset: str = "gpt-oss-20b"  # the model the stage settings are sized for
     loss_chunk_size: int = 4096
     device_name: str = ""  # filled by detection
@@ -312,8 +357,21 @@ def weights_gib(p: ArchPreset, fmt: str, dtype: str = "bfloat16") -> float:
 
 def _layer_width(p: ArchPreset) -> int:
     """Per-token elements a decoder layer materialises: residual, q/k/v/o, top-k x (gate_up + activation)."""
-    attention = (2 * p.num_attention_heads + 2 * p.num_key_value_heads) * p.head_dim
-    return p.hidden_size + attention + p.num_experts_per_tok * 3 * p.intermediate_size
+    return _dense_width(p) + _expert_width(p)
+
+
+def _dense_width(p: ArchPreset) -> int:
+    """The part of `_layer_width` outside the experts: residual and q/k/v/o."""
+    return p.hidden_size + (2 * p.num_attention_heads + 2 * p.num_key_value_heads) * p.head_dim
+
+
+def _expert_width(p: ArchPreset) -> int:
+    """The experts' part of `_layer_width`: top-k rows of gate_up (2 x intermediate) and the activation."""
+    return p.num_experts_per_tok * 3 * p.intermediate_size
+
+
+def _checkpoint_bytes_per_token(p: ArchPreset, b: int = 2) -> int:
+    return p.num_hidden_layers * p.hidden_size * b
 
 
 def _calibrate() -> tuple[float, float]:
@@ -331,12 +389,66 @@ def _calibrate() -> tuple[float, float]:
 WORKING_SET_FACTOR, RESERVE_GIB = _calibrate()
 
 
+def _fixed_20b_gib() -> float:
+    """What the calibration runs hold whatever the length: MXFP4 weights, LoRA r16 + AdamW, the reserve."""
+    p = get_preset("gpt-oss-20b")
+    return MEASURED_20B_WEIGHTS_GIB["mxfp4"] + lora_param_count(p, CALIBRATION_LORA_R) * 16 / GIB + RESERVE_GIB
+
+
+def _slope_intercept(peaks: dict[int, float]) -> tuple[float, float]:
+    """(bytes per token, GiB at 0 tokens) of the line through two measured peaks."""
+    (t0, peak0), (t1, peak1) = sorted(peaks.items())
+    per_token = (peak1 - peak0) * GIB / (t1 - t0)
+    return per_token, peak0 - t0 * per_token / GIB
+
+
+def _calibrate_offload() -> tuple[float, float]:
+    """(OFFLOAD_RESIDUE_FRACTION, OFFLOAD_RESIDUE_OFFSET_GIB) from the two offload peaks, with the untiled
+    working set and the reserve held at their own calibration (module docstring)."""
+    p = get_preset("gpt-oss-20b")
+    per_token, at_zero = _slope_intercept(OFFLOAD_CALIBRATION_PEAKS_GIB)
+    fraction = (per_token - WORKING_SET_FACTOR * _layer_width(p) * 2) / _checkpoint_bytes_per_token(p)
+    return fraction, _fixed_20b_gib() - at_zero
+
+
+OFFLOAD_RESIDUE_FRACTION, OFFLOAD_RESIDUE_OFFSET_GIB = _calibrate_offload()
+
+
+def _calibrate_tiled() -> tuple[float, float]:
+    """(TILED_WORKING_FACTOR, TILE_WORKING_FACTOR) from the two offload + tiles peaks, with the offload
+    residue held at its calibration (module docstring)."""
+    p = get_preset("gpt-oss-20b")
+    per_token, at_zero = _slope_intercept(TILED_CALIBRATION_PEAKS_GIB)
+    dense = (per_token - OFFLOAD_RESIDUE_FRACTION * _checkpoint_bytes_per_token(p)) / (_dense_width(p) * 2)
+    tile_bytes = (at_zero - _fixed_20b_gib() + OFFLOAD_RESIDUE_OFFSET_GIB) * GIB
+    return dense, tile_bytes / (_expert_width(p) * 2 * TILED_CALIBRATION_TILE_TOKENS)
+
+
+TILED_WORKING_FACTOR, TILE_WORKING_FACTOR = _calibrate_tiled()
+
+
+def _calibrate_host() -> float:
+    """HOST_BASE_GIB: the measured host peak less the offloaded blocks (pageable, so exact-size)."""
+    p = get_preset("gpt-oss-20b")
+    tokens, peak = HOST_CALIBRATION_PEAK_GIB
+    return peak - tokens * _checkpoint_bytes_per_token(p) / GIB
+
+
+HOST_BASE_GIB = _calibrate_host()
+
+
+def _pinned_block(nbytes: int) -> int:
+    """What torch's pinned host allocator reserves for a block: the next power of two."""
+    return 1 << max(nbytes - 1, 0).bit_length()
+
+
 # ------------------------------------------------------------------------------------------ estimate
 @dataclass(frozen=True)
 class MemoryEstimate:
     parts: dict[str, float]  # GiB by component (module docstring), in display order
     total_gib: float
     note: str = ""  # how the total combines the parts when it is not their sum
+    host_gib: float = 0.0  # host RAM the offloaded checkpoints need (with the process); 0 without offload
 
 
 @dataclass(frozen=True)
@@ -348,6 +460,8 @@ class Setup:
     attention: str = "flex"
     gradient_checkpointing: bool = True
     offload_activations: bool = False
+    offload_pinned: bool = True  # offloaded checkpoints in pinned host memory (rounded up to a power of two)
+    moe_tile_tokens: int = 0  # experts in token tiles of this size (0: off)
     rollout_backend: str = "own"
     lora_r: int = 16
     loss_chunk_size: int = 4096
@@ -361,6 +475,8 @@ class Setup:
             attention=tier.attention,
             gradient_checkpointing=tier.gradient_checkpointing,
             offload_activations=tier.offload_activations,
+            offload_pinned=tier.offload_pinned,
+            moe_tile_tokens=tier.moe_tile_tokens,
             rollout_backend=tier.rollout_backend,
             lora_r=lora_r,
             loss_chunk_size=tier.loss_chunk_size,
@@ -377,11 +493,19 @@ def estimate_stage_memory(p: ArchPreset, stage: str, s: StageSettings, setup: Se
     sequences = s.batch_size * (2 if stage == "ipo" else 1)  # IPO: chosen and rejected side by side
     tokens = sequences * s.seq_len
     layer = WORKING_SET_FACTOR * _layer_width(p) * b * tokens
+    if setup.moe_tile_tokens > 0 and tokens > setup.moe_tile_tokens:  # expert rows for one tile only
+        dense = TILED_WORKING_FACTOR * _dense_width(p) * tokens
+        layer = min(layer, (dense + TILE_WORKING_FACTOR * _expert_width(p) * setup.moe_tile_tokens) * b)
     if setup.attention == "eager":  # scores, probabilities and their gradient: [seqs, heads, T, T] fp32
         layer += 3 * sequences * p.num_attention_heads * s.seq_len**2 * 4
     chunk = min(setup.loss_chunk_size, tokens) * p.vocab_size * (b + 4)  # logits + fp32 softmax
+    host = 0.0
     if setup.gradient_checkpointing:
-        checkpoints = 0.0 if setup.offload_activations else L * tokens * p.hidden_size * b
+        checkpoints = L * tokens * p.hidden_size * b
+        if setup.offload_activations:  # to host memory; the GPU keeps the calibrated residue
+            block = tokens * p.hidden_size * b  # one layer's input
+            host = L * (_pinned_block(block) if setup.offload_pinned else block) / GIB + HOST_BASE_GIB
+            checkpoints = max(0.0, OFFLOAD_RESIDUE_FRACTION * checkpoints - OFFLOAD_RESIDUE_OFFSET_GIB * GIB)
         working = max(layer, chunk)
     else:
         checkpoints, working = 0.0, L * layer + chunk  # every layer's activations stay alive
@@ -397,15 +521,17 @@ def estimate_stage_memory(p: ArchPreset, stage: str, s: StageSettings, setup: Se
     }
     train_total = sum(parts.values())
     if stage != "grpo":
-        return MemoryEstimate(parts, train_total)
+        return MemoryEstimate(parts, train_total, host_gib=host)
     kv = s.num_generations * s.seq_len * L * 2 * p.num_key_value_heads * p.head_dim * b / GIB
     if setup.rollout_backend == "vllm":  # a colocated server keeps its pool while we train
         # vLLM serves the checkpoint's own MXFP4 experts (+ the merged LoRA), whatever format we train on
         parts["rollout"] = weights_gib(p, "mxfp4", setup.dtype) + kv + VLLM_OVERHEAD_GIB
-        return MemoryEstimate(parts, train_total + parts["rollout"], "vLLM weights + KV stay resident while training")
+        return MemoryEstimate(
+            parts, train_total + parts["rollout"], "vLLM weights + KV stay resident while training", host
+        )
     parts["rollout"] = kv  # generation runs between training steps, with the same resident weights
     generate = parts["weights"] + parts["lora+adamw"] + parts["reserve"] + kv
-    return MemoryEstimate(parts, max(train_total, generate), "max(training, generation with KV cache)")
+    return MemoryEstimate(parts, max(train_total, generate), "max(training, generation with KV cache)", host)
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -416,6 +542,8 @@ class StagePlan:
     memory: MemoryEstimate
     fits: bool
     advice: tuple[str, ...] = ()  # what to change when it does not fit
+    setup: Setup | None = None  # the stage's setup: the plan's, or the long-context settings picked for it
+    note: str = ""  # a pick, or settings that cost speed without being needed
 
 
 @dataclass(frozen=True)
@@ -425,6 +553,9 @@ class Plan:
     setup: Setup
     budget_gib: float
     stages: list[StagePlan] = field(default_factory=list)
+    host_memory_gib: float = 0.0  # host RAM the offload estimate is checked against
+    host_budget_gib: float = 0.0  # HOST_USABLE_FRACTION of it
+    host_is_local: bool = True  # host_memory_gib is this machine's RAM (neither the caller nor the tier named one)
 
     @property
     def fits(self) -> bool:
@@ -446,12 +577,20 @@ def plan(
     settings: dict[str, StageSettings] | None = None,
     setup: Setup | None = None,
     check: bool = True,
+    auto_long_context: bool | None = None,
+    host_memory_gib: float | None = None,
 ) -> Plan:
     """Each stage's memory estimate on `tier` for `preset` (default: the tier's). With `check`, a plan that
-    cannot fit raises PlanError naming the stage and what to change (seq_len, format, offload)."""
+    cannot fit raises PlanError naming the stage and what to change (seq_len, format, offload, tiling).
+
+    `auto_long_context` (default: on when `setup` is None, i.e. the tier preset decides): a stage whose
+    seq_len does not fit as configured gets the cheapest of offload, offload + token-tiled experts (each
+    pageable where the host cannot hold pinned blocks) that fits. `host_memory_gib`: the host RAM offloaded
+    checkpoints must fit in (default: the tier's, else this machine's)."""
     tier = get_tier(tier) if isinstance(tier, str) else tier
     preset_name = preset if isinstance(preset, str) else (tier.preset if preset is None else "custom")
     arch = get_preset(preset_name) if preset is None or isinstance(preset, str) else preset
+    auto = setup is None if auto_long_context is None else auto_long_context
     setup = setup or Setup.of(tier, lora_r)
     check_weight_format(setup.weight_format, tier.min_capability)
     if setup.weight_format not in tier.allowed_formats:
@@ -461,51 +600,208 @@ def plan(
     if setup.rollout_backend not in ROLLOUT_BACKENDS:
         raise PlanError(f"rollout backend {setup.rollout_backend!r}: unknown; use one of {list(ROLLOUT_BACKENDS)}")
     budget = usable_gib(tier)
-    out = Plan(tier, preset_name, setup, budget)
+    local = not (host_memory_gib or tier.host_memory_gib)
+    host = _host_memory_gib() if local else host_memory_gib or tier.host_memory_gib
+    host_budget = host * HOST_USABLE_FRACTION
+    out = Plan(tier, preset_name, setup, budget, host_memory_gib=host, host_budget_gib=host_budget, host_is_local=local)
     for stage in stages:
         s = (settings or {}).get(stage) or tier.stages[stage]
-        memory = estimate_stage_memory(arch, stage, s, setup)
-        fits = memory.total_gib <= budget
-        advice = () if fits else tuple(_advice(arch, stage, s, setup, tier, budget))
-        out.stages.append(StagePlan(stage, s, memory, fits, advice))
+        fit = _Fit(arch, stage, s, budget, host_budget)
+        stage_setup, memory = setup, estimate_stage_memory(arch, stage, s, setup)
+        fits, note = fit(setup, memory), ""
+        if not fits and auto:
+            picked = _pick_long_context(fit, setup)
+            if picked is not None:
+                (stage_setup, memory), fits = picked, True
+                note = (
+                    f"seq_len {s.seq_len} does not fit as configured; picked {_describe(stage_setup)}"
+                    f"{_pinned_note(fit, stage_setup, ' (%s)')}: "
+                    + " ".join(f"--set {o}" for o in _long_context_overrides(stage_setup, setup))
+                )
+        elif fits and _cost(setup) > (0, 0, 0):
+            cheapest = _pick_long_context(fit, _bare(setup))
+            if cheapest is not None and _cost(cheapest[0]) < _cost(setup):
+                note = (
+                    f"{_describe(setup)} is not needed at seq_len {s.seq_len} ({_describe(cheapest[0])} fits in "
+                    f"{cheapest[1].total_gib:.1f} GiB) and costs speed"
+                )
+        advice = () if fits else tuple(_advice(arch, stage, s, setup, tier, budget, host_budget))
+        out.stages.append(StagePlan(stage, s, memory, fits, advice, stage_setup, note))
     if check and not out.fits:
         raise PlanError(_refusal(out))
     return out
 
 
-def _advice(arch: ArchPreset, stage: str, s: StageSettings, setup: Setup, tier: GpuTier, budget: float) -> list[str]:
+@dataclass(frozen=True)
+class _Fit:
+    """One stage's estimate and fit test: the GPU total within `budget`, offloaded checkpoints within
+    `host_budget`."""
+
+    arch: ArchPreset
+    stage: str
+    s: StageSettings
+    budget: float
+    host_budget: float
+
+    def estimate(self, setup: Setup, s2: StageSettings | None = None) -> MemoryEstimate:
+        return estimate_stage_memory(self.arch, self.stage, s2 or self.s, setup)
+
+    def __call__(self, setup: Setup, memory: MemoryEstimate | None = None, s2: StageSettings | None = None) -> bool:
+        m = memory or self.estimate(setup, s2)
+        return m.total_gib <= self.budget and m.host_gib <= self.host_budget
+
+
+def _long_context_ladder(setup: Setup) -> list[Setup]:
+    """Cheapest first: `setup`, + offload_activations, + moe_tile_tokens (what `setup` has on stays on).
+    Only with checkpointing on a GPU (the offload moves the checkpoints)."""
+    ladder = [setup]
+    if not setup.gradient_checkpointing or setup.device != "cuda":
+        return ladder
+    if not setup.offload_activations:
+        ladder.append(dataclasses.replace(setup, offload_activations=True))
+    if setup.moe_tile_tokens <= 0:
+        ladder.append(dataclasses.replace(ladder[-1], moe_tile_tokens=LONG_CONTEXT_TILE_TOKENS))
+    return ladder
+
+
+def _variant(fit: _Fit, setup: Setup, s2: StageSettings | None = None) -> tuple[Setup, MemoryEstimate] | None:
+    """`setup` if it fits; with pinned offload the host cannot hold, its pageable variant if that fits."""
+    m = fit.estimate(setup, s2)
+    if fit(setup, m):
+        return setup, m
+    if setup.offload_activations and setup.offload_pinned:
+        pageable = dataclasses.replace(setup, offload_pinned=False)
+        m2 = fit.estimate(pageable, s2)
+        if fit(pageable, m2):
+            return pageable, m2
+    return None
+
+
+def _pick_long_context(fit: _Fit, setup: Setup) -> tuple[Setup, MemoryEstimate] | None:
+    """The first rung of the ladder that fits (pageable where the host demands it), or None."""
+    for rung in _long_context_ladder(setup):
+        found = _variant(fit, rung)
+        if found is not None:
+            return found
+    return None
+
+
+def _bare(setup: Setup) -> Setup:
+    return dataclasses.replace(setup, offload_activations=False, offload_pinned=True, moe_tile_tokens=0)
+
+
+def _cost(setup: Setup) -> tuple[int, int, int]:
+    """Speed cost of the long-context settings, for ordering: offload, tiling, pageable copies."""
+    offload = setup.offload_activations and setup.gradient_checkpointing
+    tiled = setup.moe_tile_tokens > 0
+    return int(offload) + int(tiled), int(tiled), int(offload and not setup.offload_pinned)
+
+
+def _describe(setup: Setup, pinning: bool = True) -> str:
+    if setup.offload_activations and setup.gradient_checkpointing:
+        text = f"offload ({'pinned' if setup.offload_pinned else 'pageable'})" if pinning else "offload"
+    else:
+        text = "no offload"
+    return text + (f" + MoE tiles {setup.moe_tile_tokens}" if setup.moe_tile_tokens > 0 else "")
+
+
+def _long_context_overrides(setup: Setup, relative_to: Setup) -> list[str]:
+    """`--set` strings of the long-context settings where `setup` differs from `relative_to`."""
+    out = []
+    for key in ("offload_activations", "moe_tile_tokens", "offload_pinned"):
+        value = getattr(setup, key)
+        if value != getattr(relative_to, key):
+            out.append(f"model.{key}={str(value).lower() if isinstance(value, bool) else value}")
+    return out
+
+
+def _seq_ladder(floor: int = 512, cap: int = 2**24) -> list[int]:
+    """The lengths the largest-fitting search steps through: powers of two and 1.5 x powers of two."""
+    return sorted({n for k in range(25) for n in (2**k, 3 * 2**k // 2) if floor <= n <= cap})
+
+
+def _largest_seq(fit: _Fit, s: StageSettings, setup: Setup, exact: bool = False) -> tuple[int, Setup] | None:
+    """The largest ladder seq_len (and the variant: pinned or pageable, unless `exact`) at which `setup` fits."""
+    best = None
+    for n in _seq_ladder():
+        s2 = dataclasses.replace(s, seq_len=n)
+        found = ((setup, None) if fit(setup, s2=s2) else None) if exact else _variant(fit, setup, s2)
+        if found is None:
+            break
+        best = (n, found[0])
+    return best
+
+
+def _advice(
+    arch: ArchPreset, stage: str, s: StageSettings, setup: Setup, tier: GpuTier, budget: float, host_budget: float
+) -> list[str]:
+    fit = _Fit(arch, stage, s, budget, host_budget)
+
     def total(s2: StageSettings = s, setup2: Setup = setup) -> float:
         return estimate_stage_memory(arch, stage, s2, setup2).total_gib
 
     advice = []
-    seq = _largest_fitting(lambda n: total(dataclasses.replace(s, seq_len=n)) <= budget, s.seq_len)
+    seq = _largest_fitting(lambda n: fit(setup, s2=dataclasses.replace(s, seq_len=n)), s.seq_len)
     if seq:
         advice.append(f"lower seq_len to {seq} ({total(dataclasses.replace(s, seq_len=seq)):.1f} GiB)")
-    if s.batch_size > 1 and total(dataclasses.replace(s, batch_size=1)) <= budget:
+    if s.batch_size > 1 and fit(setup, s2=dataclasses.replace(s, batch_size=1)):
         advice.append(f"lower batch_size to 1 and raise grad_accum to {s.grad_accum * s.batch_size}")
     if stage == "grpo" and s.num_generations > 2:
         gens = _largest_fitting(
-            lambda n: total(dataclasses.replace(s, num_generations=n)) <= budget, s.num_generations, floor=2
+            lambda n: fit(setup, s2=dataclasses.replace(s, num_generations=n)), s.num_generations, floor=2
         )
         if gens:
             advice.append(f"lower num_generations to {gens}")
     if setup.weight_format != "mxfp4" and "mxfp4" in tier.allowed_formats:
         mx = dataclasses.replace(setup, weight_format="mxfp4")
-        if total(setup2=mx) <= budget:
+        if fit(mx):
             advice.append(f"switch model.expert_format to mxfp4 ({total(setup2=mx):.1f} GiB)")
-    if setup.gradient_checkpointing and not setup.offload_activations:
-        off = dataclasses.replace(setup, offload_activations=True)
-        if total(setup2=off) <= budget:
-            advice.append(f"enable model.offload_activations ({total(setup2=off):.1f} GiB)")
+    picked = _pick_long_context(fit, _bare(setup))  # the cheapest long-context settings that fit
+    if picked is not None and picked[0] != setup:
+        new, m = picked
+        host = f"; host {m.host_gib:.1f} GiB of {host_budget:.1f} usable" if m.host_gib else ""
+        advice.append(
+            f"set {' '.join(_long_context_overrides(new, setup))} ({m.total_gib:.1f} GiB{host}"
+            f"{_pinned_note(fit, new, '; %s')})"
+        )
+    elif picked is None:  # a rung the GPU holds but the host cannot: say what host it needs
+        for rung in _long_context_ladder(_bare(setup))[1:]:
+            m = fit.estimate(dataclasses.replace(rung, offload_pinned=False))
+            if m.total_gib <= budget:
+                advice.append(
+                    f"with {_describe(rung, False)} the GPU holds it ({m.total_gib:.1f} GiB), but the offloaded "
+                    f"checkpoints need {m.host_gib:.1f} GiB of host RAM (pageable), over {host_budget:.1f} usable: "
+                    f"a host of {m.host_gib / HOST_USABLE_FRACTION:.0f} GiB or more"
+                )
+                break
     if not setup.gradient_checkpointing:
         ck = dataclasses.replace(setup, gradient_checkpointing=True)
-        if total(setup2=ck) <= budget:
+        if fit(ck):
             advice.append(f"enable model.gradient_checkpointing ({total(setup2=ck):.1f} GiB)")
     if stage == "grpo" and setup.rollout_backend == "vllm":
         own = dataclasses.replace(setup, rollout_backend="own")
-        if total(setup2=own) <= budget:
+        if fit(own):
             advice.append(f"use the own rollout backend instead of vllm ({total(setup2=own):.1f} GiB)")
+    ways = [(rung, _largest_seq(fit, s, rung, exact=rung == setup)) for rung in _long_context_ladder(setup)]
+    if len(ways) > 1 and any(best for _, best in ways):
+        advice.append(
+            "largest seq_len that fits: "
+            + ", ".join(
+                (f"{best[0]} " if best else "none ")
+                + ("as configured" if rung == setup else "with " + _describe(best[1] if best else rung, bool(best)))
+                for rung, best in ways
+            )
+        )
     return advice or ["nothing short of a larger GPU tier fits this stage (even seq_len 512 is too long)"]
+
+
+def _pinned_note(fit: _Fit, setup: Setup, template: str) -> str:
+    """Why a pick or advice says pageable (the host estimate of the pinned blocks) put in `template`; ""
+    when it says pinned."""
+    if not (setup.offload_activations and not setup.offload_pinned):
+        return ""
+    pinned = fit.estimate(dataclasses.replace(setup, offload_pinned=True)).host_gib
+    return template % f"pinned blocks round up to {pinned:.1f} GiB of host RAM, over {fit.host_budget:.1f} usable"
 
 
 def _largest_fitting(fits, current: int, floor: int = 512) -> int | None:
@@ -523,8 +819,9 @@ def _refusal(p: Plan) -> str:
     for s in p.stages:
         if not s.fits:
             parts = ", ".join(f"{k} {v:.1f}" for k, v in s.memory.parts.items() if v > 0)
+            host = f"; host {s.memory.host_gib:.1f} GiB of {p.host_budget_gib:.1f} usable" if s.memory.host_gib else ""
             lines.append(
-                f"  {s.stage}: needs {s.memory.total_gib:.1f} GiB ({parts}); to fit: " + "; or ".join(s.advice)
+                f"  {s.stage}: needs {s.memory.total_gib:.1f} GiB ({parts}{host}); to fit: " + "; or ".join(s.advice)
             )
     return "\n".join(lines)
 
@@ -534,18 +831,29 @@ def format_plan(p: Plan) -> str:
     t, su = p.tier, p.setup
     device = f"{t.device_name}, " if t.device_name else ""
     weights = _gib(p.stages[0].memory.parts["weights"]) if p.stages else "-"
+    checkpointing = "on" if su.gradient_checkpointing else "off"
+    if su.offload_activations and su.gradient_checkpointing:
+        checkpointing += f" + offload ({'pinned' if su.offload_pinned else 'pageable'})"
+    tiles = f" in {su.moe_tile_tokens}-token tiles" if su.moe_tile_tokens > 0 else ""
     lines = [
         f"tier {t.name} ({device}{t.memory_gib:.1f} GiB, {p.budget_gib:.1f} GiB usable), model {p.preset}",
-        f"  frozen weights {su.weight_format} ({weights} GiB), dtype {su.dtype}, MoE {t.moe_backend}, "
-        f"attention {su.attention}, rollout {su.rollout_backend}, checkpointing "
-        f"{'on' if su.gradient_checkpointing else 'off'}{' + offload' if su.offload_activations else ''}, LoRA r={su.lora_r}",
-        "",
+        f"  frozen weights {su.weight_format} ({weights} GiB), dtype {su.dtype}, MoE {t.moe_backend}{tiles}, "
+        f"attention {su.attention}, rollout {su.rollout_backend}, checkpointing {checkpointing}, LoRA r={su.lora_r}",
     ]
+    stage_setups = [s.setup or su for s in p.stages]
+    if any(x.offload_activations and x.gradient_checkpointing for x in stage_setups):
+        lines.append(
+            f"  host RAM {p.host_memory_gib:.1f} GiB ({p.host_budget_gib:.1f} usable) for offloaded checkpoints"
+            + (" (this machine's)" if p.host_is_local else "")
+        )
+    lines.append("")
     part_names = list(p.stages[0].memory.parts) if p.stages else []
-    header = ["stage", "batch", "accum", "seq_len", "steps", "gens", *part_names, "total GiB", "fits"]
+    header = ["stage", "batch", "accum", "seq_len", "steps", "gens", "offload", "tiles", *part_names, "total GiB",
+              "host GiB", "fits"]  # fmt: skip
     rows = []
-    for s in p.stages:
+    for s, x in zip(p.stages, stage_setups, strict=True):
         st = s.settings
+        on = x.offload_activations and x.gradient_checkpointing
         rows.append(
             [
                 s.stage,
@@ -554,8 +862,11 @@ def format_plan(p: Plan) -> str:
                 st.seq_len,
                 st.max_steps,
                 st.num_generations,
+                ("pinned" if x.offload_pinned else "pageable") if on else "-",
+                x.moe_tile_tokens or "-",
                 *(_gib(v) for v in s.memory.parts.values()),
                 _gib(s.memory.total_gib),
+                _gib(s.memory.host_gib),
                 "yes" if s.fits else "NO",
             ]
         )
@@ -569,6 +880,8 @@ def format_plan(p: Plan) -> str:
     for s in p.stages:
         if s.memory.note:
             lines.append(f"  {s.stage}: {s.memory.note}")
+        if s.note:
+            lines.append(f"  {s.stage}: {s.note}")
         if not s.fits:
             lines.append(f"  {s.stage} does NOT fit; to fit: " + "; or ".join(s.advice))
     return "\n".join(lines)
@@ -588,16 +901,19 @@ def tier_overrides(tier: GpuTier) -> list[str]:
         f"model.attention={tier.attention if tier.is_gpu else 'auto'}",
         f"model.gradient_checkpointing={str(tier.gradient_checkpointing).lower()}",
         f"model.offload_activations={str(tier.offload_activations).lower()}",
+        f"model.offload_pinned={str(tier.offload_pinned).lower()}",
+        f"model.moe_tile_tokens={tier.moe_tile_tokens}",
         f"model.loss_chunk_size={tier.loss_chunk_size}",
         f"lang_rust.batch_size={s.batch_size}",
         f"lang_rust.grad_accum={s.grad_accum}",
     ]
 
 
-def plan_run(cfg, tier: GpuTier | str, check: bool = True) -> Plan:
+def plan_run(cfg, tier: GpuTier | str, check: bool = True, host_memory_gib: float | None = None) -> Plan:
     """The plan of a RunConfig on `tier`: stages the config describes (today lang_rust: its largest
     curriculum seq_len, batch and accumulation) use the config's values, the rest the tier's; the setup is
-    the config's model section ("auto" dtype/attention resolve to the tier's)."""
+    the config's model section ("auto" dtype/attention resolve to the tier's). The config's offload/tiling
+    settings are kept as written (no long-context pick): a stage that needs them is refused with advice."""
     tier = get_tier(tier) if isinstance(tier, str) else tier
     m = cfg.model
     setup = dataclasses.replace(
@@ -607,6 +923,8 @@ def plan_run(cfg, tier: GpuTier | str, check: bool = True) -> Plan:
         attention=tier.attention if m.attention == "auto" else m.attention,
         gradient_checkpointing=m.gradient_checkpointing,
         offload_activations=m.offload_activations,
+        offload_pinned=m.offload_pinned,
+        moe_tile_tokens=m.moe_tile_tokens,
         loss_chunk_size=m.loss_chunk_size,
     )
     t = cfg.lang_rust
@@ -616,4 +934,7 @@ def plan_run(cfg, tier: GpuTier | str, check: bool = True) -> Plan:
         )
     }
     preset = None if m.path else m.preset  # a local checkpoint is gpt-oss-20b (the only released size we train)
-    return plan(tier, preset or "gpt-oss-20b", lora_r=cfg.lora.r, settings=settings, setup=setup, check=check)
+    return plan(
+        tier, preset or "gpt-oss-20b", lora_r=cfg.lora.r, settings=settings, setup=setup, check=check,
+        host_memory_gib=host_memory_gib,
+    )  # fmt: skip
