@@ -1,6 +1,8 @@
 """Export: LoRA merge (against PEFT's merge_and_unload), the merge check that refuses lost expert deltas,
 MXFP4 / bf16 / NVFP4 directories loaded back by transformers with our logits, generation_config, the
-Harmony chat template against our codec, adapter-only output, and `rustforge export` on a run directory."""
+Harmony chat template against our codec, adapter-only output, `rustforge export` on a run directory, and
+the streaming export (layer by layer): the same files byte for byte, the same check and refusals, its
+peak host memory."""
 
 from __future__ import annotations
 
@@ -34,7 +36,12 @@ from rustforge.export.hf import (
     probe_batch,
     write_tokenizer_files,
 )
-from rustforge.model.loader import MXFP4_MODULES_TO_NOT_CONVERT, write_gptoss
+from rustforge.export.streaming import adapter_source, export_streaming
+from rustforge.model.loader import (
+    MXFP4_MODULES_TO_NOT_CONVERT,
+    load_gptoss,
+    write_gptoss,
+)
 from rustforge.model.lora import (
     apply_lora,
     merge_adapter,
@@ -325,3 +332,226 @@ def test_rustforge_export_on_a_run_directory(setup, tmp_path):
     assert report["source"] == str(run / "lang_rust" / "adapter") and report["merge_check"]["kl_merged_vs_base_plus_adapter"] < 1e-9
     assert main(["export", "--config", str(config), "--format", "adapter", "--out", str(tmp_path / "a")]) == 0
     assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------- streaming export
+SMALL_SHARDS = 300_000  # bytes: several shards and an index even for the tiny model
+
+
+@pytest.fixture(scope="module")
+def streamed(setup, tmp_path_factory):
+    """{fmt: (in-memory export, streamed export)} of the tiny model over an MXFP4 base checkpoint, with a probe
+    whose rows are longer than the sliding window (80 tokens > 64)."""
+    tokenizer, base, adapter = setup
+    root = tmp_path_factory.mktemp("streamed")
+    write_gptoss(base, root / "base", "mxfp4")
+    probe = probe_batch(tokenizer, tokens=160)
+    loaded = load_gptoss(root / "base")
+    reference = lora_reference(loaded, adapter)
+    merged = copy.deepcopy(loaded)
+    merge_adapter(merged, adapter)
+    out = {}
+    for fmt in ("mxfp4", "bf16", "nvfp4"):
+        in_memory = export_model(merged, root / f"memory-{fmt}", fmt, tokenizer, reference=reference, probe=probe,
+                                 max_shard_bytes=SMALL_SHARDS)  # fmt: skip
+        stream = export_streaming(root / "base", adapter_source(adapter)[0], root / f"stream-{fmt}", fmt, tokenizer,
+                                  probe=probe, max_shard_bytes=SMALL_SHARDS)  # fmt: skip
+        out[fmt] = (in_memory, stream)
+    return out
+
+
+def _stored(directory) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            names = f.keys()
+            tensors.update({name: f.get_tensor(name) for name in names})
+    return tensors
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "bf16", "nvfp4"])
+def test_streaming_export_writes_the_same_files(streamed, fmt):
+    in_memory, stream = streamed[fmt]
+    ours, theirs = _stored(stream), _stored(in_memory)
+    assert list(ours) and sorted(ours) == sorted(theirs)
+    for name, tensor in theirs.items():  # tensor by tensor, bit for bit
+        assert ours[name].dtype == tensor.dtype and ours[name].shape == tensor.shape, name
+        assert torch.equal(ours[name].view(torch.uint8), tensor.view(torch.uint8)), name
+    files = sorted(p.name for p in in_memory.iterdir())
+    assert files == sorted(p.name for p in stream.iterdir()) and "model.safetensors.index.json" in files
+    for file in files:  # shards, index, config.json, tokenizer files: byte for byte
+        if file != "export_report.json":
+            assert (stream / file).read_bytes() == (in_memory / file).read_bytes(), file
+
+
+def test_streamed_merge_check_and_report_equal_the_in_memory_ones(streamed):
+    for fmt, (in_memory, stream) in streamed.items():
+        theirs = json.loads((in_memory / "export_report.json").read_text())
+        ours = json.loads((stream / "export_report.json").read_text())
+        assert ours.pop("streaming") is True and ours.keys() == theirs.keys()
+        assert ours["merge_check"].keys() == theirs["merge_check"].keys()
+        for key, value in theirs["merge_check"].items():
+            assert ours["merge_check"][key] == pytest.approx(value, abs=1e-6), (fmt, key)
+        assert ours["merge_check"]["kl_expert_deltas_effect"] > 100 * ours["merge_check"]["kl_threshold"]
+        for key in ("kl_export_vs_merged_float32", "kl_export_vs_base_plus_adapter"):
+            assert ours[key] == pytest.approx(theirs[key], abs=1e-6), (fmt, key)
+
+
+def test_streaming_refuses_a_merge_that_lost_the_expert_deltas(setup, streamed, tmp_path, monkeypatch):
+    from rustforge.export import streaming
+
+    tokenizer, _, adapter = setup
+    base = streamed["bf16"][1].parent / "base"
+    real = streaming.iter_peft_deltas
+
+    def without_experts(*args, **kwargs):  # the classic bug: a merge that ignores target_parameters
+        return ((n, d) for n, d in real(*args, **kwargs) if ".mlp.experts." not in n)
+
+    monkeypatch.setattr(streaming, "iter_peft_deltas", without_experts)
+    with pytest.raises(ExportRefused, match=r"expert \(MoE\) LoRA deltas were lost.*Nothing was written"):
+        export_streaming(base, adapter_source(adapter)[0], tmp_path / "out", "mxfp4", tokenizer)
+    monkeypatch.setattr(streaming, "iter_peft_deltas", lambda *args, **kwargs: iter(()))
+    with pytest.raises(ExportRefused, match="every LoRA delta was lost"):
+        export_streaming(base, adapter_source(adapter)[0], tmp_path / "out", "bf16", tokenizer)
+    assert list(tmp_path.iterdir()) == []  # no output, no staging directory left behind
+
+
+def test_streaming_is_chosen_from_one_billion_parameters():
+    from rustforge.export.streaming import should_stream
+    from rustforge.model.loader import parameter_count
+
+    big, tiny = hf_config(get_preset("gpt-oss-20b")), hf_config(get_preset("tiny"))
+    assert 20.5e9 < parameter_count(big) < 21.5e9  # gpt-oss-20b: 20.9B parameters
+    assert should_stream("auto", big) and not should_stream("auto", tiny)
+    assert should_stream(True, tiny) and not should_stream(False, big)
+
+
+def test_shard_writer_refuses_what_the_plan_does_not_hold(tmp_path):
+    from rustforge.model.shards import PlannedTensor, ShardWriter
+
+    plan = [[PlannedTensor("a", torch.bfloat16, (2, 3)), PlannedTensor("b", torch.uint8, (4,))]]
+    writer = ShardWriter(tmp_path, plan)
+    with pytest.raises(ValueError, match="a is torch.float32"):
+        writer.put("a", torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="not part of the planned"):
+        writer.put("c", torch.zeros(4, dtype=torch.uint8))
+    writer.put("a", torch.ones(2, 3, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="never written, e.g. b"):
+        writer.close()
+
+
+@pytest.mark.parametrize("source", ["stage", "qat-lora", "qat-experts"])
+def test_rustforge_export_streams_a_run_to_the_same_files(setup, tmp_path, source):
+    """export_run with export.streaming true and false: a stage adapter, and a QAT result of either kind."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from rustforge.config import load_config
+    from rustforge.export.hf import export_run
+    from rustforge.model.loader import expert_names
+    from rustforge.train import qat
+
+    tokenizer, base, adapter = setup
+    run = tmp_path / "run"
+    write_gptoss(base, run / "base", "bf16", dtype=torch.float32)
+    tokenizer.save(run / "base")
+    shutil.copytree(adapter, run / "lang_rust" / "adapter")
+    final = run / qat.STAGE / qat.FINAL_DIR
+    if source != "stage":
+        trainable = source.removeprefix("qat-")
+        final.mkdir(parents=True)
+        info = {"source_adapter": str(run / "lang_rust" / "adapter"), "trainable": trainable, "format": "mxfp4"}
+        (final / qat.INFO_NAME).write_text(json.dumps(info))
+        if trainable == "lora":  # any PEFT adapter over the start exercises the path
+            shutil.copytree(adapter, final / "adapter")
+        else:
+            gen = torch.Generator().manual_seed(2)
+            state = base.state_dict()
+            noise = {n: 0.01 * torch.randn(state[n].shape, generator=gen) for n in expert_names(base.config)}
+            stacks = {n: state[n] + delta for n, delta in noise.items()}
+            save_file(stacks, str(final / qat.EXPERTS_FILE))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"run_dir: {run}\nexport:\n  probe_tokens: 64\n")
+    in_memory = export_run(load_config(config, ["export.streaming=false"]), "bf16", tmp_path / "memory")
+    stream = export_run(load_config(config, ["export.streaming=true"]), "bf16", tmp_path / "stream")
+    files = sorted(p.name for p in in_memory.iterdir())
+    assert files == sorted(p.name for p in stream.iterdir())
+    for file in files:
+        if file != "export_report.json":
+            assert (stream / file).read_bytes() == (in_memory / file).read_bytes(), file
+    theirs = json.loads((in_memory / "export_report.json").read_text())
+    ours = json.loads((stream / "export_report.json").read_text())
+    assert ours["streaming"] is True and "streaming" not in theirs and ours["source"] == theirs["source"]
+    assert ("merge_check" in ours) == (source != "qat-experts") == ("merge_check" in theirs)
+    assert ours["kl_export_vs_merged_float32"] == pytest.approx(theirs["kl_export_vs_merged_float32"], abs=1e-6)
+
+
+# The child process of the memory test: the streamed export alone, its peak RSS growth as JSON. glibc is told
+# to mmap every allocation from 1 MB up, so that freed tensors leave the process and the peak measures the
+# tensors alive at once, not whatever heap glibc keeps for reuse.
+_MEASURE_CHILD = """
+import json, sys
+from pathlib import Path
+from rustforge.data.tokenizer import load_tokenizer
+from rustforge.export.hf import probe_batch
+from rustforge.export.streaming import adapter_source, export_streaming
+
+def status(field):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))
+
+root = Path(sys.argv[1])
+tokenizer = load_tokenizer(root / "base")
+growth = {}
+for run in ("first", "second"):  # the first also pays the process's one-time costs (lazy imports, workspaces)
+    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+    start = status("VmRSS")
+    export_streaming(root / "base", adapter_source(root / "adapter")[0], root / run, "bf16", tokenizer,
+                     probe=probe_batch(tokenizer, tokens=128), max_shard_bytes=30_000_000)
+    growth[run] = status("VmHWM") - start
+print(json.dumps(growth))
+"""
+
+
+def test_streaming_holds_under_two_layers_of_float32(setup, tmp_path):
+    """Peak RSS growth of a streamed export of a 4-layer model with ~100 MB float32 layers (16 experts of
+    hidden 512, intermediate 1024), in a child process: between one and two layers, where the in-memory
+    flow holds three float32 copies of the whole model (4 layers each)."""
+    import os
+    import subprocess
+    import sys
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("no resettable peak RSS (/proc/self/clear_refs) here")
+    tokenizer = setup[0]
+    cfg = hf_config(get_preset("tiny"), vocab_size=tokenizer.vocab_size)
+    cfg.num_hidden_layers, cfg.layer_types = 4, cfg.layer_types[:4]
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts = 512, 1024, 16
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(cfg).eval()
+    write_gptoss(model, tmp_path / "base", "bf16")
+    tokenizer.save(tmp_path / "base")
+    lora_cfg = LoraConfig(r=4, alpha=8.0)
+    apply_lora(model, lora_cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.02)
+    save_adapter(model, lora_cfg, tmp_path / "adapter")
+    layer_bytes = 4 * sum(p.numel() for n, p in model.named_parameters() if ".layers.0." in n and "lora_" not in n)
+    model_bytes = 4 * sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    del model
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    child = subprocess.run([sys.executable, "-c", _MEASURE_CHILD, str(tmp_path)], env=env, capture_output=True,
+                           text=True, timeout=120, check=False)  # fmt: skip
+    assert child.returncode == 0, child.stderr[-3000:]
+    measured = json.loads(child.stdout.strip().splitlines()[-1])
+    report = json.loads((tmp_path / "second" / "export_report.json").read_text())
+    assert report["merge_check"]["kl_merged_vs_base_plus_adapter"] < 1e-9
+    print(f"streamed export: peak RSS growth {measured['second'] / 2**20:.0f} MiB = "
+          f"{measured['second'] / layer_bytes:.2f} float32 layers of {layer_bytes / 2**20:.0f} MiB (first run in the "
+          f"process {measured['first'] / 2**20:.0f} MiB; model {model_bytes / 2**20:.0f} MiB)")  # fmt: skip
+    assert model_bytes > 3.5 * layer_bytes  # so the bound below tells the two flows apart
+    assert layer_bytes < measured["second"] < 2 * layer_bytes, measured
+    assert measured["first"] < 2.5 * layer_bytes, measured

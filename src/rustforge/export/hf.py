@@ -14,6 +14,11 @@ staging directory and check that every tensor holds exactly the merged weight (e
 quantise-dequantise value) -> export_report.json (KL of the export against base + adapter, i.e. what
 quantisation costs) -> rename into place. Built on transformers/safetensors/PEFT formats; own code
 because no library merges gpt-oss expert LoRA, checks the merge, and writes MXFP4 on a CPU.
+
+That flow holds the base, the reference and the merged model in float32 (~170 GB for 20B). Big models
+(`export.streaming`, auto from 1B parameters) go through export/streaming.py instead: the same files, the
+same check and the same report, one decoder layer at a time; both call the pieces defined here
+(merge_verdict, expected_tensor, quantized_expert_values, write_tokenizer_files, finish_report).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 
 from rustforge.export import nvfp4
 from rustforge.export.chat_template import CHAT_TEMPLATE
-from rustforge.model.loader import EXPERT_PROJECTIONS, load_gptoss, write_gptoss
+from rustforge.model.loader import expert_names, load_gptoss, write_gptoss
 from rustforge.model.quant import bits_per_weight, mxfp4_fake_quantize_values
 
 MODEL_FORMATS = ("bf16", "mxfp4", "nvfp4")
@@ -127,11 +132,18 @@ def check_merge(merged, reference, probe: torch.Tensor, threshold: float) -> dic
 
     target = next_token_logits(reference, probe)
     merged_logits = next_token_logits(merged, probe)
-    kl = next_token_kl(target, merged_logits)
     with lora_disabled(reference):
         base_logits = next_token_logits(reference, probe)
     with expert_lora_disabled(reference):
         no_expert_logits = next_token_logits(reference, probe)
+    return merge_verdict(target, merged_logits, base_logits, no_expert_logits, threshold)
+
+
+def merge_verdict(target, merged_logits, base_logits, no_expert_logits, threshold: float) -> dict[str, float]:
+    """check_merge's decision from the probe's logits of base + adapter (target), the merged model, the base
+    (adapter off) and base + adapter without its expert deltas: the report, or ExportRefused saying which
+    deltas went missing."""
+    kl = next_token_kl(target, merged_logits)
     result = {
         "kl_merged_vs_base_plus_adapter": kl,
         "kl_adapter_effect": next_token_kl(target, base_logits),
@@ -154,12 +166,7 @@ def check_merge(merged, reference, probe: torch.Tensor, threshold: float) -> dic
     )
 
 
-def _expert_names(config) -> set[str]:
-    return {f"model.layers.{i}.mlp.experts.{p}" for i in range(config.num_hidden_layers) for p in EXPERT_PROJECTIONS}
-
-
-def quantized_expert_values(weight_in_out: torch.Tensor, fmt: str, mxfp4_rule: str) -> torch.Tensor:
-    """[E, in, out] expert stack -> its quantise-dequantise values in float32 (what `fmt` stores)."""
+def _quantized_values(weight_in_out: torch.Tensor, fmt: str, mxfp4_rule: str) -> torch.Tensor:
     if fmt == "mxfp4":
         out_in = weight_in_out.detach().float().transpose(1, 2)
         return mxfp4_fake_quantize_values(out_in, scale_rounding=mxfp4_rule).transpose(1, 2)
@@ -168,17 +175,30 @@ def quantized_expert_values(weight_in_out: torch.Tensor, fmt: str, mxfp4_rule: s
     return weight_in_out.detach().to(torch.bfloat16).float()
 
 
-def expected_weights(merged, fmt: str, mxfp4_rule: str = "gpt-oss") -> dict[str, torch.Tensor]:
-    """Every tensor the written checkpoint must hold, as float32 after loading: bf16-rounded weights, experts
-    quantised in `fmt`."""
-    experts = _expert_names(merged.config)
-    out = {}
-    for name, tensor in merged.state_dict().items():
-        if name in experts:
-            out[name] = quantized_expert_values(tensor, fmt, mxfp4_rule)
-        else:
-            out[name] = tensor.detach().to(torch.bfloat16).float()
+def quantized_expert_values(weight_in_out: torch.Tensor, fmt: str, mxfp4_rule: str, out=None) -> torch.Tensor:
+    """[E, in, out] expert stack -> its quantise-dequantise values in float32 (what `fmt` stores), into `out`
+    if given (a float32 stack; it may be the weight itself). An expert at a time: every format quantises
+    each expert on its own (NVFP4's tensor scale is per expert), and the codec's scratch then stays one
+    expert's size (a whole 20B stack at once needs several times the stack)."""
+    out = torch.empty(weight_in_out.shape, dtype=torch.float32) if out is None else out
+    for expert in range(weight_in_out.shape[0]):
+        out[expert] = _quantized_values(weight_in_out[expert : expert + 1], fmt, mxfp4_rule)[0]
     return out
+
+
+def expected_tensor(name: str, tensor: torch.Tensor, experts: set[str], fmt: str, mxfp4_rule: str,
+                    in_place: bool = False) -> torch.Tensor:  # fmt: skip
+    """What the written checkpoint must hold for parameter `name`, as float32 after loading: experts
+    quantised in `fmt` (with `in_place`, over the float32 stack itself), everything else bf16-rounded."""
+    if name in experts:
+        return quantized_expert_values(tensor, fmt, mxfp4_rule, out=tensor.detach() if in_place else None)
+    return tensor.detach().to(torch.bfloat16).float()
+
+
+def expected_weights(merged, fmt: str, mxfp4_rule: str = "gpt-oss") -> dict[str, torch.Tensor]:
+    """Every tensor the written checkpoint must hold, as float32 after loading (expected_tensor)."""
+    experts = expert_names(merged.config)
+    return {name: expected_tensor(name, t, experts, fmt, mxfp4_rule) for name, t in merged.state_dict().items()}
 
 
 def load_export(directory: str | Path, dtype: torch.dtype = torch.float32):
@@ -247,6 +267,14 @@ def _versions() -> dict:
             "safetensors": safetensors.__version__, "python": platform.python_version()}  # fmt: skip
 
 
+def finish_report(directory: Path, record: dict, report: dict | None) -> None:
+    """export_report.json: the export's record, the caller's report (source, ...), date and versions."""
+    record.update(report or {})
+    now = datetime.datetime.now(datetime.timezone.utc)  # noqa: UP017 (the device may run Python 3.10)
+    record.update(date=now.isoformat(timespec="seconds"), versions=_versions())
+    _write_json(directory / REPORT_NAME, record)
+
+
 # ------------------------------------------------------------------------------------------ writing
 def _staging(out: Path) -> Path:
     staging = out.parent / f".{out.name}.export-{os.getpid()}"
@@ -313,10 +341,7 @@ def export_model(
         record["kl_export_vs_merged_float32"] = next_token_kl(next_token_logits(merged, probe), exported)
         if reference is not None:
             record["kl_export_vs_base_plus_adapter"] = next_token_kl(next_token_logits(reference, probe), exported)
-        record.update(report or {})
-        now = datetime.datetime.now(datetime.timezone.utc)  # noqa: UP017 (the device may run Python 3.10)
-        record.update(date=now.isoformat(timespec="seconds"), versions=_versions())
-        _write_json(staging / REPORT_NAME, record)
+        finish_report(staging, record, report)
         _publish(staging, out, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -380,9 +405,12 @@ def export_run(cfg, fmt: str, out: str | Path | None = None, overwrite: bool = T
     """`rustforge export`: the run's final model as `fmt` under `out` (default <run_dir>/export/<fmt>).
 
     Source (export.source): `auto` takes the QAT stage's result when it finished (<run_dir>/qat/final),
-    else the last finished stage's adapter; or a stage name / adapter directory."""
+    else the last finished stage's adapter; or a stage name / adapter directory. Model formats stream layer
+    by layer (export/streaming.py) when export.streaming says so (auto: models of 1B parameters and up)."""
     from rustforge.data.tokenizer import load_tokenizer
+    from rustforge.export import streaming
     from rustforge.model.base import base_dir
+    from rustforge.model.loader import read_gptoss_config
     from rustforge.model.lora import merge_adapter
     from rustforge.train import qat
 
@@ -395,11 +423,19 @@ def export_run(cfg, fmt: str, out: str | Path | None = None, overwrite: bool = T
     use_qat = ecfg.source in ("auto", "qat") and qat.is_complete(qat_dir)
     if ecfg.source == "qat" and not use_qat:
         raise FileNotFoundError(f"export.source: qat, but {qat_dir} holds no finished QAT result")
+    if use_qat and fmt == "adapter":
+        raise ValueError(f"export --format adapter: {qat_dir} is a QAT result, which changes the merged "
+                         "model itself (no adapter over the original base reproduces it); export a model "
+                         "format, or set export.source to a stage to export that stage's adapter")  # fmt: skip
+    if fmt != "adapter" and streaming.should_stream(ecfg.streaming, read_gptoss_config(base_dir(cfg))):
+        source, report = (streaming.qat_source(qat_dir) if use_qat
+                          else streaming.adapter_source(stage_adapter(cfg.run_dir, ecfg.source)))  # fmt: skip
+        return streaming.export_streaming(
+            base_dir(cfg), source, out, fmt, tokenizer, probe=probe_batch(tokenizer, ecfg.probe_tokens),
+            kl_threshold=ecfg.kl_threshold, mxfp4_rule=ecfg.mxfp4_rounding, overwrite=overwrite,
+            max_shard_bytes=int(ecfg.max_shard_gb * 2**30), report=report,
+        )  # fmt: skip
     if use_qat:
-        if fmt == "adapter":
-            raise ValueError(f"export --format adapter: {qat_dir} is a QAT result, which changes the merged "
-                             "model itself (no adapter over the original base reproduces it); export a model "
-                             "format, or set export.source to a stage to export that stage's adapter")  # fmt: skip
         start, adapter, report = qat.load_result(cfg, qat_dir)
     else:
         start = load_gptoss(base_dir(cfg), dtype=torch.float32)

@@ -14,7 +14,9 @@ quantised along `in`, everything else bf16 under its transformers name):
 
 config.json carries `quantization_config = {"quant_method": "rustforge_nvfp4", ...}`; transformers refuses an
 unknown quant_method, so `load_nvfp4` (dequantise, then plain GptOssForCausalLM) is how it is read.
-Built on safetensors (which stores float8_e4m3fn natively) and model/quant.py's reference codec.
+Built on safetensors (which stores float8_e4m3fn natively) and model/quant.py's reference codec. The
+tensors are encoded from any state mapping (`encode_tensors`: a whole model, or one decoder layer of the
+streaming export) and planned from the config alone (`stored_layout`), so both exports write the same files.
 """
 
 from __future__ import annotations
@@ -28,13 +30,19 @@ from safetensors.torch import save_file
 
 from rustforge.model.loader import (
     CONFIG_NAME,
-    EXPERT_PROJECTIONS,
-    INDEX_NAME,
     MXFP4_MODULES_TO_NOT_CONVERT,
+    CheckpointReader,
+    expert_names,
     gptoss_config_from_dict,
     gptoss_config_to_dict,
 )
 from rustforge.model.quant import NVFP4_BLOCK, nvfp4_dequantize, nvfp4_quantize
+from rustforge.model.shards import (
+    PlannedTensor,
+    plan_shards,
+    shard_file_names,
+    write_index,
+)
 
 QUANT_METHOD = "rustforge_nvfp4"
 SUFFIXES = ("_blocks", "_scales", "_global_scale")
@@ -81,35 +89,57 @@ def fake_quantized_experts(weight_in_out: torch.Tensor, dtype=torch.float32) -> 
     return dequantize_experts(parts["_blocks"], parts["_scales"], parts["_global_scale"], dtype)
 
 
-def _expert_names(config) -> set[str]:
-    return {f"model.layers.{i}.mlp.experts.{p}" for i in range(config.num_hidden_layers) for p in EXPERT_PROJECTIONS}
+def encode_tensors(state, config, dtype=torch.bfloat16):
+    """Yield (stored name, tensor) in the layout above, in `state`'s order (parameter name -> tensor: a whole
+    model's state dict or one decoder layer's): experts quantised, everything else in `dtype`."""
+    experts = expert_names(config)
+    for name, tensor in state.items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if name in experts:
+            yield from ((f"{name}{suffix}", t) for suffix, t in quantize_experts(tensor).items())
+        else:
+            yield name, tensor.detach().to(device="cpu", dtype=dtype).contiguous()
 
 
 def checkpoint_tensors(model, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
     """Every stored tensor of `model` (a plain GptOssForCausalLM) in the layout above."""
-    experts = _expert_names(model.config)
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+    return dict(encode_tensors(model.state_dict(), model.config, dtype))
+
+
+def stored_layout(config, dtype=torch.bfloat16) -> list[PlannedTensor]:
+    """Every stored tensor (name, dtype, shape) in file order, from the config alone."""
+    from transformers import GptOssForCausalLM
+
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in GptOssForCausalLM(config).state_dict().items()}
+    experts = expert_names(config)
+    out = []
+    for name, shape in shapes.items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        if name in experts:
-            out.update({f"{name}{suffix}": t for suffix, t in quantize_experts(tensor).items()})
-        else:
-            out[name] = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+        if name not in experts:
+            out.append(PlannedTensor(name, dtype, shape))
+            continue
+        num_experts, fan_in, fan_out = shape  # stored [E, out, in] like MXFP4, blocks of 16 along `in`
+        blocks = (num_experts, fan_out, fan_in // NVFP4_BLOCK)
+        out += [
+            PlannedTensor(f"{name}_blocks", torch.uint8, (*blocks, NVFP4_BLOCK // 2)),
+            PlannedTensor(f"{name}_scales", torch.float8_e4m3fn, blocks),
+            PlannedTensor(f"{name}_global_scale", torch.float32, (num_experts,)),
+        ]
     return out
 
 
-def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    used = 0
-    for name, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
-        if shards[-1] and used + size > max_shard_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(name)
-        used += size
-    return shards
+def config_dict(config) -> dict:
+    """config.json of an NVFP4 export: the gpt-oss config with our quantization_config."""
+    out = gptoss_config_to_dict(config, mxfp4=False)
+    out["quantization_config"] = quantization_config()
+    return dict(sorted(out.items()))
+
+
+def write_config_json(directory: Path, config) -> None:
+    (directory / CONFIG_NAME).write_text(json.dumps(config_dict(config), indent=2) + "\n")
 
 
 def write_nvfp4(model, directory: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
@@ -117,21 +147,18 @@ def write_nvfp4(model, directory: str | Path, max_shard_bytes: int = 5 * 2**30) 
     directory = Path(directory)
     directory.mkdir(parents=True)
     tensors = checkpoint_tensors(model)
-    shards = _shards(tensors, max_shard_bytes)
-    files = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
-    ]  # fmt: skip
+    layout = stored_layout(model.config)
+    found = [PlannedTensor(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    if found != layout:  # stored_layout is what the streaming export plans with: it must describe this
+        first = next(i for i, (f, p) in enumerate(zip(found + [None], layout + [None])) if f != p)
+        raise RuntimeError(f"write_nvfp4: encoded tensor #{first} differs from stored_layout's plan")
     weight_map = {}
-    for file, names in zip(files, shards):
-        save_file({n: tensors[n] for n in names}, directory / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(names, file))
-    if len(files) > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    config = gptoss_config_to_dict(model.config, mxfp4=False)
-    config["quantization_config"] = quantization_config()
-    (directory / CONFIG_NAME).write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
+    shards = plan_shards(layout, max_shard_bytes)
+    for file, shard in zip(shard_file_names(len(shards)), shards):
+        save_file({t.name: tensors[t.name] for t in shard}, directory / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys((t.name for t in shard), file))
+    write_index(directory, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()))
+    write_config_json(directory, model.config)
     return directory
 
 
@@ -143,6 +170,19 @@ def read_config(directory: Path):
     if not isinstance(quant, dict) or quant.get("quant_method") != QUANT_METHOD:
         raise ValueError(f"{path}: quantization_config.quant_method must be {QUANT_METHOD!r}, got {quant!r}")
     return gptoss_config_from_dict(raw), quant
+
+
+def _plain_or_nvfp4(stored: dict[str, torch.Tensor], name: str, dtype: torch.dtype) -> torch.Tensor:
+    """Parameter `name` from its stored tensor(s), as load_nvfp4 turns them into parameters."""
+    if f"{name}_blocks" in stored:
+        return dequantize_experts(*(stored[name + s] for s in SUFFIXES), dtype)
+    return stored[name].to(dtype)
+
+
+def reader(directory: str | Path) -> CheckpointReader:
+    """Chosen parameters of an NVFP4 export without loading the rest (experts dequantised)."""
+    config, _ = read_config(Path(directory))
+    return CheckpointReader(directory, config=config, decode=_plain_or_nvfp4, suffixes=SUFFIXES)
 
 
 def load_nvfp4(directory: str | Path, dtype: torch.dtype = torch.float32):
@@ -157,7 +197,7 @@ def load_nvfp4(directory: str | Path, dtype: torch.dtype = torch.float32):
             names = handle.keys()
             stored.update({name: handle.get_tensor(name) for name in names})
     state = {}
-    for name in _expert_names(config):
+    for name in expert_names(config):
         missing = [name + s for s in SUFFIXES if name + s not in stored]
         if missing:
             raise ValueError(f"{directory}: missing {missing[0]} (NVFP4 layout: {', '.join(SUFFIXES)})")

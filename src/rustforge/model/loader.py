@@ -4,7 +4,9 @@ Builds on safetensors and transformers' GptOssConfig / GptOssForCausalLM. Own co
 `from_pretrained` because we need: MXFP4 expert dequantisation on a CPU (transformers only keeps
 MXFP4 with GPU triton kernels), validation whose errors name the file, tensor or config field and
 the expected versus found shape, streaming one tensor at a time (the 20B model must not need twice
-its size in RAM), and no hub access.
+its size in RAM), and no hub access. `CheckpointReader` reads chosen parameters (a decoder layer) of a
+directory without loading the rest, for the streaming export; shards are planned and indexed by
+model/shards.py, shared with every other writer.
 
 Layouts. Unquantised checkpoints hold every parameter under its transformers name and layout
 (experts' `gate_up_proj` is [E, H, 2I], `down_proj` is [E, I, H]). MXFP4 checkpoints (as published
@@ -27,10 +29,16 @@ from safetensors.torch import save_file
 from transformers import GptOssConfig, GptOssForCausalLM
 
 from rustforge.model.quant import MXFP4_BLOCK, mxfp4_dequantize, mxfp4_quantize
+from rustforge.model.shards import (
+    INDEX_NAME,
+    SINGLE_FILE_NAME,
+    PlannedTensor,
+    plan_shards,
+    shard_file_names,
+    write_index,
+)
 
 CONFIG_NAME = "config.json"
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_FILE_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
 
 # As in openai/gpt-oss-20b's config.json: everything but the experts stays bf16.
@@ -270,17 +278,44 @@ def _top_level_specs(config: GptOssConfig) -> tuple[list[TensorSpec], list[Tenso
     return head, tail
 
 
+def layer_specs(config: GptOssConfig, layer: int, mxfp4_projections: set[str] = frozenset()) -> list[TensorSpec]:
+    """Every tensor of one decoder layer in file order (see expected_tensors for `mxfp4_projections`)."""
+    specs = _layer_specs(config, layer)
+    for projection in EXPERT_PROJECTIONS:
+        mxfp4 = f"model.layers.{layer}.mlp.experts.{projection}" in mxfp4_projections
+        specs += _expert_specs(config, layer, projection, mxfp4)
+    return specs
+
+
+def top_level_specs(config: GptOssConfig) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(specs stored before the layers, specs after them): embeddings; final norm and lm_head."""
+    return _top_level_specs(config)
+
+
+def expert_names(config: GptOssConfig) -> set[str]:
+    """Every expert weight stack's parameter name (what the MXFP4 / NVFP4 formats quantise)."""
+    return {f"model.layers.{i}.mlp.experts.{p}" for i in range(config.num_hidden_layers) for p in EXPERT_PROJECTIONS}
+
+
 def expected_tensors(config: GptOssConfig, mxfp4_projections: set[str] = frozenset()) -> list[TensorSpec]:
     """Every tensor a checkpoint for `config` holds, in file order. `mxfp4_projections` names the
     expert projections (e.g. "model.layers.0.mlp.experts.down_proj") stored as blocks + scales."""
     head, tail = _top_level_specs(config)
     specs = list(head)
     for layer in range(config.num_hidden_layers):
-        specs += _layer_specs(config, layer)
-        for projection in EXPERT_PROJECTIONS:
-            mxfp4 = f"model.layers.{layer}.mlp.experts.{projection}" in mxfp4_projections
-            specs += _expert_specs(config, layer, projection, mxfp4)
+        specs += layer_specs(config, layer, mxfp4_projections)
     return specs + tail
+
+
+def parameter_count(config: GptOssConfig) -> int:
+    """Parameters of the model `config` describes (a tied lm_head counted once)."""
+    total = 0
+    for spec in expected_tensors(config):
+        numel = 1
+        for size in spec.shape:
+            numel *= size
+        total += numel
+    return total
 
 
 def _check_mxfp4_divisible(config: GptOssConfig, file: str) -> None:
@@ -456,6 +491,56 @@ def _dequantise_experts(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch
     return out
 
 
+def _plain_or_mxfp4(stored: dict[str, torch.Tensor], name: str, dtype: torch.dtype) -> torch.Tensor:
+    """Parameter `name` from its stored tensor(s), as load_gptoss turns them into parameters."""
+    if f"{name}_blocks" in stored:
+        return _dequantise_experts(stored[f"{name}_blocks"], stored[f"{name}_scales"], dtype, torch.device("cpu"))
+    return stored[name].to(device="cpu", dtype=dtype)
+
+
+class CheckpointReader:
+    """Chosen parameters of a checkpoint directory, without loading the rest: the streaming export reads
+    one decoder layer at a time. Validated as load_gptoss validates unless `config` is given: formats whose
+    config.json read_gptoss_config does not accept (NVFP4) pass theirs, a `decode(stored, name, dtype)` and
+    the `suffixes` under which a quantised parameter is stored."""
+
+    def __init__(self, path: str | os.PathLike, config: GptOssConfig | None = None, decode=_plain_or_mxfp4,
+                 suffixes: tuple[str, ...] = ("_blocks", "_scales")):  # fmt: skip
+        self.directory = Path(path)
+        if not self.directory.is_dir():
+            raise ValueError(f"{self.directory}: not a directory")
+        self.inventory = _inventory(self.directory)
+        if config is None:
+            config = read_gptoss_config(self.directory)
+            _validate_inventory(self.directory, config, self.inventory)
+        self.config, self._decode, self._suffixes = config, decode, suffixes
+
+    def stored(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Stored tensors by name, as in the files; each shard is opened once and closed again (its pages
+        leave the process: a long stream of layers does not accumulate the mapped files)."""
+        missing = [name for name in names if name not in self.inventory]
+        if missing:
+            raise ValueError(f"{self.directory}: {missing[0]} is not stored in this checkpoint")
+        out: dict[str, torch.Tensor] = {}
+        for file in sorted({self.inventory[name].file for name in names}):
+            with safe_open(self.directory / file, framework="pt", device="cpu") as handle:
+                for name in names:
+                    if self.inventory[name].file == file:
+                        out[name] = handle.get_tensor(name)
+        return out
+
+    def stored_names(self, name: str) -> list[str]:
+        """The stored tensors parameter `name` is made of: itself, or its quantised parts."""
+        if name in self.inventory:
+            return [name]
+        return [name + suffix for suffix in self._suffixes if name + suffix in self.inventory] or [name]
+
+    def read(self, names: list[str], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """{parameter name: tensor in the transformers layout, dtype}; quantised experts dequantised. One
+        parameter at a time: its stored copy is dropped before the next is read."""
+        return {name: self._decode(self.stored(self.stored_names(name)), name, dtype) for name in names}
+
+
 def load_gptoss(
     path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> GptOssForCausalLM:
@@ -496,9 +581,10 @@ def _quantise_experts(weight: torch.Tensor, scale_rounding: str) -> tuple[torch.
     return torch.stack([b.cpu() for b, _ in pairs]), torch.stack([s.cpu() for _, s in pairs])
 
 
-def _output_tensors(model: GptOssForCausalLM, specs: list[TensorSpec], dtype: torch.dtype, scale_rounding: str):
-    """Yield (stored name, CPU tensor) in spec order."""
-    state = model.state_dict()
+def encode_tensors(state, specs: list[TensorSpec], dtype: torch.dtype, scale_rounding: str):
+    """Yield (stored name, CPU tensor) in spec order from `state` (parameter name -> tensor; the whole
+    model's state dict, or one layer's for the streaming export): experts with `_blocks` specs as MXFP4,
+    everything else in `dtype`."""
     index = 0
     while index < len(specs):
         spec = specs[index]
@@ -512,26 +598,16 @@ def _output_tensors(model: GptOssForCausalLM, specs: list[TensorSpec], dtype: to
         index += 1
 
 
-def _stored_bytes(spec: TensorSpec, dtype: torch.dtype) -> int:
-    numel = 1
-    for size in spec.shape:
-        numel *= size
+def planned_tensor(spec: TensorSpec, dtype: torch.dtype) -> PlannedTensor:
+    """What `spec` is stored as: MXFP4 blocks and scales are uint8, everything else `dtype`."""
     is_packed = spec.name.endswith(("_blocks", "_scales"))
-    return numel * (1 if is_packed else torch.empty((), dtype=dtype).element_size())
+    return PlannedTensor(spec.name, torch.uint8 if is_packed else dtype, spec.shape)
 
 
-def _plan_shards(specs: list[TensorSpec], dtype: torch.dtype, max_shard_bytes: int) -> list[list[TensorSpec]]:
-    """Greedy split in file order; a tensor larger than the limit gets a shard of its own."""
-    shards: list[list[TensorSpec]] = [[]]
-    used = 0
-    for spec in specs:
-        size = _stored_bytes(spec, dtype)
-        if shards[-1] and used + size > max_shard_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(spec)
-        used += size
-    return shards
+def checkpoint_plan(config: GptOssConfig, mxfp4: bool, dtype: torch.dtype) -> list[PlannedTensor]:
+    """Every stored tensor of a write_gptoss checkpoint, in file order."""
+    specs = expected_tensors(config, expert_names(config) if mxfp4 else set())
+    return [planned_tensor(spec, dtype) for spec in specs]
 
 
 def _check_model_tensors(model: GptOssForCausalLM, specs: list[TensorSpec]) -> None:
@@ -554,24 +630,22 @@ def _check_model_tensors(model: GptOssForCausalLM, specs: list[TensorSpec]) -> N
 def _write_into(directory: Path, model: GptOssForCausalLM, mxfp4: bool, dtype: torch.dtype,
                 max_shard_bytes: int, scale_rounding: str) -> None:  # fmt: skip
     config = model.config
-    names = {f"model.layers.{i}.mlp.experts.{p}" for i in range(config.num_hidden_layers) for p in EXPERT_PROJECTIONS}
-    specs = expected_tensors(config, names if mxfp4 else set())
+    specs = expected_tensors(config, expert_names(config) if mxfp4 else set())
     _check_model_tensors(model, specs)
-    shards = _plan_shards(specs, dtype, max_shard_bytes)
-    files = [SINGLE_FILE_NAME] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
-    ]  # fmt: skip
-    stream = _output_tensors(model, specs, dtype, scale_rounding)
+    shards = plan_shards([planned_tensor(spec, dtype) for spec in specs], max_shard_bytes)
+    stream = encode_tensors(model.state_dict(), specs, dtype, scale_rounding)
     weight_map, total_bytes = {}, 0
-    for file, shard in zip(files, shards):
+    for file, shard in zip(shard_file_names(len(shards)), shards):
         tensors = dict(next(stream) for _ in shard)
         save_file(tensors, directory / file, metadata={"format": "pt"})
         total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, file))
         del tensors
-    if len(files) > 1:
-        index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
-        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    write_index(directory, weight_map, total_bytes)
+    write_config_json(directory, config, mxfp4)
+
+
+def write_config_json(directory: Path, config: GptOssConfig, mxfp4: bool) -> None:
     (directory / CONFIG_NAME).write_text(json.dumps(gptoss_config_to_dict(config, mxfp4=mxfp4), indent=2) + "\n")
 
 

@@ -5,7 +5,9 @@ Own modules instead of wrapping the model with PEFT: PEFT's `target_parameters` 
 model/moe.py avoid. The adapters we save are nevertheless PEFT's exactly (adapter_config.json +
 adapter_model.safetensors), so `peft.PeftModel.from_pretrained` and servers that read PEFT adapters
 load them unchanged. `merge_adapter` / `merge_lora` fold an adapter into plain transformers weights (in
-float32) for export and QAT.
+float32) for export and QAT. The export streams big models one decoder layer at a time, so the pieces
+work on one layer too: `apply_lora_to_layer`, `load_lora_tensors(prefix=...)`, `iter_peft_deltas(prefix=...)`,
+`add_deltas` and `plain_layer` are what apply_lora, load_adapter, merge_adapter and plain_model are made of.
 
 PEFT's layout for a 3-D expert parameter W [E, in, out] (transformers' GptOssExperts is
 `is_transposed`, so in/out are not swapped): lora_A.weight is (E*r, in) read expert-slowest, i.e.
@@ -117,21 +119,28 @@ def apply_lora(hf_model: nn.Module, cfg: LoraConfig) -> nn.Module:
     torch.manual_seed is the same whatever experts module is installed."""
     _validate(cfg)
     hf_model.requires_grad_(False)
-    expert_targets = [t for t in EXPERT_TARGETS if t in cfg.targets]
     for layer in hf_model.model.layers:
-        attn = layer.self_attn
-        for name in ATTENTION_TARGETS:
-            if name in cfg.targets:
-                current = getattr(attn, name)
-                base = current.base_layer if isinstance(current, LoraLinear) else current
-                setattr(attn, name, LoraLinear(base, cfg.r, cfg.alpha, cfg.dropout))
-        if expert_targets:
-            experts = layer.mlp.experts
-            if not isinstance(experts, (ReferenceLoraExperts, GroupedExperts)):
-                experts = ReferenceLoraExperts.from_module(experts)
-                layer.mlp.experts = experts
-            add_expert_lora(experts, cfg.r, cfg.alpha, expert_targets)
+        apply_lora_to_layer(layer, cfg)
     return hf_model
+
+
+def apply_lora_to_layer(layer: nn.Module, cfg: LoraConfig) -> nn.Module:
+    """apply_lora on one (frozen) decoder layer."""
+    layer.requires_grad_(False)
+    attn = layer.self_attn
+    for name in ATTENTION_TARGETS:
+        if name in cfg.targets:
+            current = getattr(attn, name)
+            base = current.base_layer if isinstance(current, LoraLinear) else current
+            setattr(attn, name, LoraLinear(base, cfg.r, cfg.alpha, cfg.dropout))
+    expert_targets = [t for t in EXPERT_TARGETS if t in cfg.targets]
+    if expert_targets:
+        experts = layer.mlp.experts
+        if not isinstance(experts, (ReferenceLoraExperts, GroupedExperts)):
+            experts = ReferenceLoraExperts.from_module(experts)
+            layer.mlp.experts = experts
+        add_expert_lora(experts, cfg.r, cfg.alpha, expert_targets)
+    return layer
 
 
 # ---------------------------------------------------------------------------------------------- PEFT
@@ -144,11 +153,12 @@ def _expert_key_prefixes(module_name: str, targets: list[str]) -> dict[str, str]
     }
 
 
-def _lora_modules(model: nn.Module):
-    """(name, module) of every module carrying LoRA, in module order."""
+def _lora_modules(model: nn.Module, prefix: str = ""):
+    """(prefix + name, module) of every module carrying LoRA, in module order. `prefix` places a lone
+    decoder layer in its model ("model.layers.3.")."""
     for name, module in _unwrap(model).named_modules():
         if isinstance(module, LoraLinear) or (name and expert_lora_targets(module)):
-            yield name, module
+            yield prefix + name, module
 
 
 def expert_lora_to_peft(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,20 +178,20 @@ def expert_lora_from_peft(peft_A: torch.Tensor, peft_B: torch.Tensor, num_expert
     return lora_A, lora_B
 
 
-def lora_state_dict_peft(model: nn.Module) -> dict[str, torch.Tensor]:
+def lora_state_dict_peft(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
     """All LoRA weights under PEFT's saved key names and shapes (what adapter_model.safetensors holds)."""
     out: dict[str, torch.Tensor] = {}
-    for name, module in _lora_modules(model):
+    for name, module in _lora_modules(model, prefix):
         if isinstance(module, LoraLinear):
             out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A.detach()
             out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B.detach()
             continue
         targets = expert_lora_targets(module)
-        for proj, prefix in _expert_key_prefixes(name, targets).items():
+        for proj, key_prefix in _expert_key_prefixes(name, targets).items():
             name_A, name_B = lora_param_names(proj)
             peft_A, peft_B = expert_lora_to_peft(getattr(module, name_A), getattr(module, name_B))
-            out[f"{prefix}.lora_A.weight"] = peft_A
-            out[f"{prefix}.lora_B.weight"] = peft_B
+            out[f"{key_prefix}.lora_A.weight"] = peft_A
+            out[f"{key_prefix}.lora_B.weight"] = peft_B
     return out
 
 
@@ -298,37 +308,39 @@ def _read_adapter_config(path: Path) -> dict:
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Load a PEFT adapter into the model's LoRA parameters (the model must already have LoRA on the
     same targets with the same rank); scaling is taken from the file's lora_alpha / r."""
-    directory = Path(directory)
-    config = _read_adapter_config(directory / ADAPTER_CONFIG)
-    weights_path = directory / ADAPTER_WEIGHTS
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{weights_path}: adapter weights not found")
-    loaded = load_file(str(weights_path))
-    expected = lora_state_dict_peft(model)
+    tensors, config = read_peft_adapter(directory)
+    return load_lora_tensors(model, tensors, config, Path(directory) / ADAPTER_WEIGHTS)
+
+
+def load_lora_tensors(model: nn.Module, loaded: dict[str, torch.Tensor], config: dict, where, prefix: str = ""):
+    """load_adapter from an adapter's (tensors, config). With `prefix` (a lone decoder layer placed in its
+    model, "model.layers.3."), only the adapter's keys under that prefix must match the module's."""
+    expected = lora_state_dict_peft(model, prefix)
+    in_scope = [k for k in loaded if k.startswith(f"{PEFT_PREFIX}{prefix}")] if prefix else list(loaded)
     missing = [k for k in expected if k not in loaded]
     if missing:
-        raise KeyError(f"{weights_path}: missing key {missing[0]!r} ({len(missing)} missing in all)")
-    unexpected = [k for k in loaded if k not in expected]
+        raise KeyError(f"{where}: missing key {missing[0]!r} ({len(missing)} missing in all)")
+    unexpected = [k for k in in_scope if k not in expected]
     if unexpected:
-        raise KeyError(f"{weights_path}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all)")
+        raise KeyError(f"{where}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all)")
     for key, tensor in expected.items():
         if loaded[key].shape != tensor.shape:
             raise ValueError(
-                f"{weights_path}: key {key!r} has shape {tuple(loaded[key].shape)}, "
+                f"{where}: key {key!r} has shape {tuple(loaded[key].shape)}, "
                 f"the model expects {tuple(tensor.shape)}"
             )
     scaling = config["lora_alpha"] / config["r"]
     with torch.no_grad():
-        for name, module in _lora_modules(model):
+        for name, module in _lora_modules(model, prefix):
             if isinstance(module, LoraLinear):
                 module.lora_A.copy_(loaded[f"{PEFT_PREFIX}{name}.lora_A.weight"])
                 module.lora_B.copy_(loaded[f"{PEFT_PREFIX}{name}.lora_B.weight"])
                 module.scaling = scaling
                 continue
             targets = expert_lora_targets(module)
-            for proj, prefix in _expert_key_prefixes(name, targets).items():
+            for proj, key_prefix in _expert_key_prefixes(name, targets).items():
                 lora_A, lora_B = expert_lora_from_peft(
-                    loaded[f"{prefix}.lora_A.weight"], loaded[f"{prefix}.lora_B.weight"], module.num_experts
+                    loaded[f"{key_prefix}.lora_A.weight"], loaded[f"{key_prefix}.lora_B.weight"], module.num_experts
                 )
                 name_A, name_B = lora_param_names(proj)
                 getattr(module, name_A).copy_(lora_A)
@@ -378,32 +390,42 @@ def _expert_projection_of_key(module_path: str, config: dict, where: str) -> tup
 
 def peft_deltas(
     tensors: dict[str, torch.Tensor], config: dict, num_experts: int, dtype: torch.dtype = torch.float32,
-    where: str = "adapter",
+    where: str = "adapter", prefix: str = "",
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """{transformers parameter name: scaling * LoRA delta in that parameter's layout, in dtype}.
 
     q/k/v/o_proj: `scaling * B @ A` ([out, in], nn.Linear's weight); experts: `scaling * A_e @ B_e` per
-    expert ([E, in, out], with lora_B read as reshape(out, r, E) -- see the module docstring)."""
+    expert ([E, in, out], with lora_B read as reshape(out, r, E) -- see the module docstring). `prefix`
+    ("model.layers.3.") keeps the keys of the modules under it: one layer's deltas, not the model's."""
+    return dict(iter_peft_deltas(tensors, config, num_experts, dtype, where, prefix))
+
+
+def iter_peft_deltas(
+    tensors: dict[str, torch.Tensor], config: dict, num_experts: int, dtype: torch.dtype = torch.float32,
+    where: str = "adapter", prefix: str = "",
+):  # fmt: skip
+    """peft_deltas one (name, delta) at a time, so that a caller adding them holds one delta, not all."""
     scaling = config["lora_alpha"] / config["r"]
-    deltas: dict[str, torch.Tensor] = {}
+    scope = f"{PEFT_PREFIX}{prefix}"
+    tensors = {k: v for k, v in tensors.items() if k.startswith(scope)} if prefix else tensors
+    unpaired = [k for k in tensors if k.endswith(".lora_B.weight") and k.replace("lora_B", "lora_A") not in tensors]
+    if unpaired:
+        raise KeyError(f"{where}: {unpaired[0]} has no matching lora_A")
     for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
         module_path = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
         key_B = key.replace(".lora_A.weight", ".lora_B.weight")
         if not key.startswith(PEFT_PREFIX) or key_B not in tensors:
             raise KeyError(f"{where}: {key} has no matching {key_B!r} or lacks the {PEFT_PREFIX!r} prefix")
         peft_A, peft_B = tensors[key].to(dtype), tensors[key_B].to(dtype)
+        # scaled in place: the same product as `scaling * delta` without a second delta-sized tensor
         if module_path.rsplit(".", 1)[-1] in ATTENTION_TARGETS:
-            deltas[f"{module_path}.weight"] = scaling * (peft_B @ peft_A)
+            yield f"{module_path}.weight", (peft_B @ peft_A).mul_(scaling)
             continue
         if not module_path.removesuffix(".base_layer").endswith("mlp.experts"):
             raise KeyError(f"{where}: {key} targets {module_path}, not one of {list(KNOWN_TARGETS)}")
         experts_name, proj = _expert_projection_of_key(module_path, config, where)
         lora_A, lora_B = expert_lora_from_peft(peft_A, peft_B, num_experts)
-        deltas[f"{experts_name}.{proj}"] = scaling * torch.bmm(lora_A, lora_B)
-    unpaired = [k for k in tensors if k.endswith(".lora_B.weight") and k.replace("lora_B", "lora_A") not in tensors]
-    if unpaired:
-        raise KeyError(f"{where}: {unpaired[0]} has no matching lora_A")
-    return deltas
+        yield f"{experts_name}.{proj}", torch.bmm(lora_A, lora_B).mul_(scaling)
 
 
 def merge_adapter(hf_model: nn.Module, adapter: str | Path | tuple[dict, dict], dtype=torch.float32) -> dict:
@@ -414,7 +436,13 @@ def merge_adapter(hf_model: nn.Module, adapter: str | Path | tuple[dict, dict], 
     where = str(adapter) if isinstance(adapter, (str, Path)) else "adapter"
     hf_model.to(dtype)
     deltas = peft_deltas(tensors, config, hf_model.config.num_local_experts, dtype, where)
-    params = dict(hf_model.named_parameters())
+    add_deltas(dict(hf_model.named_parameters()), deltas, where)
+    return deltas
+
+
+def add_deltas(params: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], where: str = "adapter") -> None:
+    """W += delta in place for every delta (parameter name -> tensor; a model's parameters or one layer's
+    state); a delta without its parameter, or of another shape, is an error naming both."""
     with torch.no_grad():
         for name, delta in deltas.items():
             if name not in params:
@@ -423,7 +451,6 @@ def merge_adapter(hf_model: nn.Module, adapter: str | Path | tuple[dict, dict], 
                 raise ValueError(f"{where}: delta for {name} has shape {tuple(delta.shape)}, "
                                  f"the parameter {tuple(params[name].shape)}")  # fmt: skip
             params[name].add_(delta)
-    return deltas
 
 
 def adapter_lora_config(config: dict) -> LoraConfig:
@@ -472,6 +499,18 @@ def plain_model(config, state: dict[str, torch.Tensor]):
     model.model.rotary_emb = type(rotary)(config=model.config)
     model.config._attn_implementation = "eager"
     return model.eval()
+
+
+def plain_layer(config, index: int, state: dict[str, torch.Tensor]):
+    """transformers' GptOssDecoderLayer `index` (eval mode) holding `state` (its parameters under the
+    model's names, "model.layers.<index>.*"; the tensors are used, not copied)."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssDecoderLayer
+
+    prefix = f"model.layers.{index}."
+    with torch.device("meta"):
+        layer = GptOssDecoderLayer(config, index)
+    layer.load_state_dict({k.removeprefix(prefix): v for k, v in state.items()}, strict=True, assign=True)
+    return layer.eval()
 
 
 def merge_lora(model: nn.Module, dtype=torch.float32):
