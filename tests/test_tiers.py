@@ -395,3 +395,17 @@ def test_rustforge_plan_prints_the_long_context_settings(capsys):
     row = next(line for line in out.splitlines() if line.startswith("lang_rust"))
     assert row.split()[6:8] == ["pageable", "16384"] and "60.9" in row and "82.0" in row
     assert "core_agent: offload (pageable) + MoE tiles 16384 is not needed at seq_len 16384" in out
+
+
+def test_no_checkpointing_calibration_and_the_plan_says_when_it_fits():
+    """Without checkpointing every layer's activations live: 4096 -> 37.2 GiB and 8192 -> 52.9 GiB measured on
+    the H100 (MXFP4, r16); the plan tells a stage that fits without checkpointing (faster) and no other."""
+    arch, off = get_preset("gpt-oss-20b"), dataclasses.replace(Setup.of(H100), gradient_checkpointing=False)
+    for seq_len, measured in tiers.NO_CHECKPOINT_PEAKS_GIB.items():
+        m = tiers.estimate_stage_memory(arch, "lang_rust", StageSettings(1, 1, seq_len, 1), off)
+        assert m.total_gib == pytest.approx(measured, abs=0.05)
+    assert tiers.estimate_stage_memory(arch, "lang_rust", StageSettings(1, 1, 16384, 1), off).total_gib > 75.1
+    note = _long(4096).stages[0].note
+    assert "checkpointing is not needed at seq_len 4096" in note and "model.gradient_checkpointing=false" in note
+    assert "checkpointing is not needed" not in _long(16384).stages[0].note
+    assert "checkpointing is not needed" not in _long(8192, tier=TIERS["a100_40gb"]).stages[0].note
