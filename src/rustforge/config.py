@@ -433,6 +433,8 @@ class GrpoConfig(TrainConfig):
 
 QAT_FORMATS = ("mxfp4", "nvfp4")
 QAT_TRAINABLE = ("experts", "lora")
+QAT_DATA = ("lang_rust", "core_agent", "mix")
+QAT_EXPERTS = ("auto", "reference", "grouped")  # rustforge.model.qat_moe
 MXFP4_ROUNDINGS = ("gpt-oss", "floor", "ceil")  # rustforge.model.quant.MXFP4_RULES
 
 
@@ -440,8 +442,8 @@ MXFP4_ROUNDINGS = ("gpt-oss", "floor", "ceil")  # rustforge.model.quant.MXFP4_RU
 class QatConfig(TrainConfig):
     """qat (train/qat.py): after the last training stage, LoRA merged into the base in float32, then training
     through fake-quantised expert weights (straight-through estimator) at a low lr on the same data mix.
-    Validation uses lang_rust's own batches (its eval_seq_len and eval_batches), so eval_seq_len and
-    eval_batches here are not used."""
+    Validation uses the chosen data's own held-out batches (lang_rust's and/or core_agent's eval_seq_len,
+    batch_size and eval_batches), so eval_seq_len and eval_batches here are not used."""
 
     lr: float = 1e-5
     warmup_steps: int = 10
@@ -449,11 +451,23 @@ class QatConfig(TrainConfig):
     format: str = "mxfp4"  # the format simulated, and written by `rustforge export` (mxfp4 | nvfp4)
     trainable: str = "experts"  # "experts" (float32 master expert weights) | "lora" (expert LoRA; for 20B)
     source: str = "auto"  # adapter merged first: "auto" (last finished stage), a stage name or a directory
-    data: str = "lang_rust"  # the data mix trained on (lang_rust's corpus and its validation set)
+    # trained on: "lang_rust" (its corpus), "core_agent" (the Harmony trajectories core_agent trains on,
+    # assistant tokens only) or "mix" (both: mix_core_agent_share of the batches from core_agent, evenly spread)
+    data: str = "lang_rust"
+    mix_core_agent_share: float = 0.5
+    # fake-quantised experts: "reference" (per-expert loop), "grouped" (grouped GEMMs, one quantiser call per
+    # projection and layer), "auto" (grouped where model.experts resolves to grouped)
+    experts: str = "auto"
 
     def __post_init__(self):
         if self.format not in QAT_FORMATS:
             raise ValueError(f"qat.format must be one of {QAT_FORMATS}, got {self.format!r}")
+        if self.data not in QAT_DATA:
+            raise ValueError(f"qat.data must be one of {QAT_DATA}, got {self.data!r}")
+        if self.experts not in QAT_EXPERTS:
+            raise ValueError(f"qat.experts must be one of {QAT_EXPERTS}, got {self.experts!r}")
+        if not 0.0 < self.mix_core_agent_share < 1.0:
+            raise ValueError(f"qat.mix_core_agent_share must be in (0, 1), got {self.mix_core_agent_share}")
         if self.trainable not in QAT_TRAINABLE:
             raise ValueError(f"qat.trainable must be one of {QAT_TRAINABLE}, got {self.trainable!r}")
 

@@ -24,6 +24,7 @@ dicts interchange: `lora_gate_up_A [E, H, r]`, `lora_gate_up_B [E, r, 2I]`, `lor
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -304,6 +305,48 @@ class _ClampedSwiGLU(torch.autograd.Function):
             hi = lo + rows
             _swiglu_grad(gate_up[lo:hi], grad_out[lo:hi], ctx.alpha, ctx.limit, grad[lo:hi])
         return grad, None, None
+
+
+# ------------------------------------------------------------------------------ expert-sorted rows
+class ExpertRows(NamedTuple):
+    """The token-expert rows of a layer in expert order: rows of expert e end at offs[e] (int32, cumulative);
+    sorted row i is flat row perm[i] (token perm[i] // top_k), flat row j is sorted row inverse[j]."""
+
+    offs: torch.Tensor
+    perm: torch.Tensor
+    inverse: torch.Tensor
+    token_of_row: torch.Tensor
+    top_k: int
+
+
+def sort_by_expert(router_indices: torch.Tensor, num_experts: int) -> ExpertRows:
+    """One stable sort per layer; gate_up and down reuse the permutation and the offsets."""
+    top_k = router_indices.shape[1]
+    expert_ids = router_indices.reshape(-1)
+    sorted_ids, perm = torch.sort(expert_ids, stable=True)
+    all_experts = torch.arange(num_experts, device=expert_ids.device, dtype=sorted_ids.dtype)
+    offs = torch.searchsorted(sorted_ids, all_experts, right=True, out_int32=True)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    return ExpertRows(offs, perm, inverse, perm // top_k, top_k)
+
+
+def experts_on_sorted_rows(hidden_states, router_indices, routing_weights, num_experts, dtype, alpha, limit, project):
+    """transformers' expert math over expert-sorted rows, computed in `dtype`: gather, gate_up projection,
+    clamped SwiGLU, down projection, routing weights, sum per token. `project(proj, x, offs)` applies one
+    projection (bias included) to sorted rows [S, in] -> [S, out]; GroupedExperts and QAT's grouped experts
+    (model/qat_moe.py) differ only there."""
+    rows = sort_by_expert(router_indices, num_experts)
+    # compute in the model dtype whatever the residual stream carries: an fp32 input here would
+    # send every expert GEMM down the fp32 per-expert loop (seen on the H100, 2026-11-25)
+    x = _GatherSorted.apply(hidden_states.to(dtype), rows.token_of_row, rows.inverse, rows.top_k)
+    gate_up = project("gate_up_proj", x, rows.offs)
+    gated = _ClampedSwiGLU.apply(gate_up, alpha, limit)
+    del gate_up  # saved by _ClampedSwiGLU when it is needed; the tiled path's peak is lower without it
+    out = project("down_proj", gated, rows.offs)
+    # routing weights stay in plain autograd so the gradient reaches the router and hidden states
+    out = out * routing_weights.reshape(-1)[rows.perm].to(out.dtype).unsqueeze(-1)
+    return _SumUnsorted.apply(out, rows.inverse, rows.token_of_row, rows.top_k).to(hidden_states.dtype)
 
 
 # --------------------------------------------------------------------------------------- expert LoRA
@@ -611,26 +654,10 @@ class GroupedExperts(nn.Module):
 
     def forward_rows(self, hidden_states, router_indices, routing_weights, dense: dict | None = None):
         """The experts over all given tokens at once (`dense`: pre-dequantised weights, else from storage)."""
-        top_k = router_indices.shape[1]
-        expert_ids = router_indices.reshape(-1)
-        # one stable sort per layer; gate_up and down reuse the permutation and the offsets
-        sorted_ids, perm = torch.sort(expert_ids, stable=True)
-        all_experts = torch.arange(self.num_experts, device=expert_ids.device, dtype=sorted_ids.dtype)
-        offs = torch.searchsorted(sorted_ids, all_experts, right=True, out_int32=True)
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-        token_of_row = perm // top_k
-
-        # compute in the model dtype whatever the residual stream carries: an fp32 input here would
-        # send every expert GEMM down the fp32 per-expert loop (seen on the H100, 2026-11-25)
-        x = _GatherSorted.apply(hidden_states.to(self.dtype), token_of_row, inverse, top_k)
-        gate_up = self._project("gate_up_proj", x, offs, dense)
-        gated = _ClampedSwiGLU.apply(gate_up, self.alpha, self.limit)
-        del gate_up  # saved by _ClampedSwiGLU when it is needed; the tiled path's peak is lower without it
-        out = self._project("down_proj", gated, offs, dense)
-        # routing weights stay in plain autograd so the gradient reaches the router and hidden states
-        out = out * routing_weights.reshape(-1)[perm].to(out.dtype).unsqueeze(-1)
-        return _SumUnsorted.apply(out, inverse, token_of_row, top_k).to(hidden_states.dtype)
+        return experts_on_sorted_rows(
+            hidden_states, router_indices, routing_weights, self.num_experts, self.dtype, self.alpha, self.limit,
+            lambda proj, x, offs: self._project(proj, x, offs, dense),
+        )  # fmt: skip
 
     # ---- decode (inference with few rows)
     def decode_path_applies(self, hidden_states, router_indices) -> bool:

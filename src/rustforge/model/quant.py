@@ -292,11 +292,15 @@ def fp8_fake_quant(w: torch.Tensor, block: int = 128) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _nvfp4_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(E2M1 codes [..., K/16, 16], block scales e4m3 [..., K/16], global scale float32 [])."""
+def _nvfp4_codes(w: torch.Tensor, per_slice: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(E2M1 codes [..., K/16, 16], block scales e4m3 [..., K/16], global scale float32 []); per_slice: one
+    global scale per w[i] instead, shaped [len(w), 1, ...] to broadcast against the block scales."""
     _check_last_dim(w, NVFP4_BLOCK, "nvfp4")
     blocked = w.float().contiguous().reshape(*w.shape[:-1], w.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK)
-    amax = blocked.abs().amax()
+    if per_slice:
+        amax = blocked.abs().flatten(1).amax(dim=1).view(-1, *[1] * (blocked.dim() - 2))
+    else:
+        amax = blocked.abs().amax()
     global_scale = torch.where(amax > 0, _divide(amax, E2M1_MAX * FP8_E4M3_MAX), torch.ones_like(amax))
     block_amax = blocked.abs().amax(dim=-1)
     block_scales = (_divide(block_amax, E2M1_MAX) / global_scale).clamp(max=FP8_E4M3_MAX).to(torch.float8_e4m3fn)
@@ -333,10 +337,11 @@ def nvfp4_dequantize(
     return (blocked * scale.unsqueeze(-1)).reshape(values.shape).to(dtype)
 
 
-def nvfp4_fake_quant(w: torch.Tensor) -> torch.Tensor:
-    """dequant(quant(w)) in the forward pass with a straight-through gradient."""
+def nvfp4_fake_quant(w: torch.Tensor, per_slice: bool = False) -> torch.Tensor:
+    """dequant(quant(w)) in the forward pass with a straight-through gradient; per_slice: each w[i] is its
+    own tensor (its own global scale), as export/nvfp4.py stores a stack of experts."""
     with torch.no_grad():
-        codes, block_scales, global_scale = _nvfp4_codes(w.detach())
+        codes, block_scales, global_scale = _nvfp4_codes(w.detach(), per_slice)
         scale = block_scales.float() * global_scale
         fake = (_e2m1_lut(w.device)[codes.long()] * scale.unsqueeze(-1)).reshape(w.shape)
     return _straight_through(w, fake)
@@ -349,16 +354,22 @@ def nvfp4_fake_quant(w: torch.Tensor) -> torch.Tensor:
 FAKE_QUANT_FORMATS = ("mxfp4", "nvfp4", "fp8")
 
 
-def fake_quant(w: torch.Tensor, fmt: str, *, dim: int = -1, mxfp4_rule: str = "floor", fp8_block: int = 128):
+def fake_quant(
+    w: torch.Tensor, fmt: str, *, dim: int = -1, mxfp4_rule: str = "floor", fp8_block: int = 128, stacked: bool = False
+):
     """dequant(quant(w)) with blocks along `dim` (the input dim of a weight) and a straight-through
-    gradient: what a quantisation-aware forward sees. NVFP4's per-tensor scale is taken over all of `w`."""
+    gradient: what a quantisation-aware forward sees. NVFP4's per-tensor scale is taken over all of `w`, or
+    with `stacked` over each w[i] (a stack of expert weights [E, in, out], quantised expert by expert as
+    the export writes them; the block-scaled formats are the same either way)."""
     if fmt not in FAKE_QUANT_FORMATS:
         raise ValueError(f"fake_quant: unknown format {fmt!r}; known: {list(FAKE_QUANT_FORMATS)}")
+    if stacked and dim % w.dim() == 0:
+        raise ValueError("fake_quant: with stacked=True dim 0 indexes the stack; the blocks run along another dim")
     moved = w.movedim(dim, -1)
     if fmt == "mxfp4":
         out = mxfp4_fake_quant(moved, scale_rounding=mxfp4_rule)
     elif fmt == "nvfp4":
-        out = nvfp4_fake_quant(moved)
+        out = nvfp4_fake_quant(moved, per_slice=stacked)
     else:
         out = fp8_fake_quant(moved, block=fp8_block)
     return out.movedim(-1, dim)

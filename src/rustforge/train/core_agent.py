@@ -285,15 +285,29 @@ class CoreAgentData:
     counts: dict[str, int]
 
 
+def stage_conversations(stage_cfg: CoreAgentConfig, tokenizer) -> tuple[list[Conversation], list[Conversation]]:
+    """(train, held out) conversations of the config's files: val_trajectories, else val_fraction held out."""
+    convs = load_conversations(stage_cfg.trajectories, stage_cfg.openai_jsonl, tokenizer)
+    if stage_cfg.val_trajectories:
+        return convs, load_conversations(stage_cfg.val_trajectories, [], tokenizer)
+    return split_held_out(convs, stage_cfg.val_fraction)
+
+
+def with_run_trajectories(cfg: RunConfig, stage_cfg: CoreAgentConfig) -> CoreAgentConfig:
+    """stage_cfg, reading the run's own trajectories (train/agent_data.py) when it names none."""
+    if stage_cfg.trajectories:
+        return stage_cfg
+    from rustforge.train.agent_data import run_files
+
+    train, val = run_files(cfg.run_dir, "trajectories")
+    return replace(stage_cfg, trajectories=train, val_trajectories=stage_cfg.val_trajectories or val)
+
+
 def stage_data(stage_cfg: CoreAgentConfig, tokenizer, train_convs=None, val_convs=None) -> CoreAgentData:
     """Batches for each curriculum phase, the fixed validation batches and the held-out sampling prompts.
     train_convs / val_convs: conversations given directly (else read from the config's files)."""
     if train_convs is None:
-        convs = load_conversations(stage_cfg.trajectories, stage_cfg.openai_jsonl, tokenizer)
-        if stage_cfg.val_trajectories:
-            train_convs, val_convs = convs, load_conversations(stage_cfg.val_trajectories, [], tokenizer)
-        else:
-            train_convs, val_convs = split_held_out(convs, stage_cfg.val_fraction)
+        train_convs, val_convs = stage_conversations(stage_cfg, tokenizer)
     val_convs = list(val_convs or [])
     if not train_convs:
         raise ValueError("core_agent: no training conversations (check core_agent.trajectories)")
@@ -386,11 +400,8 @@ def run(
     """Train the stage (cfg.core_agent unless stage_cfg is given) from the lang_rust adapter; conversations
     given directly replace the configured files. Returns `summary`."""
     stage_cfg = stage_cfg or cfg.core_agent
-    if train_convs is None and not stage_cfg.trajectories:  # the run's own data (rustforge pipeline builds it)
-        from rustforge.train.agent_data import run_files
-
-        train, val = run_files(cfg.run_dir, "trajectories")
-        stage_cfg = replace(stage_cfg, trajectories=train, val_trajectories=stage_cfg.val_trajectories or val)
+    if train_convs is None:  # the run's own data when none is configured (rustforge pipeline builds it)
+        stage_cfg = with_run_trajectories(cfg, stage_cfg)
     start = start_stage(cfg, STAGE, stage_cfg.init_from, PREVIOUS_STAGE, progress)
     data = stage_data(stage_cfg, start.tokenizer, train_convs, val_convs)
     trainer = CoreAgentTrainer(
@@ -437,8 +448,10 @@ __all__ = [
     "pack_items",
     "run",
     "split_held_out",
+    "stage_conversations",
     "stage_data",
     "summary",
     "tool_names",
     "turn_prompts",
+    "with_run_trajectories",
 ]

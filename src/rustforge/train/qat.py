@@ -6,11 +6,15 @@ half an MXFP4 step, so post-training quantisation (PTQ) of the merged model roun
 back to the base. QAT trains through the quantiser instead.
 
 Flow: base (float32) + the previous stage's adapter merged in float32 (checked against base + adapter on a
-probe batch like the export, export/hf.check_merge) -> every `mlp.experts` becomes `QatExperts`, whose
-forward uses the expert weights quantised and dequantised exactly as the export will write them (the
-straight-through estimator passes the gradient to the float32 weights) -> SFTTrainer (checkpoints, resume,
-lr schedule) at a low lr (default 1e-5) on the previous stage's data -> `<run_dir>/qat/final/`, which
-`rustforge export` picks up.
+probe batch like the export, export/hf.check_merge) -> every `mlp.experts` becomes fake-quantised experts
+(model/qat_moe.py), whose forward uses the expert weights quantised and dequantised exactly as the export
+will write them (the straight-through estimator passes the gradient to the float32 weights) -> SFTTrainer
+(checkpoints, resume, lr schedule) at a low lr (default 1e-5) on the previous stages' data ->
+`<run_dir>/qat/final/`, which `rustforge export` picks up.
+
+Which experts module (`qat.experts`): "grouped" (GroupedQatExperts: one quantiser call per projection and
+layer, grouped GEMMs over expert-sorted rows; the GPU / 20B path), "reference" (QatExperts: transformers'
+per-expert loop), "auto" = grouped where model.experts resolves to grouped. Same parameters and function.
 
 What trains (`qat.trainable`):
 - "experts" (default): the expert weight stacks themselves as float32 master weights; everything else is
@@ -21,7 +25,11 @@ What trains (`qat.trainable`):
 Attention, router, embeddings and norms stay frozen and unquantised (gpt-oss's MXFP4 checkpoints keep
 them bf16).
 
-Data: the lang_rust mix (corpus) with lang_rust's validation set, so the numbers compare with that stage.
+Data (`qat.data`): "lang_rust" (its corpus; validated on lang_rust's held-out batches), "core_agent" (the
+Harmony trajectories core_agent trains on, through its own builders: assistant tokens only; validated on
+its held-out batches) or "mix" (both, `qat.mix_core_agent_share` of the batches from core_agent, spread
+evenly; validated on both held-out sets together), so QAT can train on the mix the last stages saw and its
+numbers compare with theirs.
 Metrics at each evaluation: `loss` = the fake-quantised model (what the export computes; at step 0 this is
 the PTQ loss), `loss_bf16` = the same weights unquantised, `quant_gap` = their difference.
 """
@@ -40,51 +48,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rustforge.config import LoraConfig, QatConfig, RunConfig
-from rustforge.model.moe import (
-    EXPERT_TARGETS,
-    ReferenceLoraExperts,
-    add_expert_lora,
-    dense_expert_params,
-)
-from rustforge.model.quant import fake_quant
+from rustforge.model.moe import EXPERT_TARGETS, add_expert_lora
+from rustforge.model.qat_moe import GroupedQatExperts, QatExperts, qat_experts_class
 from rustforge.train import distributed
-from rustforge.train.sft import SFTTrainer
+from rustforge.train.sft import BatchSource, SFTTrainer, StageData
 
 STAGE = "qat"
 FINAL_DIR = "final"
 INFO_NAME = "qat.json"
 EXPERTS_FILE = "experts.safetensors"
 TRAINABLE_FILE = "trainable.safetensors"
-QAT_FORMATS = ("mxfp4", "nvfp4")
 TRAINABLE = ("experts", "lora")
 
 
 # -------------------------------------------------------------------------------------- the module
-class QatExperts(ReferenceLoraExperts):
-    """transformers' expert loop whose weights are fake-quantised in the forward: per expert, W_e (+ the
-    LoRA delta) quantised along its input dim as the export stores it, gradient straight through."""
-
-    def __init__(self, *args, fmt: str, mxfp4_rule: str, **kwargs):
-        super().__init__(*args, **kwargs)
-        if fmt not in QAT_FORMATS:
-            raise ValueError(f"qat.format must be one of {QAT_FORMATS}, got {fmt!r}")
-        self.fmt, self.mxfp4_rule, self.fake_quant_enabled = fmt, mxfp4_rule, True
-
-    @classmethod
-    def from_experts(cls, experts, fmt: str, mxfp4_rule: str) -> QatExperts:
-        weights = [t.detach().float().clone() for t in dense_expert_params(experts)]
-        return cls(*weights, alpha=experts.alpha, limit=experts.limit, fmt=fmt, mxfp4_rule=mxfp4_rule)
-
-    def expert_weight(self, proj: str, e: int) -> torch.Tensor:
-        weight = super().expert_weight(proj, e)  # [in, out], LoRA delta included
-        if not self.fake_quant_enabled:
-            return weight
-        return fake_quant(weight, self.fmt, dim=0, mxfp4_rule=self.mxfp4_rule)
-
-    def extra_repr(self) -> str:
-        return f"fmt={self.fmt}, rule={self.mxfp4_rule}, fake_quant={self.fake_quant_enabled}"
-
-
 @contextlib.contextmanager
 def fake_quant_disabled(model):
     """The model with unquantised expert weights for the duration (its bf16/float32 function)."""
@@ -98,14 +75,27 @@ def fake_quant_disabled(model):
             m.fake_quant_enabled = True
 
 
-def install_qat_experts(hf_model, qcfg: QatConfig, mxfp4_rule: str, lora_cfg: LoraConfig, seed: int) -> None:
-    """Swap every layer's experts for QatExperts and make exactly the `qcfg.trainable` tensors trainable."""
+def resolve_qat_experts(qcfg: QatConfig, model_cfg) -> str:
+    """qat.experts with "auto" resolved: grouped where model.experts resolves to grouped (the 20B path)."""
+    if qcfg.experts != "auto":
+        return qcfg.experts
+    from rustforge.model.gptoss import resolve_experts
+
+    return resolve_experts(model_cfg)
+
+
+def install_qat_experts(
+    hf_model, qcfg: QatConfig, mxfp4_rule: str, lora_cfg: LoraConfig, seed: int, impl: str = "reference"
+) -> None:
+    """Swap every layer's experts for QatExperts ("reference") or GroupedQatExperts ("grouped"), the same
+    parameters either way, and make exactly the `qcfg.trainable` tensors trainable."""
     if qcfg.trainable not in TRAINABLE:
         raise ValueError(f"qat.trainable must be one of {TRAINABLE}, got {qcfg.trainable!r}")
+    experts_cls = qat_experts_class(impl)
     hf_model.requires_grad_(False)
     torch.manual_seed(seed)
     for layer in hf_model.model.layers:
-        experts = QatExperts.from_experts(layer.mlp.experts, qcfg.format, mxfp4_rule)
+        experts = experts_cls.from_experts(layer.mlp.experts, qcfg.format, mxfp4_rule)
         if qcfg.trainable == "experts":
             experts.gate_up_proj.requires_grad_(True)
             experts.down_proj.requires_grad_(True)
@@ -196,19 +186,83 @@ def merged_start(cfg: RunConfig, adapter: Path, probe_tokens: int, kl_threshold:
     return merged, tokenizer, check
 
 
-def stage_data(cfg: RunConfig, qcfg: QatConfig, tokenizer):
-    """The lang_rust mix at QAT's batch size, validated on exactly lang_rust's validation batches (its
-    eval_seq_len, batch size and eval_batches), so that the losses compare with that stage's."""
-    from rustforge.train import lang_rust
-    from rustforge.train.sft import StageData
+class MixedBatches(BatchSource):
+    """Batches from two sources, the second's `share` of them spread evenly: batch i (from 0) comes from
+    the second when floor((i + 1) * share) > floor(i * share), so 0.5 alternates first, second, first, ...
+    Resumes exactly: its state is the count drawn and both sources' states."""
 
-    if qcfg.data != "lang_rust":
-        raise ValueError(f"qat.data: only 'lang_rust' is supported so far, got {qcfg.data!r}")
+    def __init__(self, first: BatchSource, second: BatchSource, share: float):
+        self.sources, self.share, self.drawn = (first, second), share, 0
+        self.packing_efficiency = (1 - share) * first.packing_efficiency + share * second.packing_efficiency
+
+    def source_of(self, i: int) -> int:
+        return int(math.floor((i + 1) * self.share) > math.floor(i * self.share))
+
+    def next_batch(self):
+        batch = self.sources[self.source_of(self.drawn)].next_batch()
+        self.drawn += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"drawn": self.drawn, "share": self.share, "sources": [s.state_dict() for s in self.sources]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("share") != self.share:
+            raise ValueError(f"data state: mix share {state.get('share')!r} was saved, this run has {self.share!r}")
+        self.drawn = state["drawn"]
+        for source, saved in zip(self.sources, state["sources"], strict=True):
+            source.load_state_dict(saved)
+
+
+def lang_rust_data(cfg: RunConfig, qcfg: QatConfig, tokenizer) -> StageData:
+    """The lang_rust corpus at QAT's batch size and seed; validation = exactly lang_rust's batches (its
+    eval_seq_len, batch size and eval_batches), so the losses compare with that stage's."""
+    from rustforge.train import lang_rust
+
     train_cfg = replace(cfg.lang_rust, batch_size=qcfg.batch_size, seed=qcfg.seed)
     train = lang_rust.stage_data(replace(cfg, lang_rust=train_cfg), tokenizer, stage_dir(cfg)).train
     lang_val = lang_rust.stage_data(cfg, tokenizer, stage_dir(cfg)).validation
     val_seq_len = cfg.lang_rust.eval_seq_len or cfg.lang_rust.phases[0].seq_len
     return StageData(train=train, validation=lambda _seq_len: lang_val(val_seq_len))
+
+
+def core_agent_data(cfg: RunConfig, qcfg: QatConfig, tokenizer) -> StageData:
+    """core_agent's Harmony trajectories (its configured files, else the run's own) through core_agent's
+    own builders (assistant tokens only, whole conversations packed, long ones cut as it cuts them) at QAT's
+    batch size and seed; validation = exactly core_agent's held-out batches (no sampling metrics)."""
+    from rustforge.train import core_agent
+
+    agent_cfg = replace(core_agent.with_run_trajectories(cfg, cfg.core_agent), sample_prompts=0)
+    train_convs, val_convs = core_agent.stage_conversations(agent_cfg, tokenizer)  # read once for both
+    train_cfg = replace(agent_cfg, batch_size=qcfg.batch_size, seed=qcfg.seed)
+    agent_train = core_agent.stage_data(train_cfg, tokenizer, train_convs, val_convs).stage.train
+    agent_val = core_agent.stage_data(agent_cfg, tokenizer, train_convs, val_convs).stage.validation
+    val_seq_len = agent_cfg.eval_seq_len or agent_cfg.phases[0].seq_len
+
+    def train(phase: int, seq_len: int) -> BatchSource:
+        try:
+            return agent_train(phase, seq_len)
+        except ValueError as err:  # say which setting made the conversations too long
+            raise ValueError(f"qat.data={qcfg.data!r}: core_agent conversations at qat.phases[{phase}].seq_len "
+                             f"{seq_len}: {err}") from err  # fmt: skip
+
+    return StageData(train=train, validation=lambda _seq_len: agent_val(val_seq_len))
+
+
+def stage_data(cfg: RunConfig, qcfg: QatConfig, tokenizer) -> StageData:
+    """The `qat.data` batches. "mix": both sources (MixedBatches, qat.mix_core_agent_share from core_agent)
+    and both held-out sets, whose `loss` is then over all their label tokens together."""
+    if qcfg.data == "lang_rust":
+        return lang_rust_data(cfg, qcfg, tokenizer)
+    if qcfg.data == "core_agent":
+        return core_agent_data(cfg, qcfg, tokenizer)
+    lang, agent = lang_rust_data(cfg, qcfg, tokenizer), core_agent_data(cfg, qcfg, tokenizer)
+    return StageData(
+        train=lambda phase, seq_len: MixedBatches(
+            lang.train(phase, seq_len), agent.train(phase, seq_len), qcfg.mix_core_agent_share
+        ),
+        validation=lambda seq_len: lang.validation(seq_len) + agent.validation(seq_len),
+    )
 
 
 def build(cfg: RunConfig, device: torch.device):
@@ -219,10 +273,12 @@ def build(cfg: RunConfig, device: torch.device):
     qcfg = cfg.qat
     adapter = stage_adapter(cfg.run_dir, qcfg.source)
     merged, tokenizer, check = merged_start(cfg, adapter, cfg.export.probe_tokens, cfg.export.kl_threshold)
-    install_qat_experts(merged, qcfg, cfg.export.mxfp4_rounding, expert_lora_config(cfg.lora), cfg.model.seed)
+    impl = resolve_qat_experts(qcfg, cfg.model)
+    install_qat_experts(merged, qcfg, cfg.export.mxfp4_rounding, expert_lora_config(cfg.lora), cfg.model.seed, impl)
     model = RustforgeModel(merged.to(device), cfg.model, resolve_attention(cfg.model, device))
     info = {"source_adapter": str(adapter), "format": qcfg.format, "trainable": qcfg.trainable,
-            "mxfp4_rounding": cfg.export.mxfp4_rounding, "merge_check": check}  # fmt: skip
+            "mxfp4_rounding": cfg.export.mxfp4_rounding, "experts": impl, "data": qcfg.data,
+            "merge_check": check}  # fmt: skip
     return model, tokenizer, info
 
 
@@ -319,6 +375,8 @@ def summary(directory: Path) -> dict:
 
 
 __all__ = [
+    "GroupedQatExperts",
+    "MixedBatches",
     "QatExperts",
     "QatTrainer",
     "build",
@@ -326,8 +384,10 @@ __all__ = [
     "install_qat_experts",
     "is_complete",
     "load_result",
+    "resolve_qat_experts",
     "result_dir",
     "run",
     "save_result",
+    "stage_data",
     "summary",
 ]
