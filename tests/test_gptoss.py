@@ -53,3 +53,46 @@ def test_token_tiled_experts_give_the_same_loss_and_gradients_in_the_model():
         scale = g.abs().max().item()
         assert scale > 0, name
         torch.testing.assert_close(grads1[name], g, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_checkpointing_keeps_the_recomputed_dense_experts_for_backward(monkeypatch):
+    """With checkpointing the experts dequantise twice per projection per step, not three times
+    (forward, recompute; the backward reuses the recompute's weight), with the same loss and gradients."""
+    from rustforge.model import moe
+
+    calls = []
+    real = moe._dequantize_all
+    monkeypatch.setattr(moe, "_dequantize_all", lambda *a: calls.append(1) or real(*a))
+    results = []
+    for keep in (True, False):
+        model = build_model(
+            ModelConfig(preset="tiny", attention="eager", gradient_checkpointing=True, expert_format="mxfp4"),
+            LoraConfig(r=4, alpha=8),
+            vocab_size=256,
+        )
+        model.train()
+        experts = [m for m in model.modules() if isinstance(m, moe.GroupedExperts)]
+        assert experts and all(m.keep_dense_for_backward for m in experts)  # build_model's choice
+        for m in experts:
+            m.keep_dense_for_backward = keep
+        ids = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(0))
+        calls.clear()
+        out = model(ids, torch.arange(64)[None], torch.zeros_like(ids), torch.roll(ids, -1, 1))
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((len(calls), out.loss.detach(), grads))
+    (n_keep, loss_keep, g_keep), (n_plain, loss_plain, g_plain) = results
+    layers = model.config.num_hidden_layers
+    assert (n_keep, n_plain) == (4 * layers, 6 * layers)
+    torch.testing.assert_close(loss_keep, loss_plain, rtol=0, atol=0)
+    assert g_keep.keys() == g_plain.keys() and len(g_keep) > 0
+    for name, g in g_plain.items():
+        torch.testing.assert_close(g_keep[name], g, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_without_checkpointing_the_dense_experts_are_not_kept():
+    from rustforge.model import moe
+
+    model = build_model(ModelConfig(preset="tiny", attention="eager", expert_format="mxfp4"), LoraConfig(r=4, alpha=8),
+                        vocab_size=256)  # fmt: skip
+    assert not any(m.keep_dense_for_backward for m in model.modules() if isinstance(m, moe.GroupedExperts))

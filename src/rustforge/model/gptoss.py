@@ -151,7 +151,7 @@ def build_model(
 ) -> RustforgeModel:
     """The base model (local gpt-oss dir, or a preset with seeded random weights) with LoRA and fast paths."""
     from rustforge.model.lora import apply_lora
-    from rustforge.model.moe import install_experts, set_tile_tokens
+    from rustforge.model.moe import configure_experts, install_experts
 
     device = torch.device(device)
     dtype = resolve_dtype(model_cfg, device)
@@ -177,7 +177,7 @@ def build_model(
     hf.to(device)
     install_experts(hf, experts, model_cfg.expert_format, lora_cfg)
     if experts == "grouped":
-        set_tile_tokens(hf, model_cfg.moe_tile_tokens)
+        configure_experts(hf, model_cfg.moe_tile_tokens, keep_dense_for_backward=model_cfg.gradient_checkpointing)
     if lora_cfg is not None:
         torch.manual_seed(model_cfg.seed)  # the adapter's init depends on the seed alone, not on what ran before
         apply_lora(hf, lora_cfg)

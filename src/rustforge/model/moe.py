@@ -192,31 +192,35 @@ def _bias_augmented_lora(lora_A, lora_B, bias, scaling, d_in: int):
 class _GroupedLoraLinear(torch.autograd.Function):
     """y = x @ W_e + b_e + scaling * (x @ A_e) @ B_e on expert-sorted rows; W, b frozen.
 
-    Saves x, x @ A (plus the bias column) and the offsets; W is dequantised again in backward (kept on
+    Saves x, x @ A (plus the bias column) and the offsets. W is dequantised again in backward (kept on
     ctx as a reference to the module's storage, not as a saved tensor, so activation offloading never
-    copies weights)."""
+    copies weights) -- unless `keep_dense`: then the dense W is a saved tensor too. Under gradient
+    checkpointing that is what makes it one dequantisation fewer per projection per step: the first
+    forward's saved tensors are dropped by the checkpoint, and the recompute's dense W lives only until
+    this layer's backward (one layer's experts, ~1.6 GB on the 20B shape). Without checkpointing it would
+    keep every layer's dense experts: build_model sets it only with checkpointing."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, bias, offs, scaling, fmt, storage):
+    def forward(ctx, x, lora_A, lora_B, bias, offs, scaling, fmt, storage, keep_dense=False):
         weight = dense_expert_weight(fmt, storage, x.dtype)
         y = grouped_mm(x, weight, offs)
-        del weight
         aug_A, aug_B, r = _bias_augmented_lora(lora_A, lora_B, bias.to(x.dtype), scaling, x.shape[-1])
         xa = grouped_mm(x, aug_A, offs)  # [S, p]; columns past r are zero
         xa[:, r] = 1
         y.add_(grouped_mm(xa, aug_B, offs))
-        ctx.save_for_backward(x, xa, offs, lora_A, lora_B)
-        ctx.scaling, ctx.fmt, ctx.storage, ctx.rank = scaling, fmt, storage, r
+        ctx.save_for_backward(x, xa, offs, lora_A, lora_B, *((weight,) if keep_dense else ()))
+        del weight
+        ctx.scaling, ctx.fmt, ctx.storage, ctx.rank, ctx.keep_dense = scaling, fmt, storage, r, keep_dense
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, xa, offs, lora_A, lora_B = ctx.saved_tensors
+        x, xa, offs, lora_A, lora_B, *kept = ctx.saved_tensors
         grad_y = grad_y.contiguous()
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
-            weight = dense_expert_weight(ctx.fmt, ctx.storage, grad_y.dtype)
-            grad_x = grouped_mm(grad_y, weight.transpose(1, 2), offs)
+            weight = kept[0] if kept else dense_expert_weight(ctx.fmt, ctx.storage, grad_y.dtype)
+            grad_x = grouped_mm(grad_y, weight.to(grad_y.dtype).transpose(1, 2), offs)
             del weight
         if lora_A is not None:
             grad_xa = grouped_mm(grad_y, lora_B.transpose(1, 2), offs).mul_(ctx.scaling)  # [S, r]
@@ -227,7 +231,7 @@ class _GroupedLoraLinear(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 xa_lora = xa[:, : ctx.rank]
                 grad_B = _zero_empty_groups(grouped_mm(xa_lora.t(), grad_y, offs), offs).mul_(ctx.scaling)
-        return grad_x, grad_A, grad_B, None, None, None, None, None
+        return grad_x, grad_A, grad_B, None, None, None, None, None, None
 
 
 class _GatherSorted(torch.autograd.Function):
@@ -524,6 +528,7 @@ class GroupedExperts(nn.Module):
                 self.register_parameter(name, None)
         self.lora_r, self.lora_scaling = 0, 0.0
         self.tile_tokens = 0  # > 0: sequences longer than this run in token tiles (_TokenTiledExperts)
+        self.keep_dense_for_backward = False  # with checkpointing: one dequantisation fewer (_GroupedLoraLinear)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -632,7 +637,9 @@ class GroupedExperts(nn.Module):
         else:  # dequantised once by the caller and shared by its token tiles
             fmt, storage = "bf16", (dense[proj],)
         bias = getattr(self, f"{proj}_bias").detach()
-        return _GroupedLoraLinear.apply(x, lora_A, lora_B, bias, offs, self.lora_scaling, fmt, storage)
+        return _GroupedLoraLinear.apply(
+            x, lora_A, lora_B, bias, offs, self.lora_scaling, fmt, storage, self.keep_dense_for_backward
+        )
 
     def dense_weights(self) -> dict:
         """Both projections' frozen weights dequantised in the model dtype (what the token tiles share)."""
@@ -758,13 +765,15 @@ class _TokenTiledExperts(torch.autograd.Function):
         return None, grad_hidden, None, grad_routing, *grad_lora
 
 
-def set_tile_tokens(hf_model: nn.Module, tile_tokens: int) -> None:
-    """Token tiles for every GroupedExperts layer (0 = off); see _TokenTiledExperts."""
+def configure_experts(hf_model: nn.Module, tile_tokens: int, keep_dense_for_backward: bool) -> None:
+    """Every GroupedExperts layer: token tiles (0 = off; _TokenTiledExperts) and whether the recompute's
+    dense weights are kept for the backward (only with gradient checkpointing; _GroupedLoraLinear)."""
     if tile_tokens < 0:
         raise ValueError(f"model.moe_tile_tokens must be >= 0, got {tile_tokens}")
     for module in hf_model.modules():
         if isinstance(module, GroupedExperts):
             module.tile_tokens = tile_tokens
+            module.keep_dense_for_backward = keep_dense_for_backward
 
 
 def _carry_or_add_lora(src: nn.Module | None, dst: nn.Module, lora_cfg) -> None:
