@@ -54,8 +54,11 @@ def _run_job(job: dict) -> None:
     docs = [torch.randint(1, vocab, (int(n),), generator=gen).tolist() for n in torch.randint(8, 90, (48,), generator=gen)]
     val_docs = docs[:10]
     model = build_model(
-        ModelConfig(preset="tiny", dtype="float32", loss_chunk_size=64, router_aux_loss_coef=job.get("aux", 0.01)), LoraConfig(r=4, alpha=8), vocab_size=vocab
-    )
+        ModelConfig(preset="tiny", dtype="float32", loss_chunk_size=64, router_aux_loss_coef=job.get("aux", 0.01),
+                    **job.get("model", {})),
+        LoraConfig(r=4, alpha=8),
+        vocab_size=vocab,
+    )  # fmt: skip
     cfg = TrainConfig(
         lr=3e-3, warmup_steps=1, batch_size=job["batch_size"], grad_accum=job["grad_accum"],
         phases=[CurriculumPhase(seq_len, STEPS)], eval_every=2, eval_batches=3, save_every=2, seed=0,
@@ -209,17 +212,22 @@ def test_two_gloo_ranks_match_one_process_and_resume_across_world_sizes(tmp_path
     # 2 ranks: 2 rows of the one micro-batch each. Exact for the token loss; the router aux loss is the mean
     # of each rank's (a batch statistic: 2 rows != 4 rows, ~5e-4 relative by step 3), so it is off here
     rows = {"batch_size": 4, "grad_accum": 1, "aux": 0.0}
-    d = {k: tmp_path / k for k in ("one_micro", "one_rows", "one_half", "two_micro", "two_rows", "two_half")}
+    # the long-context path: MXFP4 experts in token tiles, checkpointing (the recompute's dense weights kept)
+    long = {**micro, "model": {"expert_format": "mxfp4", "gradient_checkpointing": True, "moe_tile_tokens": 16}}
+    names = ("one_micro", "one_rows", "one_half", "one_long", "two_micro", "two_rows", "two_half", "two_long")
+    d = {k: tmp_path / k for k in names}
     # single process, in this process: the untouched world-size-1 path
     _run_job({"dir": str(d["one_micro"]), **micro})
     _run_job({"dir": str(d["one_rows"]), **rows})
     _run_job({"dir": str(d["one_half"]), **micro, "stop_after": 2})  # checkpoint at step 2, world size 1
+    _run_job({"dir": str(d["one_long"]), **long})
     shutil.copytree(d["one_half"], tmp_path / "one_then_two")
     _torchrun(tmp_path, [
         {"dir": str(d["two_micro"]), **micro},
         {"dir": str(d["two_rows"]), **rows},
         {"dir": str(d["two_half"]), **micro, "stop_after": 2},  # checkpoint at step 2, world size 2
         {"dir": str(tmp_path / "one_then_two"), **micro, "resume": True},  # world 1 -> 2
+        {"dir": str(d["two_long"]), **long},
     ])  # fmt: skip
     shutil.copytree(d["two_half"], tmp_path / "two_then_one")
     _run_job({"dir": str(tmp_path / "two_then_one"), **micro, "resume": True})  # world 2 -> 1
@@ -231,6 +239,7 @@ def test_two_gloo_ranks_match_one_process_and_resume_across_world_sizes(tmp_path
     worst = max(worst, _assert_same_losses(_metrics(d["two_rows"]), _metrics(d["one_rows"]), steps, "2 ranks x 2 rows"))
     for name in ("one_then_two", "two_then_one"):
         worst = max(worst, _assert_same_losses(_metrics(tmp_path / name), ref, steps, name))
+    worst = max(worst, _assert_same_losses(_metrics(d["two_long"]), _metrics(d["one_long"]), steps, "tiles + checkpointing"))
     # the gradient reaches the same norm, and the all-reduced validation loss is the single-process one
     for step in steps:
         assert _metrics(d["two_micro"])[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=1e-4)
