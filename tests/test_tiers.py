@@ -222,11 +222,19 @@ def test_long_context_terms_are_physical_and_match_the_failures():
 # ---------------------------------------------------------------------------------------------- plan
 @pytest.mark.parametrize("name", sorted(TIERS))
 def test_every_tier_preset_fits_its_own_plan(name):
-    p = plan(name)
-    assert p.fits and [s.stage for s in p.stages] == list(STAGES)
-    assert all(s.memory.total_gib <= p.budget_gib for s in p.stages)
+    """Every stage fits its tier, except qat on the 20B model below ~90 GB: train/qat.py holds the merged
+    experts as float32 masters (71 GiB at 20B), which the plan counts and refuses with the reason."""
+    p = plan(name, check=False)
+    assert [s.stage for s in p.stages] == list(STAGES)
+    qat_fits = name in ("h200", "cpu")
+    for s in p.stages:
+        assert s.fits == (s.stage != "qat" or qat_fits), s.stage
+        assert (s.memory.total_gib <= p.budget_gib) == s.fits
+    qat = p.stages[-1]
+    if not qat_fits:
+        assert qat.memory.parts["weights"] > 70 and any("larger GPU tier" in a for a in qat.advice)
     text = format_plan(p)
-    assert f"tier {name}" in text and all(stage in text for stage in STAGES) and "NO" not in text
+    assert f"tier {name}" in text and all(stage in text for stage in STAGES) and ("NO" in text) != qat_fits
 
 
 def test_plan_refuses_bf16_on_a100_40gb_and_says_switch_to_mxfp4():
@@ -309,7 +317,8 @@ def test_512k_is_refused_on_80gb_with_the_largest_length_each_way():
 
 def test_short_contexts_stay_without_offload_or_tiles():
     for name in ("a100_40gb", "a100_80gb", "h100_80gb", "h200"):
-        p = plan(dataclasses.replace(TIERS[name], host_memory_gib=MEASURED_HOST_GIB))
+        tier = dataclasses.replace(TIERS[name], host_memory_gib=MEASURED_HOST_GIB)
+        p = plan(tier, stages=tuple(st for st in STAGES if st != "qat"))  # qat at 20B: see the test above
         assert p.fits and all(not s.setup.offload_activations and s.setup.moe_tile_tokens == 0 for s in p.stages)
         assert all(s.memory.host_gib == 0 for s in p.stages) and "offload" not in format_plan(p).split("\n")[1]
     for seq_len in (4096, 16384, 65536, 98304, 131072):
@@ -360,8 +369,9 @@ def test_plan_run_checks_the_real_configs():
     tiny = plan_run(load_config(root / "tiny.yaml"), "cpu")
     assert tiny.fits and tiny.stages[0].settings.seq_len == 1024 and tiny.setup.dtype == "float32"
     h100 = load_config(root / "gpt-oss-20b-h100.yaml")
-    on_h100 = plan_run(h100, "h100_80gb")  # its last curriculum phase, 64K, ran in 40.1 GiB on the H100
-    assert on_h100.fits and on_h100.stages[0].settings.seq_len == 65536
+    on_h100 = plan_run(h100, "h100_80gb", check=False)  # its last curriculum phase, 64K, ran in 40.1 GiB
+    assert on_h100.stages[0].fits and on_h100.stages[0].settings.seq_len == 65536
+    assert [s.stage for s in on_h100.stages if not s.fits] == ["qat"]  # fp32 expert masters: 71 GiB at 20B
     assert on_h100.stages[0].memory.total_gib == pytest.approx(40.1, abs=0.5)
     # the config's long-context settings are read, not picked: a 384K phase needs them written in
     phases = "lang_rust.phases=[{seq_len: 393216, steps: 10}]"
@@ -371,8 +381,8 @@ def test_plan_run_checks_the_real_configs():
         root / "gpt-oss-20b-h100.yaml",
         [phases, "model.offload_activations=true", "model.moe_tile_tokens=16384", "model.offload_pinned=false"],
     )
-    on_h100 = plan_run(long, H100)
-    assert on_h100.fits and on_h100.stages[0].memory.total_gib == pytest.approx(60.9, abs=0.05)
+    on_h100 = plan_run(long, H100, check=False)
+    assert on_h100.stages[0].fits and on_h100.stages[0].memory.total_gib == pytest.approx(60.9, abs=0.05)
     assert "pageable  16384" in format_plan(on_h100)
 
 
@@ -388,8 +398,9 @@ def test_rustforge_plan_prints_the_long_context_settings(capsys):
     assert "set model.offload_activations=true model.moe_tile_tokens=16384 model.offload_pinned=false (60.9 GiB" in out
     written = ["--set", "model.offload_activations=true", "--set", "model.moe_tile_tokens=16384",
                "--set", "model.offload_pinned=false"]  # fmt: skip
-    assert main(args + written) == 0
+    assert main(args + written) == 3  # lang_rust fits now; qat at 20B does not fit 80 GB (fp32 expert masters)
     out = capsys.readouterr().out
+    assert "qat does NOT fit" in out and "lang_rust does NOT fit" not in out
     assert "MoE grouped in 16384-token tiles" in out and "checkpointing on + offload (pageable)" in out
     assert "host RAM 125.0 GiB (100.0 usable)" in out and "(this machine's)" not in out
     row = next(line for line in out.splitlines() if line.startswith("lang_rust"))

@@ -57,6 +57,11 @@ width x 2 B per token) and NO_CHECKPOINT_OFFSET_GIB are solved from 4096 -> 37.2
 MXFP4, r16; bench/RESULTS.md). A stage that fits without checkpointing gets a plan note saying so: at 4K it is
 36% faster on the H100 (10373 vs 7611 tok/s in the same run).
 
+QAT (stage qat): train/qat.py merges the adapter into float32 expert masters, so the weights term is the
+non-expert parameters in the model dtype + every expert parameter at 4 B (71 GiB on the 20B model), and with
+`qat.trainable: experts` their gradients and Adam moments (12 B more each); on 80 GB cards 20B QAT is refused
+until QAT keeps the base in MXFP4 (docs/STATUS.md #8).
+
 Long-context picks (`plan`): when a stage's seq_len does not fit as configured, the tier preset (a plan
 without an explicit setup) turns on, in order of cost, offload_activations (slower: host copies), then
 moe_tile_tokens 16384 (an extra expert forward per tile in backward), then offload_pinned false (slower
@@ -490,6 +495,7 @@ class Setup:
     lora_r: int = 16
     loss_chunk_size: int = 4096
     device: str = "cuda"  # "cuda" | "cpu": which reserve applies
+    qat_trainable: str = "lora"  # qat.trainable: "experts" adds grads + Adam moments of the fp32 expert masters
 
     @classmethod
     def of(cls, tier: GpuTier, lora_r: int = 16) -> Setup:
@@ -538,9 +544,14 @@ def estimate_stage_memory(p: ArchPreset, stage: str, s: StageSettings, setup: Se
         checkpoints, working = 0.0, L * layer + chunk
     if stage == "qat":  # one layer's experts dense twice (dequantised + fake-quantised)
         working += 2 * p.num_local_experts * 3 * p.hidden_size * p.intermediate_size * b
+    weights, trainable = weights_gib(p, setup.weight_format, setup.dtype), lora_param_count(p, setup.lora_r) * 16 / GIB
+    if stage == "qat":  # train/qat.py merges into float32 expert masters (+ grads and Adam moments if trained)
+        counts = param_counts(p)
+        weights = (counts["other"] * b + counts["expert"] * 4) / GIB
+        trainable = counts["expert"] * 12 / GIB if setup.qat_trainable == "experts" else trainable
     parts = {
-        "weights": weights_gib(p, setup.weight_format, setup.dtype),
-        "lora+adamw": lora_param_count(p, setup.lora_r) * 16 / GIB,
+        "weights": weights,
+        "lora+adamw": trainable,
         "checkpoints": checkpoints / GIB,
         "working": working / GIB,
         "rollout": 0.0,
@@ -966,6 +977,7 @@ def plan_run(cfg, tier: GpuTier | str, check: bool = True, host_memory_gib: floa
         offload_pinned=m.offload_pinned,
         moe_tile_tokens=m.moe_tile_tokens,
         loss_chunk_size=m.loss_chunk_size,
+        qat_trainable=cfg.qat.trainable,
     )
     t = cfg.lang_rust
     settings = {
