@@ -214,13 +214,17 @@ def test_two_gloo_ranks_match_one_process_and_resume_across_world_sizes(tmp_path
     rows = {"batch_size": 4, "grad_accum": 1, "aux": 0.0}
     # the long-context path: MXFP4 experts in token tiles, checkpointing (the recompute's dense weights kept)
     long = {**micro, "model": {"expert_format": "mxfp4", "gradient_checkpointing": True, "moe_tile_tokens": 16}}
-    names = ("one_micro", "one_rows", "one_half", "one_long", "two_micro", "two_rows", "two_half", "two_long")
+    # dense experts are FSDP-sharded parameters: the backward reuses the recompute's unsharded weight
+    dense = {**micro, "model": {"expert_format": "bf16", "gradient_checkpointing": True}}
+    names = ("one_micro", "one_rows", "one_half", "one_long", "one_dense",
+             "two_micro", "two_rows", "two_half", "two_long", "two_dense")  # fmt: skip
     d = {k: tmp_path / k for k in names}
     # single process, in this process: the untouched world-size-1 path
     _run_job({"dir": str(d["one_micro"]), **micro})
     _run_job({"dir": str(d["one_rows"]), **rows})
     _run_job({"dir": str(d["one_half"]), **micro, "stop_after": 2})  # checkpoint at step 2, world size 1
     _run_job({"dir": str(d["one_long"]), **long})
+    _run_job({"dir": str(d["one_dense"]), **dense})
     shutil.copytree(d["one_half"], tmp_path / "one_then_two")
     _torchrun(tmp_path, [
         {"dir": str(d["two_micro"]), **micro},
@@ -228,6 +232,7 @@ def test_two_gloo_ranks_match_one_process_and_resume_across_world_sizes(tmp_path
         {"dir": str(d["two_half"]), **micro, "stop_after": 2},  # checkpoint at step 2, world size 2
         {"dir": str(tmp_path / "one_then_two"), **micro, "resume": True},  # world 1 -> 2
         {"dir": str(d["two_long"]), **long},
+        {"dir": str(d["two_dense"]), **dense},
     ])  # fmt: skip
     shutil.copytree(d["two_half"], tmp_path / "two_then_one")
     _run_job({"dir": str(tmp_path / "two_then_one"), **micro, "resume": True})  # world 2 -> 1
@@ -240,6 +245,7 @@ def test_two_gloo_ranks_match_one_process_and_resume_across_world_sizes(tmp_path
     for name in ("one_then_two", "two_then_one"):
         worst = max(worst, _assert_same_losses(_metrics(tmp_path / name), ref, steps, name))
     worst = max(worst, _assert_same_losses(_metrics(d["two_long"]), _metrics(d["one_long"]), steps, "tiles + checkpointing"))
+    worst = max(worst, _assert_same_losses(_metrics(d["two_dense"]), _metrics(d["one_dense"]), steps, "dense experts + checkpointing"))
     # the gradient reaches the same norm, and the all-reduced validation loss is the single-process one
     for step in steps:
         assert _metrics(d["two_micro"])[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=1e-4)
