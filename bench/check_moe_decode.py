@@ -37,6 +37,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from ceilings import copy_bandwidth  # bench/ceilings.py
 
 from rustforge.model import moe
 from rustforge.model import triton_moe_decode as md
@@ -74,18 +77,6 @@ class Log:
         if self.path:
             with open(self.path, "a") as f:
                 f.write(line + "\n")
-
-
-def copy_bandwidth(gib: float = 2.0) -> float:
-    x = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    y.copy_(x)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(5):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * x.numel() * 5 / (time.perf_counter() - t)
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -296,7 +287,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     if not args.skip_checks:
         run_checks(log, tests)  # not under no_grad: the module check compares with the autograd (grouped) path
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(torch.device("cuda"))
     log.emit({"record": "ceiling", "copy_bytes_per_s": bandwidth, "copy_tb_s": bandwidth / 1e12})
     with torch.no_grad():
         run_timing(log, tests, bandwidth, args.formats, not args.no_sweep)

@@ -62,6 +62,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from ceilings import copy_bandwidth  # bench/ceilings.py
 
 from rustforge.config import LoraConfig, ModelConfig
 from rustforge.model.presets import get_preset, hf_config
@@ -83,21 +86,6 @@ def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-# ------------------------------------------------------------------------------------- bandwidth
-def copy_bandwidth(device: torch.device, gib: float) -> float:
-    """Bytes moved per second (read + write) by a large device copy."""
-    x = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    for _ in range(2):
-        y.copy_(x)
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(5):
-        y.copy_(x)
-    sync(device)
-    return 2 * x.numel() * 5 / (time.perf_counter() - t)
 
 
 EXPERT_BYTES = {"mxfp4": 17 / 32, "fp8": 1 + 4 / 128, "bf16": 2.0}

@@ -29,6 +29,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from ceilings import bf16_matmul_tflops, copy_bandwidth  # noqa: E402
 
 from rustforge.config import LoraConfig, ModelConfig  # noqa: E402
 from rustforge.model.presets import get_preset  # noqa: E402
@@ -57,30 +60,9 @@ def useful_flops(p, seq_len: int, n_docs: int) -> float:
 
 # ------------------------------------------------------------------------------------------- ceilings
 def measure_ceilings(device) -> dict:
-    n = 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize()
-    tflops = 2 * n**3 * 10 / (time.perf_counter() - t) / 1e12
-    x = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    for _ in range(2):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(5):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    tbs = 2 * x.numel() * 5 / (time.perf_counter() - t) / 1e12
-    del a, b, x, y
+    out = {"bf16_matmul_tflops": bf16_matmul_tflops(device), "copy_tb_s": copy_bandwidth(device) / 1e12}
     torch.cuda.empty_cache()
-    return {"bf16_matmul_tflops": tflops, "copy_tb_s": tbs}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- batch
@@ -375,7 +357,8 @@ def dtype_audit(model, preset, device) -> dict:
 
 
 def profile(model, opt, batch, device, args) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     step_ours(model, opt, batch, device)
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
