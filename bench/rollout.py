@@ -363,34 +363,6 @@ def time_hf(args, model, device, batch: int, mode: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- grpo
-class TokenShareEnvironment:
-    """The cheap reward: the share of sampled tokens with an even id (no tokenizer, no cargo)."""
-
-    def __init__(self, prompts):
-        self.train = prompts
-
-    def prompts(self, split):
-        return self.train if split == "train" else []
-
-    def open(self, prompt):
-        from rustforge.rollout.environments import Session
-
-        return Session()
-
-    def score(self, prompts, results, sessions):
-        from rustforge.rollout.environments import Score
-
-        scores = []
-        for r in results:
-            sampled = [t for t, m in zip(r.completion.output_ids, r.completion.sampled_mask) if m]
-            share = sum(t % 2 == 0 for t in sampled) / max(1, len(sampled))
-            scores.append(Score(share, {"even_share": share}, share > 0.5, False, False))
-        return scores
-
-    def close(self):
-        pass
-
-
 class HarmonyIds:
     """The o200k_harmony special ids the trainer needs (no tokenizer file on the GPU machine)."""
 
@@ -402,7 +374,7 @@ class HarmonyIds:
 
 def grpo_trainer(args, model, device, seq_len: int, stage_dir: Path):
     from rustforge.config import CurriculumPhase, GrpoConfig, RolloutConfig
-    from rustforge.rollout.environments import Prompt
+    from rustforge.rollout.environments import Prompt, TokenShareEnvironment
     from rustforge.train.grpo import GrpoTrainer, PromptSource
     from rustforge.train.sft import StageData
 
@@ -417,7 +389,7 @@ def grpo_trainer(args, model, device, seq_len: int, stage_dir: Path):
     rollout = RolloutConfig(max_batch=args.grpo_prompts * args.grpo_generations, cuda_graphs=not args.no_graphs)
     trainer = GrpoTrainer(
         model, LoraConfig(r=16, alpha=32), cfg, data, stage_dir, device, False, None, grpo_cfg=cfg, rollout_cfg=rollout,
-        environment=TokenShareEnvironment(prompts), tokenizer=HarmonyIds(), val_prompts=[],
+        environment=TokenShareEnvironment({"train": prompts}), tokenizer=HarmonyIds(), val_prompts=[],
     )  # fmt: skip
     trainer.stop_ids = []  # random weights: every episode runs to its token budget
     trainer._enter_phase(0)

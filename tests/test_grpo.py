@@ -11,12 +11,28 @@ import numpy as np
 import pytest
 import torch
 
-from rustforge.config import ConfigError, CurriculumPhase, GrpoConfig, RunConfig, from_dict
+from rustforge.config import (
+    ConfigError,
+    CurriculumPhase,
+    GrpoConfig,
+    RunConfig,
+    from_dict,
+)
 from rustforge.data import harmony as H
 from rustforge.data.packing import IGNORE_INDEX
 from rustforge.rollout.engine import Completion, SequenceState
-from rustforge.rollout.environments import HarmonyFormatEnvironment, Prompt, Score, Session
-from rustforge.rollout.multiturn import EpisodeLog, EpisodeResult, ToolTurns, episode_format
+from rustforge.rollout.environments import (
+    HarmonyFormatEnvironment,
+    Prompt,
+    Session,
+    TokenShareEnvironment,
+)
+from rustforge.rollout.multiturn import (
+    EpisodeLog,
+    EpisodeResult,
+    ToolTurns,
+    episode_format,
+)
 from rustforge.train import grpo as G
 from rustforge.train.metrics import read_metrics
 
@@ -214,7 +230,7 @@ def test_episode_format_judges_each_assistant_turn(tokenizer):
 
 
 # ------------------------------------------------------------------------------- the tiny model
-class TokenSetEnvironment:
+class TokenSetEnvironment(TokenShareEnvironment):
     """A learnable reward for a random tiny model: the share of sampled tokens whose id is a multiple of 8."""
 
     TEXTS = ("fn main", "let x = 1;", "struct Foo", "impl Bar", "match y", "use std::io;", "pub fn f()", "enum E",
@@ -222,24 +238,7 @@ class TokenSetEnvironment:
 
     def __init__(self, tokenizer):
         prompts = [Prompt(f"p{i}", H.render_prompt([H.Message("user", t)], tokenizer)) for i, t in enumerate(self.TEXTS)]
-        self.splits = {"train": prompts[:12], "val": prompts[12:]}
-
-    def prompts(self, split):
-        return self.splits[split]
-
-    def open(self, prompt):
-        return Session()
-
-    def score(self, prompts, results, sessions):
-        scores = []
-        for r in results:
-            sampled = [t for t, m in zip(r.completion.output_ids, r.completion.sampled_mask) if m]
-            share = sum(t % 8 == 0 for t in sampled) / max(1, len(sampled))
-            scores.append(Score(share, {"target_share": share}, share > 0.5, False, False))
-        return scores
-
-    def close(self):
-        pass
+        super().__init__({"train": prompts[:12], "val": prompts[12:]}, modulus=8)
 
 
 def _run_config(tiny_base, name: str) -> RunConfig:
@@ -272,7 +271,7 @@ def test_grpo_steps_raise_a_learnable_reward(tiny_base, tokenizer):
     # sampled training episodes (temperature 1) move the same way
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.03, rewards
     last = train[max(train)]
-    for key in ("kl", "clip_ratio_region", "rollout_tok_s", "train_tok_s", "memory_gb", "reward/target_share",
+    for key in ("kl", "clip_ratio_region", "rollout_tok_s", "train_tok_s", "memory_gb", "reward/token_share",
                 "completion_length", "frac_reward_zero_std"):  # fmt: skip
         assert key in last and math.isfinite(last[key]), key
     assert last["kl"] > 0  # the adapter moved away from the LoRA-disabled reference

@@ -88,6 +88,32 @@ class HarmonyFormatEnvironment:
         pass
 
 
+class TokenShareEnvironment:
+    """A synthetic, learnable reward that needs no tokenizer, sandbox or cargo: the share of sampled tokens whose
+    id is a multiple of `modulus` (reward part "token_share"). For benchmarks on random weights and tests of the
+    GRPO loop; `splits` maps "train" / "val" to prompts (a missing split is empty)."""
+
+    def __init__(self, splits: dict[str, list[Prompt]], modulus: int = 2):
+        self.splits, self.modulus = splits, modulus
+
+    def prompts(self, split: str) -> list[Prompt]:
+        return self.splits.get(split, [])
+
+    def open(self, prompt: Prompt) -> Session:
+        return Session()
+
+    def score(self, prompts, results, sessions) -> list[Score]:
+        scores = []
+        for r in results:
+            sampled = [t for t, m in zip(r.completion.output_ids, r.completion.sampled_mask) if m]
+            share = sum(t % self.modulus == 0 for t in sampled) / max(1, len(sampled))
+            scores.append(Score(share, {"token_share": share}, share > 0.5, False, False))
+        return scores
+
+    def close(self) -> None:
+        pass
+
+
 class RustTaskEnvironment:
     """Mined Rust tasks with real tools in the sandbox and the reward pool's cargo-based rewards."""
 
