@@ -282,6 +282,35 @@ def _staging(out: Path) -> Path:
     return staging
 
 
+def export_target(out: str | Path, fmt: str, overwrite: bool) -> Path:
+    """The checked output path of a model export (format known, not there unless overwriting)."""
+    if fmt not in MODEL_FORMATS:
+        raise ValueError(f"export: format must be one of {list(MODEL_FORMATS)}, got {fmt!r}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: already exists (pass overwrite to replace it)")
+    return out
+
+
+def report_header(fmt: str, mxfp4_rule: str) -> dict:
+    return {"format": fmt, "bits_per_expert_weight": bits_per_weight(fmt),
+            "mxfp4_rounding": mxfp4_rule if fmt == "mxfp4" else None}  # fmt: skip
+
+
+@contextlib.contextmanager
+def staged(out: Path, overwrite: bool):
+    """A fresh staging directory beside `out`, renamed into place when the block succeeds and removed when it
+    raises (so a refused or failed export writes nothing)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = _staging(out)
+    try:
+        yield staging
+        _publish(staging, out, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def _publish(staging: Path, out: Path, overwrite: bool) -> None:
     if out.exists():
         if not overwrite:
@@ -321,19 +350,12 @@ def export_model(
 
     With `reference` (a model carrying the adapter unmerged) the merge is checked first (check_merge) and
     the export's KL against it is reported. Atomic: a staging directory renamed into place."""
-    if fmt not in MODEL_FORMATS:
-        raise ValueError(f"export: format must be one of {list(MODEL_FORMATS)}, got {fmt!r}")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: already exists (pass overwrite to replace it)")
+    out = export_target(out, fmt, overwrite)
     probe = probe_batch(tokenizer) if probe is None else probe
-    record = {"format": fmt, "bits_per_expert_weight": bits_per_weight(fmt)}
-    record["mxfp4_rounding"] = mxfp4_rule if fmt == "mxfp4" else None
+    record = report_header(fmt, mxfp4_rule)
     if reference is not None:
         record["merge_check"] = check_merge(merged, reference, probe, kl_threshold)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = _staging(out)
-    try:
+    with staged(out, overwrite) as staging:
         _write_weights(merged, staging, fmt, mxfp4_rule, max_shard_bytes)
         write_tokenizer_files(staging, tokenizer, merged.config.max_position_embeddings)
         loaded = check_written(staging, expected_weights(merged, fmt, mxfp4_rule))
@@ -342,10 +364,6 @@ def export_model(
         if reference is not None:
             record["kl_export_vs_base_plus_adapter"] = next_token_kl(next_token_logits(reference, probe), exported)
         finish_report(staging, record, report)
-        _publish(staging, out, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

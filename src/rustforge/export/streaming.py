@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,16 +46,16 @@ from safetensors import safe_open
 
 from rustforge.export import nvfp4
 from rustforge.export.hf import (
-    MODEL_FORMATS,
     ExportRefused,
-    _publish,
-    _staging,
     expected_tensor,
     expert_lora_disabled,
+    export_target,
     finish_report,
     merge_verdict,
     next_token_kl,
     probe_batch,
+    report_header,
+    staged,
     write_tokenizer_files,
 )
 from rustforge.model.loader import (
@@ -82,7 +81,6 @@ from rustforge.model.lora import (
     plain_layer,
     read_peft_adapter,
 )
-from rustforge.model.quant import bits_per_weight
 from rustforge.model.shards import ShardWriter, plan_shards
 
 # In memory the export needs ~3 float32 copies + the reload (16+ bytes a parameter): 16 GB at 1B parameters.
@@ -413,21 +411,14 @@ def export_streaming(
     """hf.export_model for the base checkpoint directory `base` + `source`, a layer at a time: the same
     files, merge check (refuses with ExportRefused, nothing written) and export_report.json (plus
     "streaming": true). Atomic: a staging directory renamed into place."""
-    if fmt not in MODEL_FORMATS:
-        raise ValueError(f"export: format must be one of {list(MODEL_FORMATS)}, got {fmt!r}")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: already exists (pass overwrite to replace it)")
+    out = export_target(out, fmt, overwrite)
     reader = CheckpointReader(base)
     if fmt == "mxfp4":
         _check_mxfp4_divisible(reader.config, "export")
     layers = _Layers(reader, source)  # before _Probe: it settles the config
     probe = probe_batch(tokenizer) if probe is None else probe
-    record = {"format": fmt, "bits_per_expert_weight": bits_per_weight(fmt)}
-    record["mxfp4_rounding"] = mxfp4_rule if fmt == "mxfp4" else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = _staging(out)
-    try:
+    record = report_header(fmt, mxfp4_rule)
+    with staged(out, overwrite) as staging:
         staging.mkdir()
         probe_run = _Probe(reader.config, probe)
         logits, digests = _write_streamed(layers, staging, fmt, mxfp4_rule, max_shard_bytes, probe_run)
@@ -441,8 +432,4 @@ def export_streaming(
             record["kl_export_vs_base_plus_adapter"] = next_token_kl(logits["base_plus_adapter"], logits["export"])
         record["streaming"] = True
         finish_report(staging, record, report)
-        _publish(staging, out, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
