@@ -12,6 +12,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+from rust_crate import SUM_OF_SQUARES_LIB, manifest
 
 from rustforge.config import EvalConfig, RunConfig, from_dict
 from rustforge.data import harmony as H
@@ -148,28 +149,8 @@ def test_programs_from_whole_functions_and_from_bodies():
 
 
 # ------------------------------------------------------------------------------------- crate tasks
-CRATE_MANIFEST = '[package]\nname = "evalcrate"\nversion = "0.1.0"\nedition = "2021"\n\n[dependencies]\n'
-CRATE_LIB = """\
-/// Sum of the squares of `xs`.
-pub fn sum_of_squares(xs: &[i64]) -> i64 {
-    let mut total = 0;
-    for &x in xs {
-        total += x * x;
-    }
-    total
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sums_squares() {
-        assert_eq!(sum_of_squares(&[1, 2, 3]), 14);
-        assert_eq!(sum_of_squares(&[]), 0);
-    }
-}
-"""
+CRATE_MANIFEST = manifest("evalcrate")
+CRATE_LIB = SUM_OF_SQUARES_LIB
 CRATE_MUTANT = CRATE_LIB.replace("x * x", "x + x")
 FIXED_FUNCTION = CRATE_LIB.split("\n\n#[cfg(test)]")[0]
 

@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from rust_crate import write_crate
 
 from rustforge.config import (
     ConfigError,
@@ -318,28 +319,6 @@ def test_the_grpo_benchmark_plan_runs_on_cpu(tmp_path):
 
 
 # ------------------------------------------------------------------------- the Rust task environment
-TASK_MANIFEST = '[package]\nname = "grpocrate"\nversion = "0.1.0"\nedition = "2021"\n\n[dependencies]\n'
-TASK_LIB = """\
-/// Sum of the squares of `xs`.
-pub fn sum_of_squares(xs: &[i64]) -> i64 {
-    let mut total = 0;
-    for &x in xs {
-        total += x * x;
-    }
-    total
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sums_squares() {
-        assert_eq!(sum_of_squares(&[1, 2, 3]), 14);
-        assert_eq!(sum_of_squares(&[]), 0);
-    }
-}
-"""
 
 
 @pytest.mark.skipif(shutil.which("bwrap") is None or shutil.which("cargo") is None, reason="needs bubblewrap and cargo")
@@ -350,10 +329,7 @@ def test_rust_task_environment_runs_real_tools_and_rewards(tmp_path, tokenizer):
     from rustforge.rust import tasks as T
     from rustforge.rust.sandbox import Sandbox, SandboxConfig
 
-    crate = tmp_path / "crates" / "grpocrate"
-    (crate / "src").mkdir(parents=True)
-    (crate / "Cargo.toml").write_text(TASK_MANIFEST)
-    (crate / "src" / "lib.rs").write_text(TASK_LIB)
+    write_crate(tmp_path / "crates" / "grpocrate", "grpocrate")
     sandbox = Sandbox(SandboxConfig(timeout_s=120))
     mining = T.TaskMiningConfig(kinds=["operator"], workers=1, max_tasks_per_crate=2, val_fraction=0.0)
     T.mine_tasks([tmp_path / "crates"], tmp_path / "tasks", mining, sandbox, progress=False)
