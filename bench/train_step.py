@@ -96,7 +96,21 @@ def build_ours(args, device):
         loss_chunk_size=args.loss_chunk,
         moe_tile_tokens=args.moe_tile,
     )
-    return build_model(mcfg, LoraConfig(r=16, alpha=32), device=device)
+    model = build_model(mcfg, LoraConfig(r=16, alpha=32), device=device)
+    if args.no_keep_dense:
+        from rustforge.model.moe import configure_experts
+
+        configure_experts(model.hf, args.moe_tile, keep_dense_for_backward=False)
+    return model
+
+
+def set_fused_kernels(on: bool) -> None:
+    """The module switches of session 4's fused paths (their torch paths are the references): the Triton
+    SwiGLU / routing-sum / RMSNorm / softmax kernels and the LoRA projection autograd (which also turns
+    off PackedFlexAttention's fused q/k/v; RoPE then runs outside the compiled flex function)."""
+    from rustforge.model import lora, loss, moe, triton_rmsnorm
+
+    moe.FUSED_KERNELS = loss.FUSED_SOFTMAX = triton_rmsnorm.FUSED_NORMS = lora.FUSED_PROJECTIONS = on
 
 
 def step_ours(model, opt, batch, device):
@@ -160,10 +174,17 @@ def run_case(args) -> None:
 
         moe.TRITON_DEQUANT = False
         record["dequant"] = "torch"
+    if args.unfused:
+        set_fused_kernels(False)
+        record["fused"] = False
+    if args.no_keep_dense:
+        record["keep_dense"] = False
     model = build_ours(args, device) if args.case == "ours" else build_hf_peft(args, device)
     step = step_ours if args.case == "ours" else step_hf
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    # fused AdamW on both sides: what our SFT loop uses on one GPU (train/sft.py) and transformers' Trainer
+    # default (adamw_torch_fused)
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda" and not args.unfused)
     if device.type == "cuda":
         torch.cuda.synchronize()
         weights_gb = torch.cuda.memory_allocated() / 2**30
@@ -367,7 +388,7 @@ def profile(model, opt, batch, device, args) -> None:
     averages = prof.key_averages()
     # operators (aten::..., our rustforge.* ranges) by the GPU time they launched, then the kernels themselves
     by_op = averages.table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=90)
-    by_kernel = averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=110)
+    by_kernel = averages.table(sort_by="self_cuda_time_total", row_limit=50, max_name_column_width=110)
     name = f".profile-{args.fmt}-{batch['input_ids'].shape[1]}{'-nockpt' if args.no_ckpt else ''}.txt"
     Path(args.out).with_suffix(name).write_text(by_op + "\n\n" + by_kernel)
     print(by_op[:5000])
@@ -433,6 +454,23 @@ PLANS = {
         "--case ours --fmt fp8 --seqs 4096,16384,32768,65536 --warmup 1 --iters 1",
         "--case ours --fmt bf16 --seqs 4096,16384,32768,65536 --warmup 1 --iters 1",
         "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 1 --iters 1",
+    ],
+    # session 4: the fused training kernels against their torch paths, and one dequantisation fewer
+    "fused": [
+        "--case ours --fmt mxfp4 --no-ckpt --unfused --seqs 4096,8192 --warmup 1 --iters 3",
+        "--case ours --fmt mxfp4 --no-ckpt --seqs 4096,8192 --warmup 1 --iters 3 --profile-seq 4096",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 1 --iters 3",
+        "--case ours --fmt mxfp4 --unfused --no-keep-dense --seqs 4096,16384 --warmup 1 --iters 2",
+        "--case ours --fmt mxfp4 --no-keep-dense --seqs 4096 --warmup 1 --iters 2",
+        "--case ours --fmt mxfp4 --seqs 4096,16384 --warmup 1 --iters 2",
+    ],
+    # session 4, round 2: + LoRA projection autograd, PackedFlexAttention, fused AdamW; the baseline in the run
+    "fused2": [
+        "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 2",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 1 --iters 3 --profile-seq 4096",
+        "--case ours --fmt mxfp4 --no-ckpt --seqs 4096,8192 --warmup 1 --iters 3 --profile-seq 4096",
+        "--case ours --fmt mxfp4 --no-ckpt --unfused --seqs 4096 --warmup 1 --iters 3",
+        "--case ours --fmt mxfp4 --seqs 4096,16384 --warmup 1 --iters 2",
     ],
     "session2": [
         "--case ours --fmt mxfp4 --seqs 4096,16384 --profile-seq 4096 --warmup 1 --iters 2",
@@ -504,6 +542,10 @@ def main() -> None:
     p.add_argument("--memory-phases", default="", help="sequence lengths to split memory by phase")
     p.add_argument("--peak-census-seq", type=int, default=0, help="list what is live at the peak of a step")
     p.add_argument("--torch-dequant", action="store_true", help="dequantise experts with the torch reference")
+    p.add_argument("--unfused", action="store_true",
+                   help="session 3's paths: no fused kernels, LoRA projections or fused AdamW (see set_fused_kernels)")
+    p.add_argument("--no-keep-dense", action="store_true",
+                   help="with checkpointing, dequantise the experts again in backward (the session-3 behaviour)")
     p.add_argument("--shape", default="gpt-oss-20b")
     p.add_argument("--device", default="cuda")
     p.add_argument("--case-timeout", type=int, default=400)

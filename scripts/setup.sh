@@ -25,5 +25,5 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and pinned: 2.13.0 is the CPU build these machines provide; an unpinned torch pulls CUDA.
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,cpu-kernel-tests]"  # the CPU build: see pyproject.toml
 echo "rustforge set up: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"

@@ -16,6 +16,7 @@ from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
 from rustforge.model.attention import (
     FLEX_IMPLEMENTATION_NAME,
     build_attention_masks,
+    install_packed_flex_attention,
     reference_attention,
     register_flex_attention,
     rustforge_flex_attention,
@@ -325,3 +326,56 @@ def test_flex_model_matches_eager_model_on_cuda_with_gradients():
     torch.testing.assert_close(flex_logits, eager_logits, rtol=1e-4, atol=1e-4)
     for param_name, grad in eager_grads.items():
         torch.testing.assert_close(flex_grads[param_name], grad, rtol=1e-3, atol=1e-4, msg=param_name)
+
+
+# ------------------------------------------------------------------------- PackedFlexAttention
+def _lora_pair(device):
+    """Two copies of the tiny model with the same random LoRA on q/k/v/o; the second's attention swapped."""
+    from rustforge.config import LoraConfig
+    from rustforge.model.lora import apply_lora
+
+    name = register_flex_attention()
+    models = []
+    for _ in range(2):
+        model = tiny_model(attn_implementation=name)
+        torch.manual_seed(5)
+        apply_lora(model, LoraConfig(r=4, alpha=8, targets=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.1)
+        models.append(model.to(device))
+    assert install_packed_flex_attention(models[1]) == models[1].config.num_hidden_layers
+    return models
+
+
+@cpu_flex
+@torch.no_grad()
+def test_packed_flex_attention_equals_transformers_forward_on_cpu():
+    plain, packed = _lora_pair("cpu")
+    input_ids = torch.randint(0, 512, DOC_IDS.shape, generator=torch.Generator().manual_seed(2))
+    masks = build_attention_masks(DOC_IDS, plain.config.sliding_window, "flex")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = plain(input_ids=input_ids, attention_mask=masks).logits
+        got = packed(input_ids=input_ids, attention_mask=masks).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@gpu
+def test_packed_flex_attention_equals_transformers_forward_on_cuda_with_gradients():
+    plain, packed = _lora_pair("cuda")
+    doc_ids = GPU_DOC_IDS.cuda()
+    input_ids = torch.randint(0, 512, doc_ids.shape, generator=torch.Generator().manual_seed(3)).cuda()
+    masks = build_attention_masks(doc_ids, plain.config.sliding_window, "flex")
+    results = []
+    for model in (plain, packed):
+        logits = model(input_ids=input_ids, attention_mask=masks).logits
+        logits[doc_ids >= 0].square().mean().backward()
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (want, want_grads), (got, got_grads) = results
+    assert want_grads.keys() == got_grads.keys() and any("lora_A" in n for n in got_grads)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-3, atol=1e-4, msg=name)

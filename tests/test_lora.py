@@ -16,6 +16,8 @@ from rustforge.model.lora import (
     LoraLinear,
     apply_lora,
     load_adapter,
+    lora_disabled,
+    lora_projections,
     lora_state_dict_peft,
     peft_adapter_config,
     save_adapter,
@@ -232,3 +234,48 @@ def test_load_adapter_errors_name_file_and_key(trained, tmp_path):
         load_adapter(model, bad2)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_adapter(model, tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------ the fused projection autograd
+def _projection(d_in: int, d_out: int, bias: bool, rank: int | None, seed: int, dtype=torch.float64):
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(d_in, d_out, bias=bias, dtype=dtype).requires_grad_(False)
+    if rank is None:
+        return linear
+    lora = LoraLinear(linear, r=rank, alpha=2 * rank)
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    return lora.to(dtype)
+
+
+def _reference(module, x):
+    return module.reference_forward(x) if isinstance(module, LoraLinear) else module(x)
+
+
+@pytest.mark.parametrize("layout", [[(True, 4)], [(True, 4), (False, 2), (True, None)], [(False, None), (True, 3)]])
+def test_lora_projections_equal_the_peft_expression_with_gradients(layout):
+    # (bias, rank or None for a plain nn.Linear) per projection; outputs of different widths
+    modules = [_projection(12, 8 + 4 * i, bias, rank, seed=i) for i, (bias, rank) in enumerate(layout)]
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    params = [x] + [p for m in modules for p in m.parameters() if p.requires_grad]
+    got = lora_projections(x, modules)
+    want = [_reference(m, x) for m in modules]
+    grads_out = [torch.randn_like(w) for w in want]
+    got_grads = torch.autograd.grad(got, params, grads_out)
+    want_grads = torch.autograd.grad(want, params, grads_out)
+    for a, b in zip((*got, *got_grads), (*want, *want_grads)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_lora_projections_under_autocast_and_with_lora_disabled():
+    q, v = _projection(16, 16, True, 4, seed=0, dtype=torch.float32), _projection(16, 8, True, 4, seed=1, dtype=torch.float32)
+    x = torch.randn(7, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lora_projections(x, [q, v])
+        want = [q.reference_forward(x), v.reference_forward(x)]
+    assert all(g.dtype == torch.bfloat16 for g in got)
+    for a, b in zip(got, want):  # one bf16 rounding (ours) against three (scale, add, cast)
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+    with lora_disabled(torch.nn.ModuleList([q, v])):
+        base = lora_projections(x, [q, v])
+    torch.testing.assert_close(base[0], q.base_layer(x))

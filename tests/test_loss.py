@@ -1,6 +1,16 @@
-"""Chunked cross-entropy / token log-probs against full-logit torch references, and their memory bound."""
+"""Chunked cross-entropy / token log-probs against full-logit torch references, and their memory bound.
+
+The softmax kernels of model/triton_loss.py (the GPU path) against the torch path run on a CPU under
+TRITON_INTERPRET=1 in a subprocess (`python tests/test_loss.py`) and natively in the GPU test below.
+"""
 
 from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from rustforge.model import loss as loss_module
 from rustforge.model.loss import IGNORE_INDEX, chunked_cross_entropy, chunked_token_logprobs
 
 N, H, V = 37, 16, 50
@@ -175,3 +186,46 @@ def test_cuda_bf16_matches_full_logits_within_chunk_sized_memory():
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-2)
     for got, want in zip(grads, ref_grads):  # bf16 grads summed in another order: ~1 ulp (1/128 at |g| < 2)
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=1e-2)
+
+
+# ------------------------------------------------------------------ the softmax kernels (GPU path)
+def check_fused_softmax(dtype, device, vocab: int, tol: float, temperature: float = 0.7) -> dict:
+    """Log-probs and both gradients with the kernels == the torch path, on the same inputs."""
+    hidden, weight, labels = make_inputs(dtype, ignore=IGNORED)
+    # a vocabulary past one kernel block (4096) with a partial last block
+    weight = (torch.randn(vocab, H, generator=torch.Generator().manual_seed(9)) / H**0.5).to(dtype)
+    hidden, weight, labels = hidden.detach().to(device), weight.to(device), labels.to(device)
+    grad_out = torch.randn(N, generator=torch.Generator().manual_seed(3)).to(device)
+    results = {}
+    for fused in (False, True):
+        loss_module.FUSED_SOFTMAX = fused
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = chunked_token_logprobs(h, w, labels, chunk_size=16, temperature=temperature)
+        results[fused] = (out.detach(), *torch.autograd.grad(out, (h, w), grad_out))
+    loss_module.FUSED_SOFTMAX = True
+    errs = {name: float((a.double() - b.double()).abs().max() / b.double().abs().max())
+            for name, a, b in zip(("logprobs", "grad_hidden", "grad_weight"), results[True], results[False])}
+    return {"ok": all(e <= tol for e in errs.values()), **errs}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its CPU interpreter)")
+def test_softmax_kernels_under_the_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    done = subprocess.run([sys.executable, __file__], check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_cuda_softmax_kernels_match_the_torch_path(dtype, tol):
+    result = check_fused_softmax(dtype, "cuda", vocab=201088, tol=tol)
+    assert result["ok"], result
+
+
+if __name__ == "__main__":  # the interpreter run (TRITON_INTERPRET=1 set by the caller)
+    result = check_fused_softmax(torch.float32, "cpu", vocab=5000, tol=1e-5)
+    print(result)
+    sys.exit(0 if result["ok"] else 1)

@@ -11,6 +11,9 @@ Mask semantics, shared by every path here: query i may attend key j iff
 and, on sliding-window layers, also i - j < sliding_window (transformers' `sliding_window_overlay`:
 kv_idx > q_idx - sliding_window). A padding query attends nothing; with a sink its output is exactly 0.
 
+`PackedFlexAttention` (the layer class on the flex path) computes q/k/v with one LoRA projection call
+and runs RoPE inside the compiled flex function; its math is transformers' GptOssAttention.forward.
+
 Sinks: GPT-OSS appends a learned per-head logit s_h as an extra softmax column and drops it, so
     out = sum_j exp(x_j) v_j / (sum_j exp(x_j) + exp(s_h)) = flex_out * sigmoid(lse - s_h)
 with lse the natural-log logsumexp of the (masked, scaled) scores, which flex attention returns.
@@ -23,6 +26,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssAttention
 
 FLEX_IMPLEMENTATION_NAME = "rustforge_flex"
 MASK_IMPLS = ("eager", "flex")
@@ -171,6 +175,34 @@ def _flex_attention_with_sinks_for(device: torch.device) -> Callable:
     return _compiled_flex_attention_with_sinks
 
 
+def rotate_half_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """transformers' GPT-OSS rotary embedding (`_apply_rotary_emb`: first/second halves, not interleaved)."""
+    first, second = torch.chunk(x, 2, dim=-1)
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+def flex_attention_with_rope_and_sinks(
+    query: Tensor, key: Tensor, value: Tensor, cos: Tensor, sin: Tensor, block_mask, sinks: Tensor | None, scale: float
+) -> Tensor:
+    """RoPE on q/k [B, H, T, D] (cos/sin [B, T, D/2]), then flex_attention_with_sinks: compiled as one
+    function, the rotation becomes one fused kernel each way instead of ~8 strided elementwise passes."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return flex_attention_with_sinks(rotate_half_pairs(query, cos, sin), rotate_half_pairs(key, cos, sin), value,
+                                     block_mask, sinks, scale)
+
+
+_compiled_rope_flex = None
+
+
+def _rope_flex_for(device: torch.device) -> Callable:
+    global _compiled_rope_flex
+    if device.type == "cpu":
+        return flex_attention_with_rope_and_sinks
+    if _compiled_rope_flex is None:
+        _compiled_rope_flex = torch.compile(flex_attention_with_rope_and_sinks, dynamic=False)
+    return _compiled_rope_flex
+
+
 def rustforge_flex_attention(
     module: torch.nn.Module,
     query: Tensor,
@@ -220,6 +252,55 @@ def register_flex_attention() -> str:
     if "flex_attention" in ALL_MASK_ATTENTION_FUNCTIONS:
         AttentionMaskInterface.register(FLEX_IMPLEMENTATION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"])
     return FLEX_IMPLEMENTATION_NAME
+
+
+def _fusable_projection(module: torch.nn.Module) -> bool:
+    from rustforge.model import lora
+
+    if isinstance(module, lora.LoraLinear):
+        return lora.FUSED_PROJECTIONS and isinstance(module.lora_dropout, torch.nn.Identity)
+    return type(module) is torch.nn.Linear
+
+
+class PackedFlexAttention(GptOssAttention):
+    """transformers' GptOssAttention (same parameters and submodules) whose training forward -- a flex
+    BlockMask from build_attention_masks and no KV cache -- computes q, k and v with one LoRA projection
+    call (model/lora.lora_projections: one GEMM for the three LoRA A factors, LoRA accumulated inside
+    the base GEMMs) and RoPE inside the compiled flex-attention function. Anything else (a cache, dense
+    masks, another attention implementation, LoRA dropout) runs transformers' forward."""
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, **kwargs):
+        from torch.nn.attention.flex_attention import BlockMask
+
+        from rustforge.model.lora import lora_projections
+
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if (
+            kwargs.get("cache") is not None  # transformers >= 5.2x
+            or kwargs.get("past_key_values") is not None  # its name before (the device has 5.17)
+            or not isinstance(attention_mask, BlockMask)
+            or self.config._attn_implementation != FLEX_IMPLEMENTATION_NAME
+            or not all(_fusable_projection(p) for p in projections)
+            or (hidden_states.device.type == "cpu" and torch.is_grad_enabled())
+        ):
+            return super().forward(hidden_states, position_embeddings, attention_mask, **kwargs)
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query, key, value = (t.view(hidden_shape).transpose(1, 2) for t in lora_projections(hidden_states, projections))
+        cos, sin = position_embeddings
+        attend = _rope_flex_for(query.device)
+        out = attend(query, key, value, cos, sin, attention_mask, self.sinks, self.scaling)
+        return self.o_proj(out.reshape(*input_shape, -1)), None
+
+
+def install_packed_flex_attention(hf_model: torch.nn.Module) -> int:
+    """Make every GptOssAttention under hf_model a PackedFlexAttention (a class swap: no new state)."""
+    swapped = 0
+    for module in hf_model.modules():
+        if type(module) is GptOssAttention:
+            module.__class__ = PackedFlexAttention
+            swapped += 1
+    return swapped
 
 
 # ------------------------------------------------------------------------------------------ reference

@@ -3,9 +3,11 @@
 transformers' model is the reference implementation and the module tree we keep (so checkpoints, PEFT
 adapters and export use the original names). What we change, each selected by `ModelConfig`:
 - attention: our masks (packed documents never attend to each other) passed as transformers' mask dict,
-  through its eager function (reference) or our flex-attention function with sinks (GPU);
+  through its eager function (reference) or our flex-attention function with sinks (GPU), where the
+  layer's forward also fuses q/k/v's LoRA projections and compiles RoPE with flex (PackedFlexAttention);
 - experts: the split-LoRA grouped-GEMM module with frozen weights in bf16/FP8/MXFP4 (model/moe.py);
 - loss: chunked cross-entropy from the final hidden states -- the [tokens x vocab] logits never exist;
+- RMSNorm: one Triton kernel each way on the GPU (model/triton_rmsnorm.py), the same module tree;
 - gradient checkpointing per decoder layer, optionally with the saved layer inputs in CPU memory.
 """
 
@@ -20,7 +22,7 @@ from transformers import GptOssForCausalLM
 from transformers.models.gpt_oss.modeling_gpt_oss import load_balancing_loss_func
 
 from rustforge.config import LoraConfig, ModelConfig
-from rustforge.model.attention import build_attention_masks, register_flex_attention
+from rustforge.model.attention import build_attention_masks, install_packed_flex_attention, register_flex_attention
 from rustforge.model.loss import chunked_cross_entropy, chunked_token_logprobs
 from rustforge.model.presets import get_preset, hf_config
 
@@ -152,6 +154,7 @@ def build_model(
     """The base model (local gpt-oss dir, or a preset with seeded random weights) with LoRA and fast paths."""
     from rustforge.model.lora import apply_lora
     from rustforge.model.moe import configure_experts, install_experts
+    from rustforge.model.triton_rmsnorm import install_fused_norms
 
     device = torch.device(device)
     dtype = resolve_dtype(model_cfg, device)
@@ -176,11 +179,14 @@ def build_model(
     hf.requires_grad_(False)
     hf.to(device)
     install_experts(hf, experts, model_cfg.expert_format, lora_cfg)
+    install_fused_norms(hf)  # one Triton kernel each way on the GPU; transformers' forward elsewhere
     if experts == "grouped":
         configure_experts(hf, model_cfg.moe_tile_tokens, keep_dense_for_backward=model_cfg.gradient_checkpointing)
     if lora_cfg is not None:
         torch.manual_seed(model_cfg.seed)  # the adapter's init depends on the seed alone, not on what ran before
         apply_lora(hf, lora_cfg)
+    if attention == "flex":
+        install_packed_flex_attention(hf)  # q/k/v in one LoRA call, RoPE compiled with flex
     return RustforgeModel(hf.to(device), model_cfg, attention)
 
 

@@ -48,6 +48,7 @@ KNOWN_TARGETS = ATTENTION_TARGETS + EXPERT_TARGETS
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+FUSED_PROJECTIONS = True  # LoraLinear through _LoraProjections; False: PEFT's expression in plain autograd
 
 
 class LoraLinear(nn.Module):
@@ -86,11 +87,123 @@ class LoraLinear(nn.Module):
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if FUSED_PROJECTIONS and isinstance(self.lora_dropout, nn.Identity):
+            return lora_projections(x, [self])[0]
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """PEFT's lora.Linear expression in plain autograd (the test reference; the path with dropout)."""
         lora = F.linear(F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return self.base_layer(x) + lora * self.scaling
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling}"
+
+
+class _LoraProjections(torch.autograd.Function):
+    """Projections of one input x [N, in]: y_i = x @ W_i^T + b_i + (x @ A_i^T) @ (s_i * B_i)^T, W and b frozen.
+
+    The LoRA term is accumulated into the base GEMM's output by the GEMM itself (addmm_ with beta=1), not
+    by a scale and an add over [N, out]; the A factors of all projections share one GEMM and one read of
+    x each way (q, k and v of an attention layer take one call). Saves x and x @ A^T [N, sum r]; the
+    frozen weights are held on ctx by reference, so activation offloading never copies them. Computes in the autocast dtype when autocast is on (as
+    F.linear would), the LoRA parameters cast to it (PEFT's float32 adapters)."""
+
+    @staticmethod
+    def forward(ctx, x, layout, *tensors):
+        # layout: per projection (has_bias, rank, scaling); tensors: W, [b], [A, B] for each, in order
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        with torch.autocast(device_type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            weights, biases, lora_A, scaled_B = _unpack_projections(layout, tensors, dtype)
+            xa = x2 @ torch.cat(lora_A).t() if lora_A else None
+            outs, col = [], 0
+            for (_, rank, _), weight, bias, b in zip(layout, weights, biases, scaled_B):
+                y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+                if rank:
+                    y.addmm_(xa[:, col : col + rank], b.t())
+                    col += rank
+                outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+        ctx.layout, ctx.x_dtype, ctx.x_shape = layout, x.dtype, x.shape
+        ctx.lora_dtype = next((t.dtype for t, role in zip(tensors, _roles(layout)) if role == "A"), None)
+        ctx.weights = weights  # by reference, not saved: activation offloading must not copy weights to the host
+        ctx.save_for_backward(x2, xa, *lora_A, *(b for b in scaled_B if b is not None))
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        layout, weights = ctx.layout, ctx.weights
+        x2, xa, *factors = ctx.saved_tensors
+        lora_A, scaled_B = factors[: len(factors) // 2], factors[len(factors) // 2 :]
+        with torch.autocast(x2.device.type, enabled=False):
+            gs = [torch.zeros(x2.shape[0], w.shape[0], dtype=x2.dtype, device=x2.device) if g is None
+                  else g.reshape(-1, w.shape[0]).to(x2.dtype) for g, w in zip(grads, weights)]
+            lora_gs = [(g, scaling) for (_, rank, scaling), g in zip(layout, gs) if rank]
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                for g, weight in zip(gs, weights):
+                    grad_x = g @ weight if grad_x is None else grad_x.addmm_(g, weight)
+            lora_grads = []
+            if lora_gs:
+                # d loss / d (x A^T) for every projection at once: [N, sum r], the scaling inside B
+                g_xa = torch.cat([g @ b for (g, _), b in zip(lora_gs, scaled_B)], dim=1)
+                if grad_x is not None:
+                    grad_x.addmm_(g_xa, torch.cat(lora_A))
+                grad_A_all = (g_xa.t() @ x2).to(ctx.lora_dtype)
+                col = 0
+                for (g, scaling), a in zip(lora_gs, lora_A):
+                    rank = a.shape[0]
+                    grad_B = (g.t() @ xa[:, col : col + rank]).to(ctx.lora_dtype).mul_(scaling)
+                    lora_grads.append((grad_A_all[col : col + rank], grad_B))
+                    col += rank
+        out = [None if grad_x is None else grad_x.view(ctx.x_shape).to(ctx.x_dtype), None]
+        next_lora = iter(lora_grads)
+        for has_bias, rank, _ in layout:
+            out.append(None)  # the frozen weight
+            if has_bias:
+                out.append(None)
+            if rank:
+                out.extend(next(next_lora))
+        return tuple(out)
+
+
+def _roles(layout) -> list[str]:
+    """What each flat argument of _LoraProjections is: "W", "b", "A" or "B"."""
+    roles = []
+    for has_bias, rank, _ in layout:
+        roles += ["W"] + ["b"] * has_bias + ["A", "B"] * bool(rank)
+    return roles
+
+
+def _unpack_projections(layout, tensors, dtype):
+    """(weights, biases or None, LoRA A factors, scaled B factors) in `dtype`, from _LoraProjections' flat args."""
+    weights, biases, lora_A, scaled_B = [], [], [], []
+    it = iter(tensors)
+    for has_bias, rank, scaling in layout:
+        weights.append(next(it).to(dtype))
+        biases.append(next(it).to(dtype) if has_bias else None)
+        if rank:
+            lora_A.append(next(it).to(dtype))
+            scaled_B.append((next(it) * scaling).to(dtype))
+        else:
+            scaled_B.append(None)
+    return weights, biases, lora_A, scaled_B
+
+
+def lora_projections(x: torch.Tensor, projections: list[nn.Module]) -> tuple[torch.Tensor, ...]:
+    """Each projection (a LoraLinear without dropout, or a plain nn.Linear) of x, by one _LoraProjections."""
+    layout, tensors = [], []
+    for proj in projections:
+        base = proj.base_layer if isinstance(proj, LoraLinear) else proj
+        rank = proj.r if isinstance(proj, LoraLinear) and proj.scaling != 0 else 0
+        layout.append((base.bias is not None, rank, proj.scaling if rank else 0.0))
+        tensors.append(base.weight)
+        if base.bias is not None:
+            tensors.append(base.bias)
+        if rank:
+            tensors.extend((proj.lora_A, proj.lora_B))
+    return _LoraProjections.apply(x, tuple(layout), *tensors)
 
 
 # --------------------------------------------------------------------------------------------- apply

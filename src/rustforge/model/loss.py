@@ -8,7 +8,9 @@ gradients for hidden (and weight, when it trains). Peak extra memory is O(chunk_
 
 Logits are `hidden_chunk @ weight.T` in the inputs' dtype (fp32 accumulation inside the matmul), upcast
 to fp32 before the softmax, matching `F.cross_entropy(lm_head(hidden).float(), labels)`; results are fp32
-(fp64 for fp64 inputs, which the tests use for tight comparisons). Tokens whose
+(fp64 for fp64 inputs, which the tests use for tight comparisons). On the GPU the softmax
+passes run as Triton kernels over the bf16 chunk (model/triton_loss.py: same values, no float32 copy of
+the chunk). Tokens whose
 target is IGNORE_INDEX get log-prob 0 and zero gradient; they are dropped before any vocab-sized work.
 """
 
@@ -17,7 +19,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rustforge.model.triton_loss import logsumexp_and_target, loss_kernels_available, softmax_grad_
+
 IGNORE_INDEX = -100
+FUSED_SOFTMAX = True  # on the GPU, the softmax passes as one-pass kernels over the bf16 logits (model/triton_loss.py)
 
 
 def chunked_token_logprobs(
@@ -77,6 +82,10 @@ def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _fused(t: Tensor) -> bool:
+    return FUSED_SOFTMAX and loss_kernels_available(t)
+
+
 def _chunk_logits(hidden_chunk: Tensor, weight: Tensor, temperature: float) -> Tensor:
     logits = (hidden_chunk @ weight.T).to(_softmax_dtype(hidden_chunk.dtype))
     if temperature != 1.0:
@@ -96,9 +105,13 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         picked = torch.empty_like(lse)
         for start in range(0, rows.shape[0], chunk_size):
             chunk = slice(start, start + chunk_size)
-            logits = _chunk_logits(hidden[rows[chunk]], weight, temperature)
-            lse[chunk] = torch.logsumexp(logits, dim=1)
-            picked[chunk] = logits.gather(1, row_targets[chunk, None]).squeeze(1)
+            if _fused(hidden):
+                logits = hidden[rows[chunk]] @ weight.T
+                lse[chunk], picked[chunk] = logsumexp_and_target(logits, row_targets[chunk], temperature)
+            else:
+                logits = _chunk_logits(hidden[rows[chunk]], weight, temperature)
+                lse[chunk] = torch.logsumexp(logits, dim=1)
+                picked[chunk] = logits.gather(1, row_targets[chunk, None]).squeeze(1)
             del logits
         logprobs = torch.zeros(hidden.shape[0], dtype=out_dtype, device=hidden.device)
         logprobs[rows] = picked - lse
@@ -119,11 +132,15 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         for start in range(0, rows.shape[0], ctx.chunk_size):
             chunk = slice(start, start + ctx.chunk_size)
             hidden_chunk = hidden[rows[chunk]]
-            grad_logits = _chunk_logits(hidden_chunk, weight, ctx.temperature)
-            grad_logits.sub_(lse[chunk, None]).exp_()  # softmax
-            grad_logits[torch.arange(grad_logits.shape[0], device=grad_logits.device), row_targets[chunk]] -= 1.0
-            grad_logits.mul_(row_scale[chunk, None])
-            grad_logits = grad_logits.to(hidden.dtype)
+            if _fused(hidden):
+                grad_logits = softmax_grad_(hidden_chunk @ weight.T, lse[chunk], row_targets[chunk], row_scale[chunk],
+                                            ctx.temperature)
+            else:
+                grad_logits = _chunk_logits(hidden_chunk, weight, ctx.temperature)
+                grad_logits.sub_(lse[chunk, None]).exp_()  # softmax
+                grad_logits[torch.arange(grad_logits.shape[0], device=grad_logits.device), row_targets[chunk]] -= 1.0
+                grad_logits.mul_(row_scale[chunk, None])
+                grad_logits = grad_logits.to(hidden.dtype)
             if need_hidden:
                 grad_hidden.index_add_(0, rows[chunk], grad_logits @ weight)
             if need_weight:

@@ -33,12 +33,20 @@ from torch import nn
 from rustforge.model.quant import fp8_dequantize, fp8_quantize, mxfp4_dequantize, mxfp4_quantize
 from rustforge.model.triton_dequant import fp8_dequantize_triton, mxfp4_dequantize_triton, triton_dequant_available
 from rustforge.model.triton_moe_decode import ExpertWeights, moe_decode, moe_decode_supported
+from rustforge.model.triton_moe_train import (
+    combine_rows,
+    combine_rows_backward,
+    fused_kernels_available,
+    swiglu_backward,
+    swiglu_forward,
+)
 
 EXPERT_TARGETS = ("gate_up_proj", "down_proj")
 EXPERT_FORMATS = ("bf16", "fp8", "mxfp4")
 FP8_BLOCK = 128
 _EXPERTS_PER_CHUNK = 4  # bounds the float32 / int64 temporaries of (de)quantisation
 TRITON_DEQUANT = True  # one-pass Triton dequantisation on GPU (model/triton_dequant.py); False = torch reference
+FUSED_KERNELS = True  # SwiGLU and the routing-weighted sums as one-pass Triton kernels (model/triton_moe_train.py)
 DECODE_KERNELS = True  # inference with few rows reads the stored experts directly (model/triton_moe_decode.py)
 DECODE_MAX_ROWS = 256  # token-expert rows (tokens x top-k) up to which it does: decode steps up to batch 64 at k=4
 _LORA_PREFIX = {"gate_up_proj": "lora_gate_up", "down_proj": "lora_down"}
@@ -234,6 +242,10 @@ class _GroupedLoraLinear(torch.autograd.Function):
         return grad_x, grad_A, grad_B, None, None, None, None, None, None
 
 
+def _fused(t: torch.Tensor) -> bool:
+    return FUSED_KERNELS and fused_kernels_available(t)
+
+
 class _GatherSorted(torch.autograd.Function):
     """hidden [N, H] -> its rows in expert order [N*k, H]; backward gathers back and sums the k copies
     (no scatter-add: deterministic, no atomics)."""
@@ -247,22 +259,41 @@ class _GatherSorted(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows):
         (inverse,) = ctx.saved_tensors
+        if _fused(grad_rows):
+            return combine_rows(grad_rows, inverse, ctx.top_k, grad_rows.dtype), None, None, None
         grad = grad_rows.index_select(0, inverse)
         return grad.view(-1, ctx.top_k, grad.shape[-1]).sum(dim=1), None, None, None
 
 
-class _SumUnsorted(torch.autograd.Function):
-    """Rows in expert order [N*k, H] -> per-token sums [N, H]; backward is a gather."""
+class _WeightedSumUnsorted(torch.autograd.Function):
+    """Rows in expert order [N*k, H] (the down projection's output) -> per-token routing-weighted sums
+    [N, H] in out_dtype: out[t] = sum_j w[t, j] * rows[inverse[t*k + j]]. The torch path is transformers'
+    order of operations (weights cast to the rows' dtype, multiply, unsort, sum, cast); on the GPU one
+    Triton kernel each way (float32 sums), the backward also giving the router weights their gradient."""
 
     @staticmethod
-    def forward(ctx, rows, inverse, token_of_row, top_k):
-        ctx.save_for_backward(token_of_row)
-        return rows.index_select(0, inverse).view(-1, top_k, rows.shape[-1]).sum(dim=1)
+    def forward(ctx, rows, routing_weights, expert_rows: ExpertRows, out_dtype):
+        ctx.save_for_backward(rows, routing_weights, expert_rows.perm, expert_rows.token_of_row)
+        ctx.top_k, ctx.weights_dtype = expert_rows.top_k, routing_weights.dtype
+        if _fused(rows):
+            return combine_rows(rows, expert_rows.inverse, expert_rows.top_k, out_dtype, weights=routing_weights)
+        weighted = rows * routing_weights.reshape(-1)[expert_rows.perm].to(rows.dtype).unsqueeze(-1)
+        summed = weighted.index_select(0, expert_rows.inverse).view(-1, ctx.top_k, rows.shape[-1]).sum(dim=1)
+        return summed.to(out_dtype)
 
     @staticmethod
-    def backward(ctx, grad_tokens):
-        (token_of_row,) = ctx.saved_tensors
-        return grad_tokens.index_select(0, token_of_row), None, None, None
+    def backward(ctx, grad_out):
+        rows, routing_weights, perm, token_of_row = ctx.saved_tensors
+        if _fused(rows):
+            grad_rows, grad_flat = combine_rows_backward(grad_out, rows, routing_weights, perm, ctx.top_k)
+            return grad_rows, grad_flat.view(routing_weights.shape).to(ctx.weights_dtype), None, None
+        grad_weighted = grad_out.to(rows.dtype).index_select(0, token_of_row)
+        w_sorted = routing_weights.reshape(-1)[perm].to(rows.dtype)
+        grad_rows = grad_weighted * w_sorted.unsqueeze(-1)
+        grad_sorted = (grad_weighted * rows).sum(dim=-1).to(ctx.weights_dtype)
+        grad_flat = torch.zeros(routing_weights.numel(), dtype=ctx.weights_dtype, device=rows.device)
+        grad_flat[perm] = grad_sorted
+        return grad_rows, grad_flat.view(routing_weights.shape), None, None
 
 
 def swiglu_reference(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -298,11 +329,15 @@ class _ClampedSwiGLU(torch.autograd.Function):
     def forward(ctx, gate_up, alpha, limit):
         ctx.save_for_backward(gate_up)
         ctx.alpha, ctx.limit = alpha, limit
+        if _fused(gate_up):
+            return swiglu_forward(gate_up, alpha, limit)
         return swiglu_reference(gate_up, alpha, limit)
 
     @staticmethod
     def backward(ctx, grad_out):
         (gate_up,) = ctx.saved_tensors
+        if _fused(gate_up):
+            return swiglu_backward(gate_up, grad_out, ctx.alpha, ctx.limit), None, None
         grad = torch.empty_like(gate_up)
         rows = max(1, _SWIGLU_CHUNK_ELEMENTS // max(1, grad_out.shape[-1]))
         for lo in range(0, gate_up.shape[0], rows):
@@ -348,9 +383,7 @@ def experts_on_sorted_rows(hidden_states, router_indices, routing_weights, num_e
     gated = _ClampedSwiGLU.apply(gate_up, alpha, limit)
     del gate_up  # saved by _ClampedSwiGLU when it is needed; the tiled path's peak is lower without it
     out = project("down_proj", gated, rows.offs)
-    # routing weights stay in plain autograd so the gradient reaches the router and hidden states
-    out = out * routing_weights.reshape(-1)[rows.perm].to(out.dtype).unsqueeze(-1)
-    return _SumUnsorted.apply(out, rows.inverse, rows.token_of_row, rows.top_k).to(hidden_states.dtype)
+    return _WeightedSumUnsorted.apply(out, routing_weights, rows, hidden_states.dtype)
 
 
 # --------------------------------------------------------------------------------------- expert LoRA

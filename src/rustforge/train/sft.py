@@ -113,8 +113,11 @@ class SFTTrainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("no trainable parameters: lora.targets matched nothing")
+        # one fused kernel on a single GPU (the unfused loop measured 5.6 ms of a 274 ms 4K step on the
+        # 20B shape); the plain loop elsewhere (CPU, FSDP2's DTensors)
+        fused = device.type == "cuda" and not self.dist.enabled
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, foreach=False
+            self.params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, foreach=False, fused=fused
         )
         self.total_steps = sum(p.steps for p in cfg.phases)
         self.step = 0

@@ -1,0 +1,174 @@
+"""Fused Triton kernels for the memory-bound steps of the training-time MoE layer (GPU only).
+
+The grouped GEMMs of model/moe.py are torch's; what sits between them is elementwise and was measured
+as a quarter of a 4K training step on the H100 (bench/RESULTS.md, session 2 profile: the clamped SwiGLU
+13% with its strided even/odd slices and ~6 temporaries, the routing multiply and unsort-sum 12%). Each
+kernel here reads its inputs once and writes its outputs once, computing in float32:
+
+- `swiglu_forward` / `swiglu_backward`: GPT-OSS's clamped SwiGLU on interleaved gate/up columns
+  (reference: moe.swiglu_reference and its autograd);
+- `combine_rows`: out[t] = sum_j w[t, j] * rows[inverse[t * k + j]] -- the routing-weighted sum of a
+  token's k expert rows, in the residual dtype (reference: the multiply, index_select and sum of
+  moe._WeightedSumUnsorted's torch path); without weights it is the backward of the row gather;
+- `combine_rows_backward`: per sorted row i, grad_rows[i] = w_i * grad[token(i)] and
+  grad_w_i = <grad[token(i)], rows[i]> in one pass.
+
+Own code because torch has no fused op for these (torch.compile would fuse the SwiGLU but not the
+index-driven sums, and it does not trace our grouped-GEMM autograd Functions without graph breaks).
+Tests: tests/test_triton_moe_train.py, against the torch references, under TRITON_INTERPRET on a CPU
+and natively on the GPU. `fused_kernels_available(t)` says whether a tensor can take this path; this
+module imports on machines without Triton or a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: moe.py uses its torch reference path
+    triton = None
+
+_SWIGLU_BLOCK = 1024  # output elements per program
+_ROW_BLOCK = 1024  # hidden columns per loop step of the row kernels
+
+
+def fused_kernels_available(t: torch.Tensor) -> bool:
+    """Native GPU path, or any device under the Triton interpreter (how the CPU tests run these kernels)."""
+    if triton is None:
+        return False
+    import os
+
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _swiglu_forward_kernel(gate_up_ptr, out_ptr, n_out, alpha, limit, BLOCK: tl.constexpr):
+        # contiguous [S, 2I] interleaved gate/up: output element e reads gate at 2e and up at 2e + 1
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_out
+        pair_offs = 2 * pid * BLOCK + tl.arange(0, 2 * BLOCK)
+        pair = tl.load(gate_up_ptr + pair_offs, mask=pair_offs < 2 * n_out, other=0.0)
+        gate, up = tl.split(tl.reshape(pair.to(tl.float32), (BLOCK, 2)))
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        glu = gate * tl.sigmoid(gate * alpha)
+        tl.store(out_ptr + offs, ((up + 1.0) * glu).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_backward_kernel(gate_up_ptr, grad_out_ptr, grad_ptr, n_out, alpha, limit, BLOCK: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_out
+        pair_offs = 2 * pid * BLOCK + tl.arange(0, 2 * BLOCK)
+        pair_mask = pair_offs < 2 * n_out
+        pair = tl.load(gate_up_ptr + pair_offs, mask=pair_mask, other=0.0)
+        gate, up = tl.split(tl.reshape(pair.to(tl.float32), (BLOCK, 2)))
+        grad_out = tl.load(grad_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        gate_c = tl.minimum(gate, limit)
+        up_c = tl.minimum(tl.maximum(up, -limit), limit)
+        sig = tl.sigmoid(gate_c * alpha)
+        glu = gate_c * sig
+        # torch's clamp passes the gradient where min <= x <= max, bounds included
+        grad_up = tl.where(tl.abs(up) > limit, 0.0, grad_out * glu)
+        d_glu = sig + alpha * glu * (1.0 - sig)  # d/dg [g * sigmoid(alpha g)]
+        grad_gate = tl.where(gate > limit, 0.0, grad_out * (up_c + 1.0) * d_glu)
+        grad = tl.interleave(grad_gate, grad_up).to(grad_ptr.dtype.element_ty)
+        tl.store(grad_ptr + pair_offs, grad, mask=pair_mask)
+
+    @triton.jit
+    def _combine_rows_kernel(rows_ptr, weights_ptr, inverse_ptr, out_ptr, hidden: tl.constexpr, TOP_K: tl.constexpr,
+                             HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < hidden
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for j in tl.static_range(TOP_K):
+            row = tl.load(inverse_ptr + token * TOP_K + j).to(tl.int64)
+            values = tl.load(rows_ptr + row * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_WEIGHTS:
+                values = values * tl.load(weights_ptr + token * TOP_K + j).to(tl.float32)
+            acc += values
+        tl.store(out_ptr + token * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _combine_rows_backward_kernel(grad_ptr, rows_ptr, weights_ptr, perm_ptr, grad_rows_ptr, grad_weights_ptr,
+                                      hidden: tl.constexpr, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        flat = tl.load(perm_ptr + row).to(tl.int64)  # the (token, slot) this sorted row came from
+        token = flat // TOP_K
+        weight = tl.load(weights_ptr + flat).to(tl.float32)
+        dot = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in tl.static_range(0, hidden, BLOCK):  # hidden is a constexpr: one model, one compile
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < hidden
+            grad = tl.load(grad_ptr + token * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+            values = tl.load(rows_ptr + row * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(grad_rows_ptr + row * hidden + cols, (grad * weight).to(grad_rows_ptr.dtype.element_ty), mask=mask)
+            dot += grad * values
+        tl.store(grad_weights_ptr + flat, tl.sum(dot, axis=0))
+
+
+def _check_pairs(gate_up: torch.Tensor) -> None:
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2:
+        raise ValueError(f"swiglu: expected interleaved gate/up [S, 2I], got {tuple(gate_up.shape)}")
+
+
+def swiglu_forward(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """[S, 2I] interleaved gate/up -> [S, I] = moe.swiglu_reference, computed in float32, stored in the input dtype."""
+    _check_pairs(gate_up)
+    gate_up = gate_up.contiguous()
+    out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+    n = out.numel()
+    if n:
+        _swiglu_forward_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](gate_up, out, n, float(alpha), float(limit),
+                                                                 BLOCK=_SWIGLU_BLOCK)
+    return out
+
+
+def swiglu_backward(gate_up: torch.Tensor, grad_out: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """d swiglu / d gate_up (interleaved, the input dtype) given grad_out [S, I]."""
+    _check_pairs(gate_up)
+    if grad_out.shape != (gate_up.shape[0], gate_up.shape[1] // 2):
+        raise ValueError(f"swiglu_backward: grad {tuple(grad_out.shape)} does not fit gate_up {tuple(gate_up.shape)}")
+    gate_up, grad_out = gate_up.contiguous(), grad_out.contiguous()
+    grad = torch.empty_like(gate_up)
+    n = grad_out.numel()
+    if n:
+        _swiglu_backward_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](gate_up, grad_out, grad, n, float(alpha),
+                                                                  float(limit), BLOCK=_SWIGLU_BLOCK)
+    return grad
+
+
+def combine_rows(rows: torch.Tensor, inverse: torch.Tensor, top_k: int, out_dtype: torch.dtype,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """rows [S, H] in expert order -> [S // top_k, H]: out[t] = sum_j w[t*k+j] * rows[inverse[t*k+j]]
+    (w = 1 without weights), summed in float32, stored in out_dtype."""
+    rows = rows.contiguous()
+    n_tokens, hidden = rows.shape[0] // top_k, rows.shape[1]
+    out = torch.empty(n_tokens, hidden, dtype=out_dtype, device=rows.device)
+    if weights is not None:
+        weights = weights.reshape(-1).contiguous()
+    if out.numel():
+        grid = (n_tokens, triton.cdiv(hidden, _ROW_BLOCK))
+        _combine_rows_kernel[grid](rows, weights if weights is not None else rows, inverse.contiguous(), out, hidden,
+                                   TOP_K=top_k, HAS_WEIGHTS=weights is not None, BLOCK=_ROW_BLOCK)
+    return out
+
+
+def combine_rows_backward(grad: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, perm: torch.Tensor,
+                          top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of combine_rows with weights: (grad_rows [S, H] in rows' dtype, grad_weights [S] float32 in
+    the flat (token, slot) order of `weights`). perm[i] is the flat row of sorted row i."""
+    grad, rows = grad.contiguous(), rows.contiguous()
+    grad_rows = torch.empty_like(rows)
+    grad_weights = torch.empty(weights.numel(), dtype=torch.float32, device=rows.device)
+    if rows.numel():
+        _combine_rows_backward_kernel[(rows.shape[0],)](grad, rows, weights.reshape(-1).contiguous(), perm.contiguous(),
+                                                        grad_rows, grad_weights, rows.shape[1], TOP_K=top_k,
+                                                        BLOCK=_ROW_BLOCK)
+    return grad_rows, grad_weights

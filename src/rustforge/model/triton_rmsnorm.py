@@ -1,0 +1,120 @@
+"""GPT-OSS's RMSNorm as one Triton kernel each way (GPU), for the frozen norms of LoRA training.
+
+transformers' GptOssRMSNorm (the reference, kept for CPU and for trainable norm weights) runs ~7
+elementwise passes over a float32 copy of the hidden states each way and its autograd keeps several
+float32 [tokens, hidden] tensors per norm (49 norms on the 20B shape). `FusedRMSNorm` reads the row once and
+writes it once, computing in float32 exactly as the reference does (x * rsqrt(mean(x^2) + eps), times the
+weight in float32, cast to the input dtype), and saves only its input and one float32 per row.
+
+Own code: torch's fused `rms_norm` follows autocast's float32 policy and multiplies in another order.
+Tests: tests/test_triton_rmsnorm.py (TRITON_INTERPRET on a CPU, natively on the GPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference forward is used
+    triton = None
+
+FUSED_NORMS = True  # False: every FusedRMSNorm runs transformers' forward
+
+
+def rmsnorm_kernels_available(t: torch.Tensor) -> bool:
+    """Native GPU path, or any device under the Triton interpreter (how the CPU tests run these kernels)."""
+    if triton is None or t.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rmsnorm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, eps, HIDDEN: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < HIDDEN
+        x = tl.load(x_ptr + row * HIDDEN + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / HIDDEN + eps)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * HIDDEN + cols, (w * (x * rstd)).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(rstd_ptr + row, rstd)
+
+    @triton.jit
+    def _rmsnorm_backward_kernel(x_ptr, w_ptr, rstd_ptr, grad_y_ptr, grad_x_ptr, HIDDEN: tl.constexpr,
+                                 BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < HIDDEN
+        x = tl.load(x_ptr + row * HIDDEN + cols, mask=mask, other=0.0).to(tl.float32)
+        grad_y = tl.load(grad_y_ptr + row * HIDDEN + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        x_hat = x * rstd
+        grad_x_hat = grad_y * w
+        # d/dx of x * rstd(x): rstd * (g - x_hat * mean(g * x_hat))
+        grad_x = rstd * (grad_x_hat - x_hat * (tl.sum(grad_x_hat * x_hat, axis=0) / HIDDEN))
+        tl.store(grad_x_ptr + row * HIDDEN + cols, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """y = weight * x * rsqrt(mean(x^2) + eps) over the last dim, weight frozen; saves x and rstd [rows]."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        hidden = x.shape[-1]
+        rows = x.reshape(-1, hidden).contiguous()
+        y = torch.empty_like(rows)
+        rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
+        if rows.numel():
+            _rmsnorm_forward_kernel[(rows.shape[0],)](rows, weight, y, rstd, float(eps), HIDDEN=hidden,
+                                                      BLOCK=triton.next_power_of_2(hidden))
+        ctx.save_for_backward(rows, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        rows, weight, rstd = ctx.saved_tensors
+        hidden = rows.shape[-1]
+        grad_rows = grad_y.reshape(-1, hidden).contiguous()
+        grad_x = torch.empty_like(rows)
+        if rows.numel():
+            _rmsnorm_backward_kernel[(rows.shape[0],)](rows, weight, rstd, grad_rows, grad_x, HIDDEN=hidden,
+                                                       BLOCK=triton.next_power_of_2(hidden))
+        return grad_x.view(grad_y.shape), None, None
+
+
+class FusedRMSNorm(GptOssRMSNorm):
+    """transformers' GptOssRMSNorm (same parameter, same state-dict name) taking the fused kernels where
+    they apply: a GPU tensor and a frozen weight. Anything else runs transformers' forward."""
+
+    @classmethod
+    def from_module(cls, norm: GptOssRMSNorm) -> FusedRMSNorm:
+        fused = cls.__new__(cls)
+        torch.nn.Module.__init__(fused)
+        fused.weight = norm.weight  # the same Parameter: optimizers, hooks and state dicts see no change
+        fused.variance_epsilon = norm.variance_epsilon
+        return fused
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        fused = FUSED_NORMS and rmsnorm_kernels_available(hidden_states) and not self.weight.requires_grad
+        if not fused:
+            return super().forward(hidden_states)
+        return _RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+def install_fused_norms(hf_model: torch.nn.Module) -> int:
+    """Swap every GptOssRMSNorm under hf_model for a FusedRMSNorm sharing its weight; returns how many."""
+    swapped = 0
+    for parent in list(hf_model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is GptOssRMSNorm:
+                setattr(parent, name, FusedRMSNorm.from_module(child))
+                swapped += 1
+    return swapped

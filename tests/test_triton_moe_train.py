@@ -1,0 +1,197 @@
+"""The fused training kernels (model/triton_moe_train.py) against their torch references, forward and
+gradients, and GroupedExperts with the kernels against GroupedExperts without them.
+
+- CPU: moe._WeightedSumUnsorted's torch path equals the plain-autograd expression it replaced.
+- With Triton importable but no GPU, the kernel checks run on CPU under TRITON_INTERPRET=1 in a
+  subprocess (the interpreter must be chosen before Triton is imported): `python tests/test_triton_moe_train.py`.
+  Inputs there are float32, so kernel and reference agree to float32 rounding.
+- GPU (`-m gpu`): the same checks on bf16 inputs at bf16 tolerances (the kernels compute in float32 and
+  round once; the references round after every op).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rustforge.model import moe
+from rustforge.model import triton_moe_train as tk
+
+ALPHA, LIMIT = 1.702, 7.0
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+def _routing(n_tokens: int, top_k: int, n_experts: int, device, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.stack([torch.randperm(n_experts, generator=g)[:top_k] for _ in range(n_tokens)])
+    weights = torch.softmax(torch.randn(n_tokens, top_k, generator=g), dim=-1)
+    return indices.to(device), weights.to(device)
+
+
+def _swiglu_inputs(S: int, I: int, dtype, device, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    gate_up = torch.randn(S, 2 * I, generator=g) * 5  # past the clamp at 7 on both sides, and at it exactly
+    gate_up[0, :4] = torch.tensor([LIMIT, LIMIT, -LIMIT, -LIMIT])
+    return gate_up.to(dtype).to(device), torch.randn(S, I, generator=g).to(dtype).to(device)
+
+
+# --------------------------------------------------------------------------------- the checks
+def check_swiglu(S: int, I: int, dtype, device, tol: float) -> dict:
+    gate_up, grad_out = _swiglu_inputs(S, I, dtype, device, seed=S + I)
+    leaf = gate_up.double().requires_grad_(True)
+    want = moe.swiglu_reference(leaf, ALPHA, LIMIT)
+    want.backward(grad_out.double())
+    got = tk.swiglu_forward(gate_up, ALPHA, LIMIT)
+    got_grad = tk.swiglu_backward(gate_up, grad_out, ALPHA, LIMIT)
+    errs = {"forward": _rel_err(got, want), "grad": _rel_err(got_grad, leaf.grad)}
+    ok = got.dtype == dtype and got_grad.dtype == dtype and all(e <= tol for e in errs.values())
+    return {"ok": ok, **errs}
+
+
+def check_combine(n_tokens: int, top_k: int, hidden: int, dtype, device, tol: float) -> dict:
+    """combine_rows (with and without weights) and its backward against autograd of the torch expression."""
+    indices, weights = _routing(n_tokens, top_k, 8, device, seed=n_tokens)
+    rows_info = moe.sort_by_expert(indices, 8)
+    g = torch.Generator().manual_seed(hidden)
+    rows = torch.randn(n_tokens * top_k, hidden, generator=g).to(dtype).to(device)
+    grad = torch.randn(n_tokens, hidden, generator=g).to(device)  # the residual stream's dtype: float32
+    rows64, w64 = rows.double().requires_grad_(True), weights.double().requires_grad_(True)
+    weighted = rows64 * w64.reshape(-1)[rows_info.perm].unsqueeze(-1)
+    want = weighted.index_select(0, rows_info.inverse).view(n_tokens, top_k, hidden).sum(1)
+    want.backward(grad.double())
+    got = tk.combine_rows(rows, rows_info.inverse, top_k, torch.float32, weights=weights)
+    unweighted = tk.combine_rows(rows, rows_info.inverse, top_k, dtype)
+    want_unweighted = rows.double().index_select(0, rows_info.inverse).view(n_tokens, top_k, hidden).sum(1)
+    grad_rows, grad_w = tk.combine_rows_backward(grad, rows, weights, rows_info.perm, top_k)
+    errs = {
+        "forward": _rel_err(got, want),
+        "unweighted": _rel_err(unweighted, want_unweighted),
+        "grad_rows": _rel_err(grad_rows, rows64.grad),
+        "grad_weights": _rel_err(grad_w.view(n_tokens, top_k), w64.grad),
+    }
+    ok = got.dtype == torch.float32 and grad_rows.dtype == dtype and all(e <= tol for e in errs.values())
+    return {"ok": ok, **errs}
+
+
+def check_grouped_experts(fmt: str, dtype, device, tol: float, n_tokens: int = 37) -> dict:
+    """GroupedExperts forward and every gradient (hidden, router weights, LoRA) with the fused kernels == without."""
+    E, H, I = 6, 64, 96
+    g = torch.Generator().manual_seed(0)
+    # std 0.3 puts some gate/up pre-activations past the clamp limit, so its gradient is covered
+    module = moe.GroupedExperts.from_dense(torch.randn(E, H, 2 * I, generator=g) * 0.3, torch.randn(E, 2 * I, generator=g) * 0.5,
+                                           torch.randn(E, I, H, generator=g) * 0.1, torch.randn(E, H, generator=g) * 0.5,
+                                           fmt=fmt, alpha=ALPHA, limit=LIMIT)
+    moe.add_expert_lora(module, r=4, alpha=8, targets=moe.EXPERT_TARGETS)
+    with torch.no_grad():
+        for p in module.lora_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    module = module.to(device=device, dtype=dtype)
+    indices, weights = _routing(n_tokens, 2, module.num_experts, device, seed=5)
+    x = torch.randn(n_tokens, module.hidden_size, generator=torch.Generator().manual_seed(6)).to(device)
+    grad_out = torch.randn_like(x)
+    results = {}
+    for fused in (False, True):
+        moe.FUSED_KERNELS = fused
+        xs, ws = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+        for p in module.lora_parameters():
+            p.grad = None
+        out = module(xs, indices, ws)
+        out.backward(grad_out)
+        results[fused] = {"out": out.detach(), "x": xs.grad, "w": ws.grad,
+                          **{f"lora{i}": p.grad.clone() for i, p in enumerate(module.lora_parameters())}}
+    moe.FUSED_KERNELS = True
+    errs = {k: _rel_err(results[True][k], results[False][k]) for k in results[False]}
+    return {"ok": all(e <= tol for e in errs.values()), **errs}
+
+
+def interpreter_cases():
+    """(name, thunk -> result dict) pairs run on CPU under TRITON_INTERPRET=1 (small: the interpreter is numpy)."""
+    f32 = torch.float32
+    return [
+        ("swiglu", lambda: check_swiglu(5, 700, f32, "cpu", tol=1e-5)),  # 3500 outputs: a partial last block
+        ("combine-k4", lambda: check_combine(13, 4, 1100, f32, "cpu", tol=1e-5)),  # 2 column blocks, the 2nd partial
+        ("combine-k1", lambda: check_combine(3, 1, 64, f32, "cpu", tol=1e-5)),
+        ("grouped-bf16-weights", lambda: check_grouped_experts("bf16", f32, "cpu", tol=1e-5)),
+        ("grouped-mxfp4", lambda: check_grouped_experts("mxfp4", f32, "cpu", tol=1e-5)),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------- CPU
+def test_weighted_sum_torch_path_equals_the_autograd_expression_it_replaced():
+    indices, weights = _routing(11, 3, 6, "cpu", seed=1)
+    info = moe.sort_by_expert(indices, 6)
+    rows = torch.randn(33, 16, requires_grad=True)
+    w = weights.clone().requires_grad_(True)
+    got = moe._WeightedSumUnsorted.apply(rows, w, info, torch.float32)
+    grad = torch.randn_like(got)
+    got_grads = torch.autograd.grad(got, (rows, w), grad)
+    want = (rows * w.reshape(-1)[info.perm].unsqueeze(-1)).index_select(0, info.inverse).view(11, 3, 16).sum(1)
+    want_grads = torch.autograd.grad(want, (rows, w), grad)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_cpu_tensors_take_the_torch_path():
+    assert not tk.fused_kernels_available(torch.zeros(1)) or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its CPU interpreter)")
+def test_kernels_under_the_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root / "src"), str(root), env.get("PYTHONPATH")) if p)
+    done = subprocess.run([sys.executable, __file__], check=False, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("S,I", [(1, 7), (333, 2880), (4096, 2880)])
+def test_gpu_swiglu_bf16(S, I):
+    result = check_swiglu(S, I, torch.bfloat16, "cuda", tol=1e-2)
+    assert result["ok"], result
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("n_tokens,top_k,hidden", [(1, 4, 2880), (777, 4, 2880), (64, 2, 100)])
+def test_gpu_combine_bf16(n_tokens, top_k, hidden):
+    result = check_combine(n_tokens, top_k, hidden, torch.bfloat16, "cuda", tol=1e-2)
+    assert result["ok"], result
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "mxfp4"])
+def test_gpu_grouped_experts_fused_equals_unfused(fmt):
+    result = check_grouped_experts(fmt, torch.bfloat16, "cuda", tol=3e-2, n_tokens=300)
+    assert result["ok"], result
+
+
+# ---------------------------------------------------------------------------- interpreter entry point
+def main() -> int:
+    """Run interpreter_cases (TRITON_INTERPRET=1 set by the caller); exit status 1 if any fails."""
+    failed = []
+    for name, case in interpreter_cases():
+        result = case()
+        print(f"{name}: {result}", flush=True)
+        if not result["ok"]:
+            failed.append(name)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

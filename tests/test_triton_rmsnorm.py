@@ -1,0 +1,90 @@
+"""FusedRMSNorm (model/triton_rmsnorm.py) against transformers' GptOssRMSNorm, forward and input gradient.
+
+- CPU: the swap keeps the parameter object and names; CPU tensors and trainable weights run
+  transformers' forward (identical results).
+- With Triton importable, the kernels run on CPU under TRITON_INTERPRET=1 in a subprocess
+  (`python tests/test_triton_rmsnorm.py`), float32 inputs: equal to float32 rounding.
+- GPU (`-m gpu`): bf16 inputs at bf16 tolerance.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+
+from rustforge.model import triton_rmsnorm as rn
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def check_rmsnorm(rows: int, hidden: int, dtype, device, tol: float) -> dict:
+    g = torch.Generator().manual_seed(rows + hidden)
+    reference = GptOssRMSNorm(hidden, eps=1e-5)
+    with torch.no_grad():
+        reference.weight.copy_(torch.randn(hidden, generator=g) * 0.5 + 1)
+    reference = reference.to(device=device, dtype=dtype).requires_grad_(False)
+    fused = rn.FusedRMSNorm.from_module(reference)
+    x = (torch.randn(2, rows, hidden, generator=g) * 3).to(device=device, dtype=dtype)
+    grad_y = torch.randn(2, rows, hidden, generator=g).to(device=device, dtype=dtype)
+    x64 = x.double().requires_grad_(True)
+    want = GptOssRMSNorm.forward(reference.double(), x64)  # the reference math in float64
+    want.backward(grad_y.double())
+    reference.to(dtype)
+    xs = x.clone().requires_grad_(True)
+    got = fused(xs)
+    got.backward(grad_y)
+
+    def rel(a, b):
+        return float((a.detach().double() - b.detach().double()).abs().max() / b.detach().double().abs().max())
+
+    errs = {"forward": rel(got, want), "grad": rel(xs.grad, x64.grad)}
+    ok = got.dtype == dtype and xs.grad.dtype == dtype and all(e <= tol for e in errs.values())
+    return {"ok": ok, **errs}
+
+
+def test_swap_keeps_parameters_and_cpu_results():
+    model = torch.nn.Sequential(GptOssRMSNorm(8), torch.nn.Sequential(GptOssRMSNorm(8)))
+    weights = [m.weight for m in model.modules() if isinstance(m, GptOssRMSNorm)]
+    assert rn.install_fused_norms(model) == 2
+    swapped = [m for m in model.modules() if isinstance(m, GptOssRMSNorm)]
+    assert all(type(m) is rn.FusedRMSNorm for m in swapped)
+    assert [m.weight for m in swapped] == weights and list(model.state_dict()) == ["0.weight", "1.0.weight"]
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(model(x), GptOssRMSNorm.forward(swapped[1], GptOssRMSNorm.forward(swapped[0], x)))
+
+
+def test_trainable_weight_takes_the_reference_path():
+    norm = rn.FusedRMSNorm.from_module(GptOssRMSNorm(8))
+    out = norm(torch.randn(3, 8))
+    out.sum().backward()
+    assert norm.weight.grad is not None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its CPU interpreter)")
+def test_kernels_under_the_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    done = subprocess.run([sys.executable, __file__], check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("rows,hidden", [(1, 2880), (1000, 2880), (7, 100)])
+def test_gpu_bf16(rows, hidden):
+    result = check_rmsnorm(rows, hidden, torch.bfloat16, "cuda", tol=1e-2)
+    assert result["ok"], result
+
+
+if __name__ == "__main__":  # the interpreter run (TRITON_INTERPRET=1 set by the caller)
+    results = [check_rmsnorm(5, 2880, torch.float32, "cpu", tol=1e-5), check_rmsnorm(3, 100, torch.float32, "cpu", tol=1e-5)]
+    print(results)
+    sys.exit(0 if all(r["ok"] for r in results) else 1)
