@@ -119,7 +119,7 @@ def step_ours(model, opt, batch, device):
     out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(out.loss.detach())
+    return out.loss.detach()  # a tensor: converting it would wait for the GPU (see run_case's enqueue_s)
 
 
 # --------------------------------------------------------------------------------------- the baseline
@@ -159,7 +159,7 @@ def step_hf(model, opt, batch, device):
     out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(out.loss.detach())
+    return out.loss.detach()
 
 
 # ---------------------------------------------------------------------------------------- one case
@@ -204,19 +204,23 @@ def run_case(args) -> None:
                 torch.cuda.reset_peak_memory_stats()
             for _ in range(args.warmup):
                 loss = step(model, opt, batch, device)
-            times = []
+            times, enqueue = [], []
             for _ in range(args.iters):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t = time.perf_counter()
                 loss = step(model, opt, batch, device)
+                # host time to issue the step; close to the step time = the GPU waited for the host
+                enqueue.append(time.perf_counter() - t)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
+            loss = float(loss)
+            in_order = list(times)
             times.sort()
             median = times[len(times) // 2]
             flops = useful_flops(preset, seq_len, args.docs)
-            rec.update(ok=True, loss=loss, step_s=median, all_step_s=times, tok_s=seq_len / median, tflops=flops / median / 1e12,
+            rec.update(ok=True, loss=loss, step_s=median, all_step_s=in_order, enqueue_s=enqueue, end_time=time.time(), tok_s=seq_len / median, tflops=flops / median / 1e12,
                        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0)
         except torch.OutOfMemoryError as e:
             rec.update(ok=False, error="OOM", detail=str(e).splitlines()[0][:200])
@@ -382,15 +386,22 @@ def profile(model, opt, batch, device, args) -> None:
     from torch.profiler import profile as torch_profile
 
     step_ours(model, opt, batch, device)
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         step_ours(model, opt, batch, device)
         torch.cuda.synchronize()
     averages = prof.key_averages()
     # operators (aten::..., our rustforge.* ranges) by the GPU time they launched, then the kernels themselves
     by_op = averages.table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=90)
     by_kernel = averages.table(sort_by="self_cuda_time_total", row_limit=50, max_name_column_width=110)
+    # the dense GEMMs by shape: which of the many small LoRA matmuls cost what
+    shapes = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in ("aten::mm", "aten::addmm", "aten::addmm_")]
+    def gpu_us(e) -> float:
+        return getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+
+    shapes.sort(key=lambda e: -gpu_us(e))
+    by_shape = "\n".join(f"{e.key:14s} {e.count:5d} calls {gpu_us(e) / 1e3:8.2f} ms  {e.input_shapes}" for e in shapes[:40])
     name = f".profile-{args.fmt}-{batch['input_ids'].shape[1]}{'-nockpt' if args.no_ckpt else ''}.txt"
-    Path(args.out).with_suffix(name).write_text(by_op + "\n\n" + by_kernel)
+    Path(args.out).with_suffix(name).write_text(by_op + "\n\n" + by_kernel + "\n\n" + by_shape)
     print(by_op[:5000])
 
 
@@ -472,6 +483,30 @@ PLANS = {
         "--case ours --fmt mxfp4 --no-ckpt --unfused --seqs 4096 --warmup 1 --iters 3",
         "--case ours --fmt mxfp4 --seqs 4096,16384 --warmup 1 --iters 2",
     ],
+    # round 3: + in-place LoRA rank updates in the grouped projections, autotuned dequantisers, clocks logged
+    "fused3": [
+        "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 3",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6 --profile-seq 4096",
+        "--case ours --fmt mxfp4 --no-ckpt --seqs 4096,8192 --warmup 1 --iters 4 --profile-seq 4096",
+        "--case ours --fmt fp8 --no-ckpt --seqs 4096 --warmup 1 --iters 4",
+        "--case ours --fmt mxfp4 --seqs 4096,16384 --warmup 1 --iters 3",
+    ],
+    # session 4's closing runs: the 4K comparison (every format without checkpointing, session 3's paths as
+    # `--unfused`) and the checkpointed grid, each with the transformers + PEFT baseline in the same call
+    "final_4k": [
+        "--case hf --hf-attn eager --seqs 4096 --warmup 1 --iters 2",
+        "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 3",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096,8192 --warmup 2 --iters 5 --profile-seq 4096",
+        "--case ours --fmt mxfp4 --no-ckpt --seqs 4096,8192 --warmup 2 --iters 5",
+        "--case ours --fmt fp8 --no-ckpt --seqs 4096 --warmup 2 --iters 5",
+        "--case ours --fmt mxfp4 --no-ckpt --unfused --seqs 4096 --warmup 1 --iters 3",
+    ],
+    "final_grid": [
+        "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 2",
+        "--case ours --fmt mxfp4 --seqs 4096,16384,32768,65536 --warmup 1 --iters 2",
+        "--case ours --fmt fp8 --seqs 4096,16384,32768,65536 --warmup 1 --iters 2",
+        "--case ours --fmt bf16 --seqs 4096,16384,32768,65536 --warmup 1 --iters 2",
+    ],
     "session2": [
         "--case ours --fmt mxfp4 --seqs 4096,16384 --profile-seq 4096 --warmup 1 --iters 2",
         "--case ours --fmt bf16 --seqs 4096 --profile-seq 4096 --warmup 1 --iters 2",
@@ -507,16 +542,25 @@ def run_plan(args) -> None:
         tail = (tests.stdout + tests.stderr)[-3000:]
         print(tail)
         _emit(args.out, {"event": "gpu_checks", "returncode": tests.returncode, "tail": tail[-600:]})
-    for case in PLANS[args.plan]:
-        cmd = [sys.executable, __file__, *case.split(), "--out", args.out, "--docs", str(args.docs)]
-        print("+", " ".join(cmd[2:]), flush=True)
-        try:
-            proc = subprocess.run(cmd, cwd=ROOT, timeout=args.case_timeout)
-        except subprocess.TimeoutExpired:
-            _emit(args.out, {"event": "case_timeout", "case": case, "timeout_s": args.case_timeout})
-            continue
-        if proc.returncode != 0:
-            _emit(args.out, {"event": "case_failed", "case": case, "returncode": proc.returncode})
+    # SM clock, power and throttle reasons every 0.5 s beside the records: a bf16 case measured 205 -> 303 ms
+    # over three steps in session 4, and clocks are the first suspect
+    smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,"
+                            "clocks_throttle_reasons.active", "--format=csv", "-lms", "500",
+                            "-f", str(Path(args.out).with_suffix(".smi.csv"))])  # fmt: skip
+    try:
+        for case in PLANS[args.plan]:
+            cmd = [sys.executable, __file__, *case.split(), "--out", args.out, "--docs", str(args.docs)]
+            print("+", " ".join(cmd[2:]), flush=True)
+            _emit(args.out, {"event": "case_start", "case": case, "time": time.time()})
+            try:
+                proc = subprocess.run(cmd, cwd=ROOT, timeout=args.case_timeout)
+            except subprocess.TimeoutExpired:
+                _emit(args.out, {"event": "case_timeout", "case": case, "timeout_s": args.case_timeout})
+                continue
+            if proc.returncode != 0:
+                _emit(args.out, {"event": "case_failed", "case": case, "returncode": proc.returncode})
+    finally:
+        smi.terminate()
 
 
 def main() -> None:

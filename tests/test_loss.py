@@ -197,14 +197,15 @@ def check_fused_softmax(dtype, device, vocab: int, tol: float, temperature: floa
     hidden, weight, labels = hidden.detach().to(device), weight.to(device), labels.to(device)
     grad_out = torch.randn(N, generator=torch.Generator().manual_seed(3)).to(device)
     results = {}
-    for fused in (False, True):
+    for variant, fused, keep in (("torch", False, 0), ("kernels", True, 0), ("kept logits", True, 1 << 40)):
         loss_module.FUSED_SOFTMAX = fused
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        out = chunked_token_logprobs(h, w, labels, chunk_size=16, temperature=temperature)
-        results[fused] = (out.detach(), *torch.autograd.grad(out, (h, w), grad_out))
+        out = chunked_token_logprobs(h, w, labels, chunk_size=16, temperature=temperature, keep_logits_bytes=keep)
+        results[variant] = (out.detach(), *torch.autograd.grad(out, (h, w), grad_out))
     loss_module.FUSED_SOFTMAX = True
-    errs = {name: float((a.double() - b.double()).abs().max() / b.double().abs().max())
-            for name, a, b in zip(("logprobs", "grad_hidden", "grad_weight"), results[True], results[False])}
+    errs = {f"{variant} {name}": float((a.double() - b.double()).abs().max() / b.double().abs().max())
+            for variant in ("kernels", "kept logits")
+            for name, a, b in zip(("logprobs", "grad_hidden", "grad_weight"), results[variant], results["torch"])}
     return {"ok": all(e <= tol for e in errs.values()), **errs}
 
 

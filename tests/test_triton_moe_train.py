@@ -84,6 +84,21 @@ def check_combine(n_tokens: int, top_k: int, hidden: int, dtype, device, tol: fl
     return {"ok": ok, **errs}
 
 
+def check_low_rank_update(S: int, N: int, P: int, E: int, dtype, device, tol: float, transposed_b: bool) -> dict:
+    """low_rank_update_ against y + per-row u @ b[e] in float64; experts with no rows and tiles spanning several."""
+    g = torch.Generator().manual_seed(S + N + P)
+    experts = torch.sort(torch.randint(0, E - 1, (S,), generator=g)).values  # the last expert gets no rows
+    y = torch.randn(S, N, generator=g).to(dtype)
+    u = torch.randn(S, P, generator=g).to(dtype)
+    b = torch.randn(E, N, P, generator=g).to(dtype).transpose(1, 2) if transposed_b else torch.randn(E, P, N, generator=g).to(dtype)
+    want = y.double() + torch.einsum("sp,spn->sn", u.double(), b.double()[experts])
+    offs = torch.bincount(experts, minlength=E).cumsum(0).to(torch.int32)
+    rows_expert = tk.expert_of_rows(offs.to(device), S)
+    got = tk.low_rank_update_(y.to(device), u.to(device), b.to(device), rows_expert)
+    err = _rel_err(got.cpu(), want)
+    return {"ok": bool(torch.equal(rows_expert.cpu(), experts.to(torch.int32))) and err <= tol, "err": err}
+
+
 def check_grouped_experts(fmt: str, dtype, device, tol: float, n_tokens: int = 37) -> dict:
     """GroupedExperts forward and every gradient (hidden, router weights, LoRA) with the fused kernels == without."""
     E, H, I = 6, 64, 96
@@ -122,6 +137,8 @@ def interpreter_cases():
         ("swiglu", lambda: check_swiglu(5, 700, f32, "cpu", tol=1e-5)),  # 3500 outputs: a partial last block
         ("combine-k4", lambda: check_combine(13, 4, 1100, f32, "cpu", tol=1e-5)),  # 2 column blocks, the 2nd partial
         ("combine-k1", lambda: check_combine(3, 1, 64, f32, "cpu", tol=1e-5)),
+        ("low-rank", lambda: check_low_rank_update(150, 200, 24, 5, f32, "cpu", tol=1e-5, transposed_b=False)),
+        ("low-rank-strided", lambda: check_low_rank_update(70, 40, 16, 3, f32, "cpu", tol=1e-5, transposed_b=True)),
         ("grouped-bf16-weights", lambda: check_grouped_experts("bf16", f32, "cpu", tol=1e-5)),
         ("grouped-mxfp4", lambda: check_grouped_experts("mxfp4", f32, "cpu", tol=1e-5)),
     ]
@@ -170,6 +187,14 @@ def test_gpu_swiglu_bf16(S, I):
 @pytest.mark.parametrize("n_tokens,top_k,hidden", [(1, 4, 2880), (777, 4, 2880), (64, 2, 100)])
 def test_gpu_combine_bf16(n_tokens, top_k, hidden):
     result = check_combine(n_tokens, top_k, hidden, torch.bfloat16, "cuda", tol=1e-2)
+    assert result["ok"], result
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("S,N,P,E,transposed", [(16384, 5760, 24, 32, False), (1000, 2880, 16, 32, True), (5, 7, 3, 2, False)])
+def test_gpu_low_rank_update_bf16(S, N, P, E, transposed):
+    result = check_low_rank_update(S, N, P, E, torch.bfloat16, "cuda", tol=1e-2, transposed_b=transposed)
     assert result["ok"], result
 
 

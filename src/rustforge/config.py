@@ -36,6 +36,9 @@ class ModelConfig:
     offload_activations: bool = False  # checkpointed layer inputs kept in pinned CPU memory
     offload_pinned: bool = True  # False: exact-size pageable host copies (pinned ones round up to a power of 2)
     loss_chunk_size: int = 4096  # tokens per chunk of the chunked cross-entropy
+    # GPU: the forward's bf16 logits kept for the backward while they total at most this (one lm_head GEMM
+    # fewer per chunk; 1.6 GB at 4K tokens on the 201K vocabulary); 0 = always recompute them
+    loss_keep_logits_gib: float = 2.0
     moe_tile_tokens: int = 0  # > 0: experts run in token tiles of this size (long context; 0 = off)
     seed: int = 0  # weight init seed for presets without a checkpoint
 

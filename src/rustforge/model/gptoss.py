@@ -23,7 +23,7 @@ from transformers.models.gpt_oss.modeling_gpt_oss import load_balancing_loss_fun
 
 from rustforge.config import LoraConfig, ModelConfig
 from rustforge.model.attention import build_attention_masks, install_packed_flex_attention, register_flex_attention
-from rustforge.model.loss import chunked_cross_entropy, chunked_token_logprobs
+from rustforge.model.loss import chunked_cross_entropy, chunked_token_logprobs, valid_rows
 from rustforge.model.presets import get_preset, hf_config
 
 
@@ -113,9 +113,13 @@ class RustforgeModel(nn.Module):
         return out.last_hidden_state
 
     def forward(self, input_ids, position_ids, doc_ids, labels) -> LossOutput:
+        # the loss's row selection (and label check) waits for the GPU: done here, before the forward is
+        # queued, it costs nothing, and the host then runs ahead of the GPU through forward and backward
+        rows = valid_rows(labels.flatten(), self.hf.lm_head.weight.shape[0])
         hidden = self.hidden_states(input_ids, position_ids, doc_ids)
         ce_sum, n_tokens = chunked_cross_entropy(
-            hidden.flatten(0, 1).to(self.hf.lm_head.weight.dtype), self.hf.lm_head.weight, labels.flatten(), self.cfg.loss_chunk_size
+            hidden.flatten(0, 1).to(self.hf.lm_head.weight.dtype), self.hf.lm_head.weight, labels.flatten(),
+            self.cfg.loss_chunk_size, keep_logits_bytes=int(self.cfg.loss_keep_logits_gib * 2**30), rows=rows,
         )
         aux = self.aux_loss(doc_ids)
         loss = ce_sum / n_tokens.clamp(min=1) + self.config.router_aux_loss_coef * aux
@@ -123,6 +127,7 @@ class RustforgeModel(nn.Module):
 
     def token_logprobs(self, input_ids, position_ids, doc_ids, targets, temperature: float = 1.0):
         """log p(targets[t] | prefix) per position, [B, T] float32, by the chunked path."""
+        rows = valid_rows(targets.flatten(), self.hf.lm_head.weight.shape[0])  # before the forward: see forward
         hidden = self.hidden_states(input_ids, position_ids, doc_ids)
         lp = chunked_token_logprobs(
             hidden.flatten(0, 1).to(self.hf.lm_head.weight.dtype),
@@ -130,6 +135,7 @@ class RustforgeModel(nn.Module):
             targets.flatten(),
             self.cfg.loss_chunk_size,
             temperature=temperature,
+            rows=rows,
         )
         return lp.view(targets.shape)
 

@@ -26,19 +26,23 @@ FUSED_SOFTMAX = True  # on the GPU, the softmax passes as one-pass kernels over 
 
 
 def chunked_token_logprobs(
-    hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int, temperature: float = 1.0
+    hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int, temperature: float = 1.0,
+    keep_logits_bytes: int = 0, rows: Tensor | None = None,
 ) -> Tensor:
     """log softmax(hidden @ weight.T / temperature)[n, targets[n]] per token -> [N] fp32 (fp64 if inputs are).
 
     hidden [N, H], weight [V, H], targets [N] (IGNORE_INDEX -> 0 with zero gradient).
-    Differentiable with respect to hidden and weight.
+    Differentiable with respect to hidden and weight. keep_logits_bytes: on the kernel path, the
+    forward's logits chunks are kept for the backward (instead of recomputed) while they total at most this.
+    rows: `valid_rows(targets, V)` computed earlier (else here, with its host syncs).
     """
     _check_inputs(hidden, weight, targets, chunk_size, temperature)
-    return _ChunkedTokenLogprobs.apply(hidden, weight, targets, chunk_size, float(temperature))
+    return _ChunkedTokenLogprobs.apply(hidden, weight, targets, chunk_size, float(temperature), keep_logits_bytes, rows)
 
 
 def chunked_cross_entropy(
-    hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int, reduction: str = "sum"
+    hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int, reduction: str = "sum", keep_logits_bytes: int = 0,
+    rows: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Summed next-token cross-entropy of logits hidden @ weight.T against labels (already shifted).
 
@@ -47,7 +51,7 @@ def chunked_cross_entropy(
     """
     if reduction != "sum":
         raise ValueError(f"chunked_cross_entropy: reduction must be 'sum', got {reduction!r}")
-    logprobs = chunked_token_logprobs(hidden, weight, labels, chunk_size)
+    logprobs = chunked_token_logprobs(hidden, weight, labels, chunk_size, keep_logits_bytes=keep_logits_bytes, rows=rows)
     n_valid = (labels != IGNORE_INDEX).sum()
     return -logprobs.sum(), n_valid
 
@@ -69,8 +73,10 @@ def _check_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: i
         raise ValueError(f"chunked loss: temperature must be > 0, got {temperature!r}")
 
 
-def _valid_rows(targets: Tensor, vocab_size: int) -> Tensor:
-    """Indices of tokens with a target; raises on targets outside [0, vocab) (one host sync each)."""
+def valid_rows(targets: Tensor, vocab_size: int) -> Tensor:
+    """Indices of tokens with a target; raises on targets outside [0, vocab) (two host syncs: callers on a GPU
+    compute it before the forward, while the GPU is idle, and pass it as `rows`, so the loss itself never
+    stalls the host between the forward and the backward)."""
     valid = targets != IGNORE_INDEX
     if bool((valid & ((targets < 0) | (targets >= vocab_size))).any()):
         bad = targets[valid & ((targets < 0) | (targets >= vocab_size))][:5].tolist()
@@ -94,20 +100,26 @@ def _chunk_logits(hidden_chunk: Tensor, weight: Tensor, temperature: float) -> T
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
-    """Saves hidden, weight, targets, the valid-row index and per-token logsumexp; nothing vocab-sized."""
+    """Saves hidden, weight, targets, the valid-row index and per-token logsumexp; nothing vocab-sized,
+    unless keep_logits_bytes lets the kernel path keep the forward's logits chunks (then the backward
+    turns them into gradients in place instead of recomputing them: one lm_head GEMM fewer per chunk)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, temperature):
-        rows = _valid_rows(targets, weight.shape[0])
+    def forward(ctx, hidden, weight, targets, chunk_size, temperature, keep_logits_bytes=0, rows=None):
+        rows = valid_rows(targets, weight.shape[0]) if rows is None else rows
         row_targets = targets[rows]
         out_dtype = _softmax_dtype(hidden.dtype)
         lse = torch.empty(rows.shape[0], dtype=out_dtype, device=hidden.device)
         picked = torch.empty_like(lse)
+        keep = _fused(hidden) and rows.shape[0] * weight.shape[0] * hidden.element_size() <= keep_logits_bytes
+        kept = []
         for start in range(0, rows.shape[0], chunk_size):
             chunk = slice(start, start + chunk_size)
             if _fused(hidden):
                 logits = hidden[rows[chunk]] @ weight.T
                 lse[chunk], picked[chunk] = logsumexp_and_target(logits, row_targets[chunk], temperature)
+                if keep:
+                    kept.append(logits)
             else:
                 logits = _chunk_logits(hidden[rows[chunk]], weight, temperature)
                 lse[chunk] = torch.logsumexp(logits, dim=1)
@@ -115,26 +127,26 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             del logits
         logprobs = torch.zeros(hidden.shape[0], dtype=out_dtype, device=hidden.device)
         logprobs[rows] = picked - lse
-        ctx.save_for_backward(hidden, weight, rows, row_targets, lse)
+        ctx.save_for_backward(hidden, weight, rows, row_targets, lse, *kept)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
         return logprobs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logprobs):
-        hidden, weight, rows, row_targets, lse = ctx.saved_tensors
+        hidden, weight, rows, row_targets, lse, *kept = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         accumulate_dtype = _softmax_dtype(weight.dtype)
         grad_weight = torch.zeros(weight.shape, dtype=accumulate_dtype, device=weight.device) if need_weight else None
         # d logprob / d logits = (onehot - softmax) / temperature, scaled by the incoming per-token grad.
         row_scale = grad_logprobs.to(lse.dtype)[rows] / -ctx.temperature
-        for start in range(0, rows.shape[0], ctx.chunk_size):
+        for i, start in enumerate(range(0, rows.shape[0], ctx.chunk_size)):
             chunk = slice(start, start + ctx.chunk_size)
             hidden_chunk = hidden[rows[chunk]]
             if _fused(hidden):
-                grad_logits = softmax_grad_(hidden_chunk @ weight.T, lse[chunk], row_targets[chunk], row_scale[chunk],
-                                            ctx.temperature)
+                logits = kept[i] if kept else hidden_chunk @ weight.T  # kept: the forward's, overwritten in place
+                grad_logits = softmax_grad_(logits, lse[chunk], row_targets[chunk], row_scale[chunk], ctx.temperature)
             else:
                 grad_logits = _chunk_logits(hidden_chunk, weight, ctx.temperature)
                 grad_logits.sub_(lse[chunk, None]).exp_()  # softmax
@@ -148,4 +160,4 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             del grad_logits
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None

@@ -36,7 +36,9 @@ from rustforge.model.triton_moe_decode import ExpertWeights, moe_decode, moe_dec
 from rustforge.model.triton_moe_train import (
     combine_rows,
     combine_rows_backward,
+    expert_of_rows,
     fused_kernels_available,
+    low_rank_update_,
     swiglu_backward,
     swiglu_forward,
 )
@@ -215,7 +217,10 @@ class _GroupedLoraLinear(torch.autograd.Function):
         aug_A, aug_B, r = _bias_augmented_lora(lora_A, lora_B, bias.to(x.dtype), scaling, x.shape[-1])
         xa = grouped_mm(x, aug_A, offs)  # [S, p]; columns past r are zero
         xa[:, r] = 1
-        y.add_(grouped_mm(xa, aug_B, offs))
+        if _fused(y):  # accumulated in place by one kernel instead of a grouped GEMM into a temporary + add
+            low_rank_update_(y, xa, aug_B, expert_of_rows(offs, y.shape[0]))
+        else:
+            y.add_(grouped_mm(xa, aug_B, offs))
         ctx.save_for_backward(x, xa, offs, lora_A, lora_B, *((weight,) if keep_dense else ()))
         del weight
         ctx.scaling, ctx.fmt, ctx.storage, ctx.rank, ctx.keep_dense = scaling, fmt, storage, r, keep_dense
@@ -232,7 +237,9 @@ class _GroupedLoraLinear(torch.autograd.Function):
             del weight
         if lora_A is not None:
             grad_xa = grouped_mm(grad_y, lora_B.transpose(1, 2), offs).mul_(ctx.scaling)  # [S, r]
-            if grad_x is not None:
+            if grad_x is not None and _fused(grad_x):
+                low_rank_update_(grad_x, grad_xa, lora_A.transpose(1, 2), expert_of_rows(offs, grad_x.shape[0]))
+            elif grad_x is not None:
                 grad_x.add_(grouped_mm(grad_xa, lora_A.transpose(1, 2), offs))
             if ctx.needs_input_grad[1]:
                 grad_A = _zero_empty_groups(grouped_mm(x.t(), grad_xa, offs), offs)

@@ -21,9 +21,6 @@ try:
 except ImportError:  # CPU-only installs: the torch reference path is used
     triton = None
 
-_MXFP4_BYTES_PER_PROGRAM = 2048
-_FP8_VALUES_PER_PROGRAM = 2048
-
 
 def triton_dequant_available(t: torch.Tensor) -> bool:
     return triton is not None and t.is_cuda
@@ -42,6 +39,11 @@ if triton is not None:
         # multiply, not negate: Triton compiles -x as 0 - x, which turns the code for -0.0 into +0.0
         return value * tl.where((code & 8) != 0, -1.0, 1.0)
 
+    # block size and warps measured per weight size on first use: the fixed 2048-byte blocks ran at ~70% of
+    # the copy bandwidth on the H100 (0.47 ms per 20B-shape projection, session 4 profile)
+    _BLOCK_CONFIGS = [triton.Config({"BYTES": b}, num_warps=w) for b in (1024, 2048, 4096, 8192) for w in (4, 8)]
+
+    @triton.autotune(configs=_BLOCK_CONFIGS, key=["n_bytes"])
     @triton.jit
     def _mxfp4_dequant_kernel(blocks_ptr, scales_ptr, out_ptr, n_bytes, BYTES: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
@@ -60,6 +62,8 @@ if triton is not None:
         out_offs = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
         tl.store(out_ptr + out_offs, values, mask=out_offs < 2 * n_bytes)
 
+    @triton.autotune(configs=[triton.Config({"VALUES": v}, num_warps=w) for v in (2048, 4096, 8192) for w in (4, 8)],
+                     key=["n_values"])
     @triton.jit
     def _fp8_dequant_kernel(q_ptr, scales_ptr, out_ptr, n_values, row_len, scales_per_row, QBLOCK: tl.constexpr,
                             VALUES: tl.constexpr):
@@ -82,8 +86,7 @@ def mxfp4_dequantize_triton(blocks: torch.Tensor, scales: torch.Tensor, dtype: t
     out = torch.empty(*scales.shape[:-1], scales.shape[-1] * 32, dtype=dtype, device=blocks.device)
     n_bytes = blocks.numel()
     if n_bytes:
-        grid = (triton.cdiv(n_bytes, _MXFP4_BYTES_PER_PROGRAM),)
-        _mxfp4_dequant_kernel[grid](blocks, scales, out, n_bytes, BYTES=_MXFP4_BYTES_PER_PROGRAM)
+        _mxfp4_dequant_kernel[lambda meta: (triton.cdiv(n_bytes, meta["BYTES"]),)](blocks, scales, out, n_bytes)
     return out
 
 
@@ -99,7 +102,6 @@ def fp8_dequantize_triton(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     n = q.numel()
     if n:
-        grid = (triton.cdiv(n, _FP8_VALUES_PER_PROGRAM),)
-        _fp8_dequant_kernel[grid](q_bits, scales, out, n, k, scales.shape[-1], QBLOCK=block,
-                                  VALUES=_FP8_VALUES_PER_PROGRAM)
+        _fp8_dequant_kernel[lambda meta: (triton.cdiv(n, meta["VALUES"]),)](q_bits, scales, out, n, k,
+                                                                            scales.shape[-1], QBLOCK=block)
     return out

@@ -11,7 +11,10 @@ kernel here reads its inputs once and writes its outputs once, computing in floa
   token's k expert rows, in the residual dtype (reference: the multiply, index_select and sum of
   moe._WeightedSumUnsorted's torch path); without weights it is the backward of the row gather;
 - `combine_rows_backward`: per sorted row i, grad_rows[i] = w_i * grad[token(i)] and
-  grad_w_i = <grad[token(i)], rows[i]> in one pass.
+  grad_w_i = <grad[token(i)], rows[i]> in one pass;
+- `low_rank_update_`: y[i] += u[i] @ B[expert(i)] in place on expert-sorted rows, for the LoRA (and
+  bias) term of a grouped projection, where torch needs a grouped GEMM into a temporary and an add
+  (four passes over y's size instead of two).
 
 Own code because torch has no fused op for these (torch.compile would fuse the SwiGLU but not the
 index-driven sums, and it does not trace our grouped-GEMM autograd Functions without graph breaks).
@@ -21,6 +24,8 @@ module imports on machines without Triton or a GPU.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -38,8 +43,6 @@ def fused_kernels_available(t: torch.Tensor) -> bool:
     """Native GPU path, or any device under the Triton interpreter (how the CPU tests run these kernels)."""
     if triton is None:
         return False
-    import os
-
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -113,6 +116,40 @@ if triton is not None:
         tl.store(grad_weights_ptr + flat, tl.sum(dot, axis=0))
 
 
+    @triton.jit
+    def _low_rank_update_kernel(y_ptr, u_ptr, b_ptr, expert_ptr, n_rows, n_cols, rank, stride_y, stride_u,
+                                stride_be, stride_bp, stride_bn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_P: tl.constexpr, DOT_F32: tl.constexpr):
+        first = tl.program_id(0) * BLOCK_M
+        rows = first + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_cols
+        p = tl.arange(0, BLOCK_P)
+        p_ok = p < rank
+        experts = tl.load(expert_ptr + rows, mask=row_ok, other=-1)
+        u = tl.load(u_ptr + rows[:, None].to(tl.int64) * stride_u + p[None, :], mask=row_ok[:, None] & p_ok[None, :],
+                    other=0.0)
+        if DOT_F32:  # the CPU interpreter multiplies bf16 dot operands as raw bits
+            u = u.to(tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # rows are sorted by expert: a tile spans the experts from its first row's to its last row's (usually one)
+        e_first = tl.load(expert_ptr + first)
+        e_last = tl.load(expert_ptr + tl.minimum(first + BLOCK_M, n_rows) - 1)
+        for e in range(e_first, e_last + 1):
+            b = tl.load(b_ptr + e * stride_be + p[:, None] * stride_bp + cols[None, :] * stride_bn,
+                        mask=p_ok[:, None] & col_ok[None, :], other=0.0)
+            mine = tl.where((experts == e)[:, None], u, tl.zeros_like(u))
+            if DOT_F32:
+                acc += tl.dot(mine, b.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(mine, b.to(u.dtype))
+        ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_y + cols[None, :]
+        mask = row_ok[:, None] & col_ok[None, :]
+        y = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=mask)
+
+
 def _check_pairs(gate_up: torch.Tensor) -> None:
     if gate_up.dim() != 2 or gate_up.shape[1] % 2:
         raise ValueError(f"swiglu: expected interleaved gate/up [S, 2I], got {tuple(gate_up.shape)}")
@@ -172,3 +209,29 @@ def combine_rows_backward(grad: torch.Tensor, rows: torch.Tensor, weights: torch
                                                         grad_rows, grad_weights, rows.shape[1], TOP_K=top_k,
                                                         BLOCK=_ROW_BLOCK)
     return grad_rows, grad_weights
+
+
+def expert_of_rows(offs: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """int32 [n_rows]: the expert of each expert-sorted row, from the cumulative group ends `offs`."""
+    rows = torch.arange(n_rows, device=offs.device, dtype=offs.dtype)
+    return torch.searchsorted(offs, rows, right=True).to(torch.int32)
+
+
+def low_rank_update_(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, expert_of_row: torch.Tensor) -> torch.Tensor:
+    """In place: y[i] += u[i] @ b[expert_of_row[i]] (float32 accumulation, one rounding to y's dtype).
+
+    y [S, N] with unit column stride, u [S, P], b [E, P, N] (any strides; a transposed view is fine),
+    expert_of_row int32 [S], non-decreasing (expert-sorted rows). Returns y."""
+    S, N = y.shape
+    P = u.shape[1]
+    if y.stride(1) != 1 or u.stride(1) != 1 or b.shape[1:] != (P, N) or expert_of_row.shape != (S,):
+        raise ValueError(f"low_rank_update_: y {tuple(y.shape)} (strides {y.stride()}), u {tuple(u.shape)}, "
+                         f"b {tuple(b.shape)}, experts {tuple(expert_of_row.shape)} do not fit")
+    if S and N and P:
+        block_m, block_n = 64, 128
+        grid = (triton.cdiv(S, block_m), triton.cdiv(N, block_n))
+        _low_rank_update_kernel[grid](y, u, b, expert_of_row.contiguous(), S, N, P, y.stride(0), u.stride(0),
+                                      b.stride(0), b.stride(1), b.stride(2), BLOCK_M=block_m, BLOCK_N=block_n,
+                                      BLOCK_P=max(16, triton.next_power_of_2(P)),
+                                      DOT_F32=os.environ.get("TRITON_INTERPRET") == "1" or y.dtype == torch.float32)
+    return y
