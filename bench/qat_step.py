@@ -9,11 +9,18 @@ clip_grad_norm_, AdamW (foreach=False) with QatConfig's defaults. Default 4 laye
 float32 masters fit one 80 GB GPU: 4 x 32 experts x ~24.9M params x 4 B = 12.7 GB, x4 with the gradient
 and Adam's two moments = 51 GB, + 4.6 GB float32 embedding and lm_head.
 
-First a check (`event: check`): on a small input (`--check-layers`, `--check-seq`) grouped and reference,
-built from the same seed (with "lora" the LoRA B factors are made non-zero so that every gradient is),
-must give the same loss and gradients of every trainable tensor up to bf16 GEMMs: relative Frobenius
-error < `--tol` (2e-2). Then each impl in a fresh model times forward / backward / optimizer at each of
-`--seqs` (tok/s, step seconds, peak GiB = torch.cuda.max_memory_allocated, step ms per layer, and one
+First a check (`event: check`): on a small input (`--check-layers`, `--check-seq`), models built from the
+same seed (with "lora" the LoRA B factors are made non-zero so that every gradient is): the truth, the
+reference without autocast (float32, no TF32), then reference and grouped under the step's autocast with
+every router made to pick the experts the truth's picked (its routing weights still its own softmax at
+them). Grouped must give the reference's loss (relative error < `--tol`, 2e-2) and, for every trainable
+tensor, a gradient no farther from the truth than the reference's: relative Frobenius error <=
+`--truth-ratio` (1.25) x the reference's + `--truth-floor` (1e-3). Why not grouped vs reference < 2e-2, as
+before: on this random model bf16 noise flips top-k choices (4% of tokens in layer 0, 16% in layer 1 vs the
+truth), which puts either bf16 path ~0.20 from the truth and the two 0.055-0.074 apart with neither wrong
+(H100 2026-11-26, and a CPU bf16 probe at this shape); with the routing pinned each is ~0.03 from the truth
+and they are 0.014-0.017 apart (CPU). Then each impl in a fresh model times forward / backward / optimizer
+at each of `--seqs` (tok/s, step seconds, peak GiB = torch.cuda.max_memory_allocated, step ms per layer, and one
 layer's experts module alone, forward + backward at the same tokens). An out-of-memory is a result
 (`ok: false, error: OOM`); that impl's remaining lengths are skipped and the run goes on with the next.
 
@@ -110,19 +117,47 @@ def vocab(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------ the check
-def _loss_and_grads(model, batch, device) -> tuple[float, dict[str, torch.Tensor]]:
-    with _autocast(device):
-        out = model(**batch)
+def _pin_routing(model, indices: dict[int, torch.Tensor] | None) -> dict[int, torch.Tensor]:
+    """Hooks on every layer's router (transformers' GptOssTopKRouter: logits, scores, indices): with `indices`
+    ({layer: [tokens, k]}) it picks those experts, scored as the router scores its own (softmax of its
+    logits at them); without, the experts it picks are recorded into the returned dict."""
+    picked = {}
+
+    def hook(layer: int):
+        def fn(_module, _inputs, output):
+            logits, _, chosen = output
+            if indices is None:
+                picked[layer] = chosen.detach()
+                return None
+            top = logits.gather(-1, indices[layer])
+            return logits, torch.softmax(top, dim=1, dtype=top.dtype), indices[layer]
+
+        return fn
+
+    for i, layer in enumerate(model.hf.model.layers):
+        layer.mlp.router.register_forward_hook(hook(i))
+    return picked
+
+
+def _loss_and_grads(model, batch, device, autocast: bool = True) -> tuple[float, dict[str, torch.Tensor]]:
+    if autocast:
+        with _autocast(device):
+            out = model(**batch)
+    else:  # the truth: float32 throughout, no TF32
+        precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            with torch.autocast(device.type, enabled=False):
+                out = model(**batch)
+        finally:
+            torch.set_float32_matmul_precision(precision)
     out.loss.backward()
     grads = {n: p.grad.detach() for n, p in model.named_parameters() if p.requires_grad}
     return float(out.loss.detach()), grads
 
 
 def _nonzero_lora(model, seed: int, std: float) -> None:
-    """LoRA B starts at zero (then dA = 0 and the check says nothing about A): seeded noise in every B.
-    Note: under autocast the reference loop forms A_e @ B_e in bf16 (an autocast matmul) where grouped and
-    the export merge use float32, which flips a few quantised elements; at std 0.02 that alone was ~1.5%
-    relative error on a CPU probe (bf16 autocast, 20b expert shape), ~0.6% with the delta in float32."""
+    """LoRA B starts at zero (then dA = 0 and the check says nothing about A): seeded noise in every B."""
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for m in model.hf.modules():
@@ -132,37 +167,52 @@ def _nonzero_lora(model, seed: int, std: float) -> None:
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
+def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    denom = float(ref.float().norm())
+    diff = float((x.float() - ref.float()).norm())
+    return diff / denom if denom > 0 else (0.0 if diff == 0 else float("inf"))
+
+
 def check(args, device) -> dict:
-    """grouped vs reference on the same model and batch: loss and every trainable gradient."""
+    """grouped and reference under autocast on the same model and batch, routed as the truth (the reference
+    without autocast) routes, each against that truth: loss and every trainable gradient."""
     batch = packed_batch(args.check_seq, vocab(args), args.docs, device)
-    results = {}
-    for impl in ("reference", "grouped"):
+    results, routing = {}, None
+    for run, impl, autocast in (("truth", "reference", False), ("reference", "reference", True),
+                                ("grouped", "grouped", True)):  # fmt: skip
         model = build(args, impl, args.check_layers, device)
         if args.trainable == "lora":
             _nonzero_lora(model, args.seed, args.check_lora_b_std)
-        results[impl] = _loss_and_grads(model, batch, device)
+        picked = _pin_routing(model, routing)
+        results[run] = _loss_and_grads(model, batch, device, autocast)
+        if routing is None:  # the truth's picks, for the runs after it
+            routing = picked
         del model
         _free(device)
-    (loss_r, grads_r), (loss_g, grads_g) = results["reference"], results["grouped"]
-    if grads_r.keys() != grads_g.keys():
-        return {"ok": False, "error": "different trainable tensors", "reference": sorted(grads_r), "grouped": sorted(grads_g)}
-    errors = {}
-    for name, r in grads_r.items():
-        g = grads_g[name]
-        denom = float(r.float().norm())
-        diff = float((g.float() - r.float()).norm())
-        errors[name] = diff / denom if denom > 0 else (0.0 if diff == 0 else float("inf"))
+    (loss_t, grads_t), (loss_r, grads_r), (loss_g, grads_g) = results["truth"], results["reference"], results["grouped"]
+    if not grads_t.keys() == grads_r.keys() == grads_g.keys():
+        return {"ok": False, "error": "different trainable tensors", "reference": sorted(grads_r),
+                "grouped": sorted(grads_g)}  # fmt: skip
+    errors = {n: _rel_err(grads_g[n], r) for n, r in grads_r.items()}  # grouped vs reference, for the record
+    vs_truth = {n: (_rel_err(grads_r[n], t), _rel_err(grads_g[n], t)) for n, t in grads_t.items()}
+    excess = {n: g - (args.truth_ratio * r + args.truth_floor) for n, (r, g) in vs_truth.items()}
     loss_err = abs(loss_g - loss_r) / max(abs(loss_r), 1e-12)
-    worst = max(errors, key=errors.get)
+    worst = max(excess, key=excess.get)
+    rounded_vs_truth = {n: {"reference": round(r, 7), "grouped": round(g, 7)} for n, (r, g) in vs_truth.items()}
     return {
-        "ok": loss_err < args.tol and errors[worst] < args.tol,
+        "ok": loss_err < args.tol and excess[worst] <= 0,
         "tol": args.tol,
+        "truth_ratio": args.truth_ratio,
+        "truth_floor": args.truth_floor,
+        "loss_truth": loss_t,
         "loss_reference": loss_r,
         "loss_grouped": loss_g,
         "loss_rel_err": loss_err,
-        "grad_rel_frobenius_max": errors[worst],
-        "grad_worst": worst,
+        "grad_worst": worst,  # the tensor where grouped comes closest to (or past) its bound
+        "grad_worst_vs_truth": {"reference": vs_truth[worst][0], "grouped": vs_truth[worst][1]},
+        "grad_rel_frobenius_max": max(errors.values()),
         "grad_rel_frobenius": {n: round(e, 7) for n, e in errors.items()},
+        "grad_rel_frobenius_vs_truth": rounded_vs_truth,
         "n_grads": len(errors),
     }
 
@@ -291,7 +341,10 @@ def main() -> None:
     p.add_argument("--lora-alpha", type=float, default=LoraConfig().alpha)
     p.add_argument("--check-layers", type=int, default=2)
     p.add_argument("--check-seq", type=int, default=512)
-    p.add_argument("--tol", type=float, default=2e-2, help="max relative Frobenius error, grouped vs reference")
+    p.add_argument("--tol", type=float, default=2e-2, help="max relative loss error, grouped vs reference")
+    p.add_argument("--truth-ratio", type=float, default=1.25,
+                   help="grouped's gradient error from the float32 truth: at most this x the reference's + floor")
+    p.add_argument("--truth-floor", type=float, default=1e-3, help="absolute slack on that relative Frobenius error")
     p.add_argument("--check-lora-b-std", type=float, default=0.02, help="LoRA B noise for the lora check")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--no-experts-alone", dest="experts_alone", action="store_false")
@@ -310,6 +363,8 @@ def main() -> None:
             result = check(args, device)
         except torch.OutOfMemoryError as e:
             result = {"ok": False, "error": "OOM", "detail": str(e).splitlines()[0][:200]}
+        except Exception as e:  # noqa: BLE001 -- a failed check is a result too; the timings still run
+            result = {"ok": False, "error": type(e).__name__, "detail": traceback.format_exc()[-1500:]}
         _free(device)
         _emit(args.out, {**record, "event": "check", "layers": args.check_layers, "seq_len": args.check_seq,
                          "check_s": time.perf_counter() - t, **result})  # fmt: skip
