@@ -343,7 +343,7 @@ def main() -> None:
     p.add_argument("--check-seq", type=int, default=512)
     p.add_argument("--tol", type=float, default=2e-2, help="max relative loss error, grouped vs reference")
     p.add_argument("--truth-ratio", type=float, default=1.25,
-                   help="grouped's gradient error from the float32 truth: at most this x the reference's + floor")
+                   help="grouped's gradient error from the float32 truth: at most this x the reference's + floor")  # fmt: skip
     p.add_argument("--truth-floor", type=float, default=1e-3, help="absolute slack on that relative Frobenius error")
     p.add_argument("--check-lora-b-std", type=float, default=0.02, help="LoRA B noise for the lora check")
     p.add_argument("--no-check", action="store_true")

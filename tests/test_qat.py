@@ -18,7 +18,7 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
 from rustforge.config import CurriculumPhase, LoraConfig, ModelConfig, QatConfig, RunConfig, from_dict
 from rustforge.model.lora import save_adapter
-from rustforge.model.moe import add_expert_lora
+from rustforge.model.moe import add_expert_lora, lora_param_names
 from rustforge.model.quant import mxfp4_fake_quantize_values, nvfp4_fake_quant
 from rustforge.train.qat import (
     GroupedQatExperts,
@@ -149,6 +149,23 @@ def test_grouped_qat_experts_equal_the_reference_loop(fmt, trainable):
         assert p_g[name].abs().sum() > 0 and p_g[name][E - 1].abs().sum() == 0  # the empty expert: zero
     with fake_quant_disabled(grouped), fake_quant_disabled(reference):  # loss_bf16's function too
         torch.testing.assert_close(grouped(hidden, indices, weights), reference(hidden, indices, weights), **close)
+
+
+def test_reference_loop_merges_lora_in_float32_under_autocast():
+    """Under autocast (bf16 on a GPU) the reference loop's W_e + scaling * A_e @ B_e is still float32, as
+    StackQuantiser and the export merge it: an autocast A_e @ B_e was bf16 and moved merged elements across
+    the quantiser's rounding boundaries (~2x the grouped path's gradient error on a 20b-shaped layer)."""
+    reference, grouped = _qat_pair("mxfp4", "lora")
+    for proj in ("gate_up_proj", "down_proj"):
+        with torch.no_grad():
+            stack = grouped.forward_weights(proj)  # float32 merge and quantiser
+        W, (A, B) = getattr(reference, proj), (getattr(reference, n) for n in lora_param_names(proj))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for e in range(E):
+                assert torch.equal(reference.expert_weight(proj, e).detach(), stack[e]), (proj, e)
+            with fake_quant_disabled(reference):
+                merged = reference.expert_weight(proj, 0).detach()
+        assert merged.dtype == torch.float32 and torch.equal(merged, W[0] + reference.lora_scaling * A[0] @ B[0])
 
 
 def test_stacked_fake_quant_scales_nvfp4_per_expert():

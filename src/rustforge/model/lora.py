@@ -180,9 +180,13 @@ def _unpack_projections(layout, tensors, dtype):
     """(weights, biases or None, LoRA A factors, scaled B factors) in `dtype`, from _LoraProjections' flat args."""
     weights, biases, lora_A, scaled_B = [], [], [], []
     it = iter(tensors)
+
+    def cast(t):  # skipping the no-op .to() saves host time: this runs for every projection of every layer
+        return t if t.dtype == dtype else t.to(dtype)
+
     for has_bias, rank, scaling in layout:
-        weights.append(next(it).to(dtype))
-        biases.append(next(it).to(dtype) if has_bias else None)
+        weights.append(cast(next(it)))
+        biases.append(cast(next(it)) if has_bias else None)
         if rank:
             lora_A.append(next(it).to(dtype))
             scaled_B.append((next(it) * scaling).to(dtype))

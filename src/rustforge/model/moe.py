@@ -31,13 +31,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from rustforge.model.quant import fp8_dequantize, fp8_quantize, mxfp4_dequantize, mxfp4_quantize
-from rustforge.model.triton_dequant import fp8_dequantize_triton, mxfp4_dequantize_triton, triton_dequant_available
+from rustforge.model.triton_dequant import (
+    fp8_dequantize_triton,
+    mxfp4_dequantize_triton,
+    triton_dequant_available,
+    triton_kernels_available,
+)
 from rustforge.model.triton_moe_decode import ExpertWeights, moe_decode, moe_decode_supported
 from rustforge.model.triton_moe_train import (
     combine_rows,
     combine_rows_backward,
-    expert_of_rows,
-    fused_kernels_available,
     low_rank_update_,
     swiglu_backward,
     swiglu_forward,
@@ -211,24 +214,24 @@ class _GroupedLoraLinear(torch.autograd.Function):
     keep every layer's dense experts: build_model sets it only with checkpointing."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, bias, offs, scaling, fmt, storage, keep_dense=False):
+    def forward(ctx, x, lora_A, lora_B, bias, offs, expert_of_row, empty_groups, scaling, fmt, storage, keep_dense=False):
         weight = dense_expert_weight(fmt, storage, x.dtype)
         y = grouped_mm(x, weight, offs)
         aug_A, aug_B, r = _bias_augmented_lora(lora_A, lora_B, bias.to(x.dtype), scaling, x.shape[-1])
         xa = grouped_mm(x, aug_A, offs)  # [S, p]; columns past r are zero
         xa[:, r] = 1
         if _fused(y):  # accumulated in place by one kernel instead of a grouped GEMM into a temporary + add
-            low_rank_update_(y, xa, aug_B, expert_of_rows(offs, y.shape[0]))
+            low_rank_update_(y, xa, aug_B, expert_of_row)
         else:
             y.add_(grouped_mm(xa, aug_B, offs))
-        ctx.save_for_backward(x, xa, offs, lora_A, lora_B, *((weight,) if keep_dense else ()))
+        ctx.save_for_backward(x, xa, offs, expert_of_row, empty_groups, lora_A, lora_B, *((weight,) if keep_dense else ()))
         del weight
         ctx.scaling, ctx.fmt, ctx.storage, ctx.rank, ctx.keep_dense = scaling, fmt, storage, r, keep_dense
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, xa, offs, lora_A, lora_B, *kept = ctx.saved_tensors
+        x, xa, offs, expert_of_row, empty_groups, lora_A, lora_B, *kept = ctx.saved_tensors
         grad_y = grad_y.contiguous()
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
@@ -238,19 +241,19 @@ class _GroupedLoraLinear(torch.autograd.Function):
         if lora_A is not None:
             grad_xa = grouped_mm(grad_y, lora_B.transpose(1, 2), offs).mul_(ctx.scaling)  # [S, r]
             if grad_x is not None and _fused(grad_x):
-                low_rank_update_(grad_x, grad_xa, lora_A.transpose(1, 2), expert_of_rows(offs, grad_x.shape[0]))
+                low_rank_update_(grad_x, grad_xa, lora_A.transpose(1, 2), expert_of_row)
             elif grad_x is not None:
                 grad_x.add_(grouped_mm(grad_xa, lora_A.transpose(1, 2), offs))
             if ctx.needs_input_grad[1]:
-                grad_A = _zero_empty_groups(grouped_mm(x.t(), grad_xa, offs), offs)
+                grad_A = grouped_mm(x.t(), grad_xa, offs).masked_fill_(empty_groups, 0)
             if ctx.needs_input_grad[2]:
                 xa_lora = xa[:, : ctx.rank]
-                grad_B = _zero_empty_groups(grouped_mm(xa_lora.t(), grad_y, offs), offs).mul_(ctx.scaling)
-        return grad_x, grad_A, grad_B, None, None, None, None, None, None
+                grad_B = grouped_mm(xa_lora.t(), grad_y, offs).masked_fill_(empty_groups, 0).mul_(ctx.scaling)
+        return grad_x, grad_A, grad_B, None, None, None, None, None, None, None, None
 
 
 def _fused(t: torch.Tensor) -> bool:
-    return FUSED_KERNELS and fused_kernels_available(t)
+    return FUSED_KERNELS and triton_kernels_available(t)
 
 
 class _GatherSorted(torch.autograd.Function):
@@ -363,10 +366,12 @@ class ExpertRows(NamedTuple):
     inverse: torch.Tensor
     token_of_row: torch.Tensor
     top_k: int
+    expert_of_row: torch.Tensor  # int32 [S]: the expert of each sorted row
+    empty_groups: torch.Tensor  # bool [E, 1, 1]: experts with no rows (their K-grouped GEMM output is undefined)
 
 
 def sort_by_expert(router_indices: torch.Tensor, num_experts: int) -> ExpertRows:
-    """One stable sort per layer; gate_up and down reuse the permutation and the offsets."""
+    """One stable sort per layer; gate_up and down, forward and backward reuse everything derived from it."""
     top_k = router_indices.shape[1]
     expert_ids = router_indices.reshape(-1)
     sorted_ids, perm = torch.sort(expert_ids, stable=True)
@@ -374,22 +379,23 @@ def sort_by_expert(router_indices: torch.Tensor, num_experts: int) -> ExpertRows
     offs = torch.searchsorted(sorted_ids, all_experts, right=True, out_int32=True)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-    return ExpertRows(offs, perm, inverse, perm // top_k, top_k)
+    empty = (torch.diff(offs, prepend=offs.new_zeros(1)) == 0).view(-1, 1, 1)
+    return ExpertRows(offs, perm, inverse, perm // top_k, top_k, sorted_ids.to(torch.int32), empty)
 
 
 def experts_on_sorted_rows(hidden_states, router_indices, routing_weights, num_experts, dtype, alpha, limit, project):
     """transformers' expert math over expert-sorted rows, computed in `dtype`: gather, gate_up projection,
-    clamped SwiGLU, down projection, routing weights, sum per token. `project(proj, x, offs)` applies one
+    clamped SwiGLU, down projection, routing weights, sum per token. `project(proj, x, rows)` applies one
     projection (bias included) to sorted rows [S, in] -> [S, out]; GroupedExperts and QAT's grouped experts
     (model/qat_moe.py) differ only there."""
     rows = sort_by_expert(router_indices, num_experts)
     # compute in the model dtype whatever the residual stream carries: an fp32 input here would
     # send every expert GEMM down the fp32 per-expert loop (seen on the H100, 2026-11-25)
     x = _GatherSorted.apply(hidden_states.to(dtype), rows.token_of_row, rows.inverse, rows.top_k)
-    gate_up = project("gate_up_proj", x, rows.offs)
+    gate_up = project("gate_up_proj", x, rows)
     gated = _ClampedSwiGLU.apply(gate_up, alpha, limit)
     del gate_up  # saved by _ClampedSwiGLU when it is needed; the tiled path's peak is lower without it
-    out = project("down_proj", gated, rows.offs)
+    out = project("down_proj", gated, rows)
     return _WeightedSumUnsorted.apply(out, routing_weights, rows, hidden_states.dtype)
 
 
@@ -670,7 +676,7 @@ class GroupedExperts(nn.Module):
             return None, None
         return lora_A.to(dtype), lora_B.to(dtype)
 
-    def _project(self, proj: str, x, offs, dense: dict | None = None):
+    def _project(self, proj: str, x, rows: ExpertRows, dense: dict | None = None):
         lora_A, lora_B = self._lora(proj, x.dtype)
         if dense is None:
             fmt, storage = self.fmt, tuple(t.detach() for t in self.storage(proj))
@@ -678,7 +684,8 @@ class GroupedExperts(nn.Module):
             fmt, storage = "bf16", (dense[proj],)
         bias = getattr(self, f"{proj}_bias").detach()
         return _GroupedLoraLinear.apply(
-            x, lora_A, lora_B, bias, offs, self.lora_scaling, fmt, storage, self.keep_dense_for_backward
+            x, lora_A, lora_B, bias, rows.offs, rows.expert_of_row, rows.empty_groups, self.lora_scaling, fmt, storage,
+            self.keep_dense_for_backward,
         )
 
     def dense_weights(self) -> dict:
@@ -703,7 +710,7 @@ class GroupedExperts(nn.Module):
         """The experts over all given tokens at once (`dense`: pre-dequantised weights, else from storage)."""
         return experts_on_sorted_rows(
             hidden_states, router_indices, routing_weights, self.num_experts, self.dtype, self.alpha, self.limit,
-            lambda proj, x, offs: self._project(proj, x, offs, dense),
+            lambda proj, x, rows: self._project(proj, x, rows, dense),
         )  # fmt: skip
 
     # ---- decode (inference with few rows)

@@ -9,7 +9,7 @@ quantiser (STE) to float32 master weights or to an expert LoRA.
 - `GroupedQatExperts`: the same parameters and function over grouped GEMMs. Per layer and forward each
   projection is fake-quantised once for all experts (`fake_quant` over the [E, in, out] stack along `in`,
   a few experts at a time into one [E, in, out] tensor in the compute dtype), then moe.py's expert-sorted
-  rows (`experts_on_sorted_rows`: sort, `_GatherSorted`, `_ClampedSwiGLU`, `_SumUnsorted`) and its
+  rows (`experts_on_sorted_rows`: sort, `_GatherSorted`, `_ClampedSwiGLU`, `_WeightedSumUnsorted`) and its
   `grouped_mm` do the rest. The backward recomputes the quantised stack instead of keeping every layer's
   (one projection's at a time is alive), and gives the masters their STE gradient as one K-grouped GEMM:
   dL/dW_e = x_e^T @ dy_e over the same offsets. With `trainable: lora` the forward forms W_e + scaling *
@@ -182,11 +182,11 @@ class GroupedQatExperts(QatExperts):
         dtype = compute_dtype(self.gate_up_proj)
         quantiser = self.quantiser()
 
-        def project(proj: str, x, offs):
+        def project(proj: str, x, rows):
             name_A, name_B = lora_param_names(proj)
             return _FakeQuantGroupedLinear.apply(
                 x, getattr(self, proj), getattr(self, name_A), getattr(self, name_B),
-                getattr(self, f"{proj}_bias").detach(), offs, quantiser,
+                getattr(self, f"{proj}_bias").detach(), rows.offs, quantiser,
             )  # fmt: skip
 
         return experts_on_sorted_rows(

@@ -13,6 +13,8 @@ machines without Triton or a GPU.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -22,8 +24,17 @@ except ImportError:  # CPU-only installs: the torch reference path is used
     triton = None
 
 
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (the kernel tests); read once
+
+
 def triton_dequant_available(t: torch.Tensor) -> bool:
     return triton is not None and t.is_cuda
+
+
+def triton_kernels_available(t: torch.Tensor) -> bool:
+    """Whether `t` can go through the training kernels (SwiGLU, routing sums, RMSNorm, loss softmax): natively
+    on a GPU, or on any device under Triton's interpreter (how the CPU tests run them)."""
+    return triton is not None and (t.is_cuda or INTERPRETING)
 
 
 if triton is not None:

@@ -17,9 +17,9 @@ Tests: tests/test_loss.py (TRITON_INTERPRET on a CPU, natively on the GPU).
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from rustforge.model.triton_dequant import triton_kernels_available
 
 try:
     import triton
@@ -32,9 +32,7 @@ _VOCAB_BLOCK = 4096
 
 def loss_kernels_available(t: torch.Tensor) -> bool:
     """Native GPU path, or any device under the Triton interpreter (how the CPU tests run these kernels)."""
-    if triton is None or t.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return False
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return t.dtype in (torch.bfloat16, torch.float16, torch.float32) and triton_kernels_available(t)
 
 
 if triton is not None:

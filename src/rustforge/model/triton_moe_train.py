@@ -19,15 +19,15 @@ kernel here reads its inputs once and writes its outputs once, computing in floa
 Own code because torch has no fused op for these (torch.compile would fuse the SwiGLU but not the
 index-driven sums, and it does not trace our grouped-GEMM autograd Functions without graph breaks).
 Tests: tests/test_triton_moe_train.py, against the torch references, under TRITON_INTERPRET on a CPU
-and natively on the GPU. `fused_kernels_available(t)` says whether a tensor can take this path; this
-module imports on machines without Triton or a GPU.
+and natively on the GPU. `triton_dequant.triton_kernels_available(t)` says whether a tensor can take this
+path; this module imports on machines without Triton or a GPU.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from rustforge.model.triton_dequant import INTERPRETING
 
 try:
     import triton
@@ -39,11 +39,6 @@ _SWIGLU_BLOCK = 1024  # output elements per program
 _ROW_BLOCK = 1024  # hidden columns per loop step of the row kernels
 
 
-def fused_kernels_available(t: torch.Tensor) -> bool:
-    """Native GPU path, or any device under the Triton interpreter (how the CPU tests run these kernels)."""
-    if triton is None:
-        return False
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:
@@ -211,12 +206,6 @@ def combine_rows_backward(grad: torch.Tensor, rows: torch.Tensor, weights: torch
     return grad_rows, grad_weights
 
 
-def expert_of_rows(offs: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """int32 [n_rows]: the expert of each expert-sorted row, from the cumulative group ends `offs`."""
-    rows = torch.arange(n_rows, device=offs.device, dtype=offs.dtype)
-    return torch.searchsorted(offs, rows, right=True).to(torch.int32)
-
-
 def low_rank_update_(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, expert_of_row: torch.Tensor) -> torch.Tensor:
     """In place: y[i] += u[i] @ b[expert_of_row[i]] (float32 accumulation, one rounding to y's dtype).
 
@@ -233,5 +222,5 @@ def low_rank_update_(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, expert_o
         _low_rank_update_kernel[grid](y, u, b, expert_of_row.contiguous(), S, N, P, y.stride(0), u.stride(0),
                                       b.stride(0), b.stride(1), b.stride(2), BLOCK_M=block_m, BLOCK_N=block_n,
                                       BLOCK_P=max(16, triton.next_power_of_2(P)),
-                                      DOT_F32=os.environ.get("TRITON_INTERPRET") == "1" or y.dtype == torch.float32)
+                                      DOT_F32=INTERPRETING or y.dtype == torch.float32)
     return y

@@ -12,10 +12,10 @@ Tests: tests/test_triton_rmsnorm.py (TRITON_INTERPRET on a CPU, natively on the 
 
 from __future__ import annotations
 
-import os
-
 import torch
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+
+from rustforge.model.triton_dequant import triton_kernels_available
 
 try:
     import triton
@@ -28,9 +28,7 @@ FUSED_NORMS = True  # False: every FusedRMSNorm runs transformers' forward
 
 def rmsnorm_kernels_available(t: torch.Tensor) -> bool:
     """Native GPU path, or any device under the Triton interpreter (how the CPU tests run these kernels)."""
-    if triton is None or t.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return False
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return t.dtype in (torch.bfloat16, torch.float16, torch.float32) and triton_kernels_available(t)
 
 
 if triton is not None:
