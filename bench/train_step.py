@@ -501,6 +501,12 @@ PLANS = {
         "--case ours --fmt fp8 --no-ckpt --seqs 4096 --warmup 2 --iters 5",
         "--case ours --fmt mxfp4 --no-ckpt --unfused --seqs 4096 --warmup 1 --iters 3",
     ],
+    # the 4K comparison's key rows again (after the host-side trims): baseline, bf16 and MXFP4 without checkpointing
+    "final_4k_short": [
+        "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 3",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6",
+        "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 2 --iters 6",
+    ],
     "final_grid": [
         "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 2",
         "--case ours --fmt mxfp4 --seqs 4096,16384,32768,65536 --warmup 1 --iters 2",
