@@ -226,7 +226,31 @@ def test_cuda_softmax_kernels_match_the_torch_path(dtype, tol):
     assert result["ok"], result
 
 
+def check_autocast_forward(device: str) -> dict:
+    """float32 inputs, forward under bf16 autocast (bf16 logits kept), backward outside it: kernels == torch path."""
+    hidden, weight, labels = make_inputs(torch.float32, ignore=IGNORED)
+    results = {}
+    for variant, fused, keep in (("torch", False, 0), ("kept logits", True, 1 << 40)):
+        loss_module.FUSED_SOFTMAX = fused
+        h, w = hidden.detach().clone().to(device).requires_grad_(), weight.detach().clone().to(device).requires_grad_()
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            out = chunked_token_logprobs(h, w, labels.to(device), chunk_size=16, keep_logits_bytes=keep)
+        results[variant] = (out.detach(), *torch.autograd.grad(out.sum(), (h, w)))
+    loss_module.FUSED_SOFTMAX = True
+    errs = {name: float((a.double() - b.double()).abs().max() / b.double().abs().max())
+            for name, a, b in zip(("logprobs", "grad_hidden", "grad_weight"), results["kept logits"], results["torch"])}
+    # bf16 logits both ways in forward; the torch path's backward recomputes them in float32: bf16-level differences
+    return {"ok": all(e <= 3e-2 for e in errs.values()) and results["kept logits"][1].dtype == torch.float32, **errs}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_autocast_forward_with_kept_logits():
+    result = check_autocast_forward("cuda")
+    assert result["ok"], result
+
+
 if __name__ == "__main__":  # the interpreter run (TRITON_INTERPRET=1 set by the caller)
-    result = check_fused_softmax(torch.float32, "cpu", vocab=5000, tol=1e-5)
-    print(result)
-    sys.exit(0 if result["ok"] else 1)
+    results = [check_fused_softmax(torch.float32, "cpu", vocab=5000, tol=1e-5), check_autocast_forward("cpu")]
+    print(results)
+    sys.exit(0 if all(r["ok"] for r in results) else 1)

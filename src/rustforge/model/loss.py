@@ -147,6 +147,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             if _fused(hidden):
                 logits = kept[i] if kept else hidden_chunk @ weight.T  # kept: the forward's, overwritten in place
                 grad_logits = softmax_grad_(logits, lse[chunk], row_targets[chunk], row_scale[chunk], ctx.temperature)
+                # a forward under autocast kept bf16 logits of float32 inputs; the backward runs without autocast
+                grad_logits = grad_logits.to(hidden.dtype)
             else:
                 grad_logits = _chunk_logits(hidden_chunk, weight, ctx.temperature)
                 grad_logits.sub_(lse[chunk, None]).exp_()  # softmax
