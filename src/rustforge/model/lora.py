@@ -106,8 +106,9 @@ class _LoraProjections(torch.autograd.Function):
     The LoRA term is accumulated into the base GEMM's output by the GEMM itself (addmm_ with beta=1), not
     by a scale and an add over [N, out]; the A factors of all projections share one GEMM and one read of
     x each way (q, k and v of an attention layer take one call). Saves x and x @ A^T [N, sum r]; the
-    frozen weights are held on ctx by reference, so activation offloading never copies them. Computes in the autocast dtype when autocast is on (as
-    F.linear would), the LoRA parameters cast to it (PEFT's float32 adapters)."""
+    frozen weights are held on ctx by reference, so activation offloading never copies them. Computes in
+    the autocast dtype when autocast is on (as F.linear would), the LoRA parameters cast to it (PEFT's
+    float32 adapters). Own code: PEFT's lora.Linear runs the scale and the add as separate passes."""
 
     @staticmethod
     def forward(ctx, x, layout, *tensors):
