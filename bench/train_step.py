@@ -6,9 +6,15 @@ steps (forward, backward, AdamW) at increasing sequence lengths until one runs o
 case starts with an empty GPU. Before timing, the GPU-marked correctness tests (our kernels vs their
 references, forward and gradients) run on the same GPU.
 
-    python bench/train_step.py --plan main   --out results.jsonl     # checks + ours (bf16/fp8/mxfp4) + baseline
-    python bench/train_step.py --plan long   --out results.jsonl     # largest context that fits
+    python bench/train_step.py --plan final_4k   --out results.jsonl   # the 4K comparison (session 4)
+    python bench/train_step.py --plan final_grid --out results.jsonl   # checkpointed 4K-64K, every format
+    python bench/train_step.py --plan long_tiled --out results.jsonl   # largest context (offload + tiles)
     python bench/train_step.py --case ours --fmt mxfp4 --seqs 4096 --shape tiny --device cpu   # smoke test
+
+`--unfused` runs a case on session 3's code paths (set_fused_kernels(False), unfused AdamW) for a same-run
+A/B; every step's time and the host time to issue it (`enqueue_s`) are in the records, and a plan logs SM
+clocks and power beside them (`<out>.smi.csv`); `--profile-seq N` writes a kernel table and the dense GEMMs by
+shape.
 
 Useful FLOPs per token = 2*N_active (forward) + 2*N_active (backward to activations; the base is frozen, so
 no weight gradients) + attention scores and values (forward 4*T_k*d per head, backward twice that), not
