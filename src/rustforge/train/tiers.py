@@ -53,9 +53,11 @@ The 524288 pageable + tiles run ran out of GPU memory (79.0 GiB in use asking 5.
 largest come from the ladder of powers of two and 1.5 x powers of two (the lengths measured).
 
 Without checkpointing (GPU): every layer's activations stay alive; NO_CHECKPOINT_FACTOR (x layers x layer
-width x 2 B per token) and NO_CHECKPOINT_OFFSET_GIB are solved from 4096 -> 37.2 GiB and 8192 -> 52.9 GiB (H100,
-MXFP4, r16; bench/RESULTS.md). A stage that fits without checkpointing gets a plan note saying so: at 4K it is
-36% faster on the H100 (10373 vs 7611 tok/s in the same run).
+width x 2 B per token) and NO_CHECKPOINT_OFFSET_GIB are solved from 4096 -> 31.6 GiB and 8192 -> 47.8 GiB (H100,
+MXFP4, r16, session 4's fused kernels; bench/RESULTS.md). A stage that fits without checkpointing gets a plan
+note saying so: at 4K it is 48% faster on the H100 (16742 vs 11302 tok/s in the same run, session 4 run 3).
+The checkpointed and long-context calibrations below are session 3's: conservative for session 4's code
+(its peaks are 2-13 GiB lower), so the plan still stops at 384K where 448K now fits.
 
 QAT (stage qat): train/qat.py merges the adapter into float32 expert masters, so the weights term is the
 non-expert parameters in the model dtype + every expert parameter at 4 B (71 GiB on the 20B model), and with
@@ -100,8 +102,8 @@ TILED_CALIBRATION_PEAKS_GIB = {262144: 45.3, 393216: 60.9}
 TILED_CALIBRATION_TILE_TOKENS = 16384
 HOST_CALIBRATION_PEAK_GIB = (393216, 82.0)  # pageable offload + tiles: host RAM peak (`free`), 125 GiB host
 LONG_CONTEXT_TILE_TOKENS = 16384  # what the long-context pick sets model.moe_tile_tokens to
-NO_CHECKPOINT_PEAKS_GIB = {4096: 37.2, 8192: 52.9}  # MXFP4, r=16, flex, chunk 4096, checkpointing OFF
-NO_CHECKPOINT_SPEEDUP = 10373 / 7611  # 4K tok/s without / with checkpointing, same H100 run (RESULTS.md grid)
+NO_CHECKPOINT_PEAKS_GIB = {4096: 31.6, 8192: 47.8}  # MXFP4, r=16, flex, chunk 4096, checkpointing OFF (session 4)
+NO_CHECKPOINT_SPEEDUP = 16742 / 11302  # 4K tok/s without / with checkpointing, same H100 run (session 4, run 3)
 VLLM_OVERHEAD_GIB = 2.0  # vLLM's CUDA graphs, sampler and activation workspace (not measured here)
 USABLE_FRACTION, CUDA_CONTEXT_GIB = 0.95, 0.5
 HOST_USABLE_FRACTION = 0.8  # the CPU tier shares the host with the OS and data workers
