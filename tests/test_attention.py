@@ -10,7 +10,10 @@ import pytest
 import torch
 from torch import nn
 from transformers import GptOssForCausalLM
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+)
 from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
 
 from rustforge.model.attention import (
@@ -349,23 +352,41 @@ def _lora_pair(device):
     return models
 
 
+def _count_qkv_calls(monkeypatch) -> list[int]:
+    """Counts lora_projections calls over three projections (PackedFlexAttention's q/k/v), as a one-item list."""
+    from rustforge.model import lora
+
+    calls, original = [0], lora.lora_projections
+
+    def counted(x, projections):
+        calls[0] += len(projections) == 3
+        return original(x, projections)
+
+    monkeypatch.setattr(lora, "lora_projections", counted)
+    return calls
+
+
 @cpu_flex
 @torch.no_grad()
-def test_packed_flex_attention_equals_transformers_forward_on_cpu():
+def test_packed_flex_attention_equals_transformers_forward_on_cpu(monkeypatch):
     plain, packed = _lora_pair("cpu")
+    calls = _count_qkv_calls(monkeypatch)
     input_ids = torch.randint(0, 512, DOC_IDS.shape, generator=torch.Generator().manual_seed(2))
     masks = build_attention_masks(DOC_IDS, plain.config.sliding_window, "flex")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         want = plain(input_ids=input_ids, attention_mask=masks).logits
+        assert calls[0] == 0
         got = packed(input_ids=input_ids, attention_mask=masks).logits
+    assert calls[0] == packed.config.num_hidden_layers  # the packed forward ran, not transformers' fallback
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
 @gpu
-def test_packed_flex_attention_equals_transformers_forward_on_cuda_with_gradients():
+def test_packed_flex_attention_equals_transformers_forward_on_cuda_with_gradients(monkeypatch):
     plain, packed = _lora_pair("cuda")
+    calls = _count_qkv_calls(monkeypatch)
     doc_ids = GPU_DOC_IDS.cuda()
     input_ids = torch.randint(0, 512, doc_ids.shape, generator=torch.Generator().manual_seed(3)).cuda()
     masks = build_attention_masks(doc_ids, plain.config.sliding_window, "flex")
@@ -375,6 +396,7 @@ def test_packed_flex_attention_equals_transformers_forward_on_cuda_with_gradient
         logits[doc_ids >= 0].square().mean().backward()
         results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (want, want_grads), (got, got_grads) = results
+    assert calls[0] == packed.config.num_hidden_layers
     assert want_grads.keys() == got_grads.keys() and any("lora_A" in n for n in got_grads)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     for name, grad in want_grads.items():

@@ -14,14 +14,11 @@ bench/check_moe_decode.py runs `check_moe_decode` on the 20B shape and times the
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from triton_interpreter import needs_triton, run_under_interpreter
 
 from rustforge.model import moe
 from rustforge.model import triton_moe_decode as md
@@ -227,14 +224,9 @@ def test_reference_of_no_rows():
     assert out.shape == (0, 64)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its CPU interpreter)")
+@needs_triton
 def test_kernels_under_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    command = [sys.executable, __file__]
-    done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_under_interpreter(__file__, timeout=1200)
 
 
 # ------------------------------------------------------------------------------------------- GPU

@@ -11,14 +11,13 @@ gradients, and GroupedExperts with the kernels against GroupedExperts without th
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from triton_interpreter import needs_triton, run_under_interpreter
 
 from rustforge.model import moe
 from rustforge.model import triton_moe_train as tk
@@ -44,6 +43,30 @@ def _swiglu_inputs(S: int, I: int, dtype, device, seed: int):
     gate_up = torch.randn(S, 2 * I, generator=g) * 5  # past the clamp at 7 on both sides, and at it exactly
     gate_up[0, :4] = torch.tensor([LIMIT, LIMIT, -LIMIT, -LIMIT])
     return gate_up.to(dtype).to(device), torch.randn(S, I, generator=g).to(dtype).to(device)
+
+
+KERNEL_ENTRY_POINTS = ("swiglu_forward", "swiglu_backward", "combine_rows", "combine_rows_backward", "low_rank_update_")
+
+
+@contextlib.contextmanager
+def _counting(module, names):
+    """Counts the calls of module.<name> for each name (wrapping them for the duration)."""
+    counts = dict.fromkeys(names, 0)
+    originals = {name: getattr(module, name) for name in names}
+
+    def wrap(name):
+        def counted(*args, **kwargs):
+            counts[name] += 1
+            return originals[name](*args, **kwargs)
+        return counted
+
+    for name in names:
+        setattr(module, name, wrap(name))
+    try:
+        yield counts
+    finally:
+        for name, fn in originals.items():
+            setattr(module, name, fn)
 
 
 # --------------------------------------------------------------------------------- the checks
@@ -114,19 +137,22 @@ def check_grouped_experts(fmt: str, dtype, device, tol: float, n_tokens: int = 3
     indices, weights = _routing(n_tokens, 2, module.num_experts, device, seed=5)
     x = torch.randn(n_tokens, module.hidden_size, generator=torch.Generator().manual_seed(6)).to(device)
     grad_out = torch.randn_like(x)
-    results = {}
+    results, calls = {}, {}
     for fused in (False, True):
         moe.FUSED_KERNELS = fused
         xs, ws = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
         for p in module.lora_parameters():
             p.grad = None
-        out = module(xs, indices, ws)
-        out.backward(grad_out)
+        with _counting(moe, KERNEL_ENTRY_POINTS) as calls[fused]:
+            out = module(xs, indices, ws)
+            out.backward(grad_out)
         results[fused] = {"out": out.detach(), "x": xs.grad, "w": ws.grad,
                           **{f"lora{i}": p.grad.clone() for i, p in enumerate(module.lora_parameters())}}
     moe.FUSED_KERNELS = True
     errs = {k: _rel_err(results[True][k], results[False][k]) for k in results[False]}
-    return {"ok": all(e <= tol for e in errs.values()), **errs}
+    # the comparison means something only if the fused run took every kernel and the other took none
+    took_paths = all(calls[True].values()) and not any(calls[False].values())
+    return {"ok": took_paths and all(e <= tol for e in errs.values()), "kernel_calls": calls[True], **errs}
 
 
 def interpreter_cases():
@@ -165,13 +191,9 @@ def test_cpu_tensors_take_the_torch_path():
     assert not triton_kernels_available(torch.zeros(1)) or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its CPU interpreter)")
+@needs_triton
 def test_kernels_under_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root / "src"), str(root), env.get("PYTHONPATH")) if p)
-    done = subprocess.run([sys.executable, __file__], check=False, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_under_interpreter(__file__)
 
 
 # ----------------------------------------------------------------------------------------------- GPU

@@ -22,8 +22,16 @@ from transformers import GptOssForCausalLM
 from transformers.models.gpt_oss.modeling_gpt_oss import load_balancing_loss_func
 
 from rustforge.config import LoraConfig, ModelConfig
-from rustforge.model.attention import build_attention_masks, install_packed_flex_attention, register_flex_attention
-from rustforge.model.loss import chunked_cross_entropy, chunked_token_logprobs, valid_rows
+from rustforge.model.attention import (
+    build_attention_masks,
+    install_packed_flex_attention,
+    register_flex_attention,
+)
+from rustforge.model.loss import (
+    chunked_cross_entropy,
+    chunked_token_logprobs,
+    valid_rows,
+)
 from rustforge.model.presets import get_preset, hf_config
 
 

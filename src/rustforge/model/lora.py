@@ -117,7 +117,7 @@ class _LoraProjections(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         with torch.autocast(device_type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            weights, biases, lora_A, scaled_B = _unpack_projections(layout, tensors, dtype)
+            weights, biases, lora_A, scaled_B, lora_dtype = _unpack_projections(layout, tensors, dtype)
             xa = x2 @ torch.cat(lora_A).t() if lora_A else None
             outs, col = [], 0
             for (_, rank, _), weight, bias, b in zip(layout, weights, biases, scaled_B):
@@ -127,7 +127,7 @@ class _LoraProjections(torch.autograd.Function):
                     col += rank
                 outs.append(y.view(*x.shape[:-1], y.shape[-1]))
         ctx.layout, ctx.x_dtype, ctx.x_shape = layout, x.dtype, x.shape
-        ctx.lora_dtype = next((t.dtype for t, role in zip(tensors, _roles(layout)) if role == "A"), None)
+        ctx.lora_dtype = lora_dtype
         ctx.weights = weights  # by reference, not saved: activation offloading must not copy weights to the host
         ctx.save_for_backward(x2, xa, *lora_A, *(b for b in scaled_B if b is not None))
         return tuple(outs)
@@ -169,17 +169,10 @@ class _LoraProjections(torch.autograd.Function):
         return tuple(out)
 
 
-def _roles(layout) -> list[str]:
-    """What each flat argument of _LoraProjections is: "W", "b", "A" or "B"."""
-    roles = []
-    for has_bias, rank, _ in layout:
-        roles += ["W"] + ["b"] * has_bias + ["A", "B"] * bool(rank)
-    return roles
-
-
 def _unpack_projections(layout, tensors, dtype):
-    """(weights, biases or None, LoRA A factors, scaled B factors) in `dtype`, from _LoraProjections' flat args."""
-    weights, biases, lora_A, scaled_B = [], [], [], []
+    """(weights, biases or None, LoRA A factors, scaled B factors) in `dtype`, from _LoraProjections' flat args,
+    and the LoRA parameters' own dtype (their gradients' dtype; None without LoRA)."""
+    weights, biases, lora_A, scaled_B, lora_dtype = [], [], [], [], None
     it = iter(tensors)
 
     def cast(t):  # skipping the no-op .to() saves host time: this runs for every projection of every layer
@@ -189,11 +182,13 @@ def _unpack_projections(layout, tensors, dtype):
         weights.append(cast(next(it)))
         biases.append(cast(next(it)) if has_bias else None)
         if rank:
-            lora_A.append(next(it).to(dtype))
+            a = next(it)
+            lora_A.append(a.to(dtype))
             scaled_B.append((next(it) * scaling).to(dtype))
+            lora_dtype = a.dtype
         else:
             scaled_B.append(None)
-    return weights, biases, lora_A, scaled_B
+    return weights, biases, lora_A, scaled_B, lora_dtype
 
 
 def lora_projections(x: torch.Tensor, projections: list[nn.Module]) -> tuple[torch.Tensor, ...]:

@@ -19,7 +19,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rustforge.model.triton_loss import logsumexp_and_target, loss_kernels_available, softmax_grad_
+from rustforge.model.triton_loss import (
+    logsumexp_and_target,
+    loss_kernels_available,
+    softmax_grad_,
+)
 
 IGNORE_INDEX = -100
 FUSED_SOFTMAX = True  # on the GPU, the softmax passes as one-pass kernels over the bf16 logits (model/triton_loss.py)

@@ -30,14 +30,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rustforge.model.quant import fp8_dequantize, fp8_quantize, mxfp4_dequantize, mxfp4_quantize
+from rustforge.model.quant import (
+    fp8_dequantize,
+    fp8_quantize,
+    mxfp4_dequantize,
+    mxfp4_quantize,
+)
 from rustforge.model.triton_dequant import (
     fp8_dequantize_triton,
     mxfp4_dequantize_triton,
     triton_dequant_available,
     triton_kernels_available,
 )
-from rustforge.model.triton_moe_decode import ExpertWeights, moe_decode, moe_decode_supported
+from rustforge.model.triton_moe_decode import (
+    ExpertWeights,
+    moe_decode,
+    moe_decode_supported,
+)
 from rustforge.model.triton_moe_train import (
     combine_rows,
     combine_rows_backward,
