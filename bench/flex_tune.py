@@ -3,7 +3,8 @@
 One attention layer of GPT-OSS-20B (64 query heads, 8 KV heads, head_dim 64) over a packed batch of
 `--docs` documents, for both layer types (full causal and the 128-token sliding window), timed through
 model/attention.flex_attention_with_rope_and_sinks compiled as the model compiles it, with each
-`kernel_options` candidate passed to flex_attention. Prints and appends one JSON line per (options,
+`kernel_options` candidate passed to flex_attention (dynamo is reset between candidates: session 4's
+run compiled them all into one cache and its last candidate ran past the recompile limit, unfused). Prints and appends one JSON line per (options,
 layer type): forward ms, forward + backward ms, and the largest difference from the default options'
 output and gradients (a candidate must not change the result).
 
@@ -20,14 +21,20 @@ import torch
 
 from rustforge.model import attention
 
-CANDIDATES = {
+CANDIDATES = {  # fwd_/bwd_ prefixes apply an option to one direction only (torch's FlexKernelOptions)
     "default": {},
-    "fwd64x64": {"BLOCK_M": 64, "BLOCK_N": 64},
-    "fwd128x64_w8": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8},
-    "fwd64x128": {"BLOCK_M": 64, "BLOCK_N": 128},
-    "bwd64": {"BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64},
-    "bwd32x64": {"BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32},
-    "fwd64x64_bwd64": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64},
+    "fwd64x64": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64},
+    "fwd64x64_w4": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4},
+    "fwd64x64_s3": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 3},
+    "fwd128x64_w8": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 8},
+    "fwd64x128": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128},
+    "contiguous": {"BLOCKS_ARE_CONTIGUOUS": True},
+    "fwd64x64_contiguous": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "BLOCKS_ARE_CONTIGUOUS": True},
+    "tma": {"USE_TMA": True},
+    "bwd32x64": {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32},
+    "bwd64x64": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64},
+    "bwd64x128": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 64},
+    "bwd_w4": {"bwd_num_warps": 4},
 }
 
 
@@ -88,6 +95,7 @@ def main() -> None:
                                       return_aux=AuxRequest(lse=True), kernel_options=options or None)
             return attention.apply_sinks(out, aux.lse, sinks_).transpose(1, 2).contiguous()
 
+        torch._dynamo.reset()  # each candidate its own compile: past recompile_limit dynamo runs flex unfused
         compiled = torch.compile(attend, dynamic=False)
         for layer_type, mask in masks.items():
             rec = {"options": name, "kernel_options": options, "layer": layer_type, "seq": args.seq, "docs": args.docs}
