@@ -119,6 +119,16 @@ def set_fused_kernels(on: bool) -> None:
     moe.FUSED_KERNELS = loss.FUSED_SOFTMAX = triton_rmsnorm.FUSED_NORMS = lora.FUSED_PROJECTIONS = on
 
 
+def use_session4_paths() -> None:
+    """Session 5's changes off, for a same-run A/B: torch's default flex forward blocks, gate_up's LoRA term
+    written by low_rank_update_ before the SwiGLU instead of added inside it, the expert LoRA's skinny GEMMs
+    on grouped_mm instead of model/triton_expert_lora.py."""
+    from rustforge.model import attention, moe
+
+    attention.FLEX_KERNEL_OPTIONS = {}
+    moe.DEFER_GATE_UP_LORA = moe.TRITON_EXPERT_LORA = False
+
+
 def step_ours(model, opt, batch, device):
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         out = model(**batch)
@@ -180,6 +190,8 @@ def run_case(args) -> None:
 
         moe.TRITON_DEQUANT = False
         record["dequant"] = "torch"
+    if args.unfused or args.session4_paths:
+        use_session4_paths()
     if args.unfused:
         set_fused_kernels(False)
         record["fused"] = False
@@ -513,6 +525,13 @@ PLANS = {
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6",
         "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 2 --iters 6",
     ],
+    # session 5: flex forward blocks, gate_up's LoRA inside the SwiGLU kernels; A/B against session 4's paths
+    "s5": [
+        "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 3",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6 --profile-seq 4096",
+        "--case ours --fmt bf16 --no-ckpt --session4-paths --seqs 4096 --warmup 2 --iters 6",
+        "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 2 --iters 6",
+    ],
     "final_grid": [
         "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 2",
         "--case ours --fmt mxfp4 --seqs 4096,16384,32768,65536 --warmup 1 --iters 2",
@@ -598,6 +617,7 @@ def main() -> None:
     p.add_argument("--memory-phases", default="", help="sequence lengths to split memory by phase")
     p.add_argument("--peak-census-seq", type=int, default=0, help="list what is live at the peak of a step")
     p.add_argument("--torch-dequant", action="store_true", help="dequantise experts with the torch reference")
+    p.add_argument("--session4-paths", action="store_true", help="session 5's changes off (use_session4_paths)")
     p.add_argument("--unfused", action="store_true",
                    help="session 3's paths: no fused kernels, LoRA projections or fused AdamW (see set_fused_kernels)")
     p.add_argument("--no-keep-dense", action="store_true",

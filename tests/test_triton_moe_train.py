@@ -45,7 +45,15 @@ def _swiglu_inputs(S: int, I: int, dtype, device, seed: int):
     return gate_up.to(dtype).to(device), torch.randn(S, I, generator=g).to(dtype).to(device)
 
 
-KERNEL_ENTRY_POINTS = ("swiglu_forward", "swiglu_backward", "combine_rows", "combine_rows_backward", "low_rank_update_")
+KERNEL_ENTRY_POINTS = ("swiglu_forward", "swiglu_backward", "swiglu_low_rank_backward", "combine_rows",
+                       "combine_rows_backward", "low_rank_update_", "rows_times_expert_matrix",
+                       "expert_transposed_product")
+# one GroupedExperts forward + backward with the fused kernels: gate_up's LoRA + bias term rides in the SwiGLU
+# kernels, so low_rank_update_ runs for down's forward and the two input gradients only, and x @ A's Triton
+# kernel for both forwards and down's grad_y @ B^T (gate_up's comes out of the SwiGLU backward)
+FUSED_CALLS = {"swiglu_forward": 1, "swiglu_backward": 0, "swiglu_low_rank_backward": 1, "combine_rows": 2,
+               "combine_rows_backward": 1, "low_rank_update_": 3, "rows_times_expert_matrix": 3,
+               "expert_transposed_product": 4}
 
 
 @contextlib.contextmanager
@@ -79,6 +87,29 @@ def check_swiglu(S: int, I: int, dtype, device, tol: float) -> dict:
     got_grad = tk.swiglu_backward(gate_up, grad_out, ALPHA, LIMIT)
     errs = {"forward": _rel_err(got, want), "grad": _rel_err(got_grad, leaf.grad)}
     ok = got.dtype == dtype and got_grad.dtype == dtype and all(e <= tol for e in errs.values())
+    return {"ok": ok, **errs}
+
+
+def check_swiglu_low_rank(S: int, I: int, P: int, E: int, dtype, device, tol: float) -> dict:
+    """swiglu_forward / swiglu_low_rank_backward with a deferred low-rank term against the reference on
+    y = gate_up + u @ b[expert] (rounded to dtype, as low_rank_update_ would store it), and u's gradient
+    against grad_y @ b[expert]^T; the last expert gets no rows and row tiles span several experts."""
+    gate_up, grad_out = _swiglu_inputs(S, I, dtype, "cpu", seed=S + I + P)
+    g = torch.Generator().manual_seed(P)
+    experts = torch.sort(torch.randint(0, E - 1, (S,), generator=g)).values
+    u = torch.randn(S, P, generator=g).to(dtype)
+    b = torch.randn(E, P, 2 * I, generator=g).to(dtype)
+    y = (gate_up.double() + torch.einsum("sp,spn->sn", u.double(), b.double()[experts])).to(dtype)
+    leaf = y.double().requires_grad_(True)
+    want = moe.swiglu_reference(leaf, ALPHA, LIMIT)
+    want.backward(grad_out.double())
+    want_grad_u = torch.einsum("sn,spn->sp", leaf.grad, b.double()[experts])
+    low_rank = tk.LowRank(u.to(device), b.to(device), experts.to(torch.int32).to(device))
+    got = tk.swiglu_forward(gate_up.to(device), ALPHA, LIMIT, low_rank)
+    got_grad, got_grad_u = tk.swiglu_low_rank_backward(gate_up.to(device), grad_out.to(device), ALPHA, LIMIT, low_rank)
+    errs = {"forward": _rel_err(got.cpu(), want), "grad": _rel_err(got_grad.cpu(), leaf.grad),
+            "grad_u": _rel_err(got_grad_u.cpu(), want_grad_u)}
+    ok = got.dtype == got_grad.dtype == got_grad_u.dtype == dtype and all(e <= tol for e in errs.values())
     return {"ok": ok, **errs}
 
 
@@ -151,7 +182,7 @@ def check_grouped_experts(fmt: str, dtype, device, tol: float, n_tokens: int = 3
     moe.FUSED_KERNELS = True
     errs = {k: _rel_err(results[True][k], results[False][k]) for k in results[False]}
     # the comparison means something only if the fused run took every kernel and the other took none
-    took_paths = all(calls[True].values()) and not any(calls[False].values())
+    took_paths = calls[True] == FUSED_CALLS and not any(calls[False].values())
     return {"ok": took_paths and all(e <= tol for e in errs.values()), "kernel_calls": calls[True], **errs}
 
 
@@ -160,6 +191,7 @@ def interpreter_cases():
     f32 = torch.float32
     return [
         ("swiglu", lambda: check_swiglu(5, 700, f32, "cpu", tol=1e-5)),  # 3500 outputs: a partial last block
+        ("swiglu-low-rank", lambda: check_swiglu_low_rank(150, 100, 24, 5, f32, "cpu", tol=1e-5)),
         ("combine-k4", lambda: check_combine(13, 4, 1100, f32, "cpu", tol=1e-5)),  # 2 column blocks, the 2nd partial
         ("combine-k1", lambda: check_combine(3, 1, 64, f32, "cpu", tol=1e-5)),
         ("low-rank", lambda: check_low_rank_update(150, 200, 24, 5, f32, "cpu", tol=1e-5, transposed_b=False)),
@@ -202,6 +234,14 @@ def test_kernels_under_the_triton_interpreter():
 @pytest.mark.parametrize("S,I", [(1, 7), (333, 2880), (4096, 2880)])
 def test_gpu_swiglu_bf16(S, I):
     result = check_swiglu(S, I, torch.bfloat16, "cuda", tol=1e-2)
+    assert result["ok"], result
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("S,I,P,E", [(16384, 2880, 24, 32), (333, 100, 16, 7), (1, 64, 24, 2)])
+def test_gpu_swiglu_low_rank_bf16(S, I, P, E):
+    result = check_swiglu_low_rank(S, I, P, E, torch.bfloat16, "cuda", tol=1e-2)
     assert result["ok"], result
 
 

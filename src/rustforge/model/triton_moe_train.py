@@ -25,6 +25,8 @@ path; this module imports on machines without Triton or a GPU.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from rustforge.model.triton_dequant import INTERPRETING
@@ -37,11 +39,32 @@ except ImportError:  # CPU-only installs: moe.py uses its torch reference path
 
 _SWIGLU_BLOCK = 1024  # output elements per program
 _ROW_BLOCK = 1024  # hidden columns per loop step of the row kernels
+_TILE_ROWS, _TILE_COLS = 64, 128  # [rows, columns of y] per program of the low-rank kernels
+_ROW_LOOP_ROWS = 32  # rows per program of the SwiGLU low-rank backward, which walks all columns of its rows
 
 
 
 
 if triton is not None:
+
+    @triton.jit
+    def _swiglu_values(gate, up, alpha, limit):
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        return (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
+
+    @triton.jit
+    def _swiglu_grads(gate, up, grad_out, alpha, limit):
+        """(d out / d gate, d out / d up) * grad_out, float32."""
+        gate_c = tl.minimum(gate, limit)
+        up_c = tl.minimum(tl.maximum(up, -limit), limit)
+        sig = tl.sigmoid(gate_c * alpha)
+        glu = gate_c * sig
+        # torch's clamp passes the gradient where min <= x <= max, bounds included
+        grad_up = tl.where(tl.abs(up) > limit, 0.0, grad_out * glu)
+        d_glu = sig + alpha * glu * (1.0 - sig)  # d/dg [g * sigmoid(alpha g)]
+        grad_gate = tl.where(gate > limit, 0.0, grad_out * (up_c + 1.0) * d_glu)
+        return grad_gate, grad_up
 
     @triton.jit
     def _swiglu_forward_kernel(gate_up_ptr, out_ptr, n_out, alpha, limit, BLOCK: tl.constexpr):
@@ -52,10 +75,7 @@ if triton is not None:
         pair_offs = 2 * pid * BLOCK + tl.arange(0, 2 * BLOCK)
         pair = tl.load(gate_up_ptr + pair_offs, mask=pair_offs < 2 * n_out, other=0.0)
         gate, up = tl.split(tl.reshape(pair.to(tl.float32), (BLOCK, 2)))
-        gate = tl.minimum(gate, limit)
-        up = tl.minimum(tl.maximum(up, -limit), limit)
-        glu = gate * tl.sigmoid(gate * alpha)
-        tl.store(out_ptr + offs, ((up + 1.0) * glu).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offs, _swiglu_values(gate, up, alpha, limit).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _swiglu_backward_kernel(gate_up_ptr, grad_out_ptr, grad_ptr, n_out, alpha, limit, BLOCK: tl.constexpr):
@@ -67,16 +87,108 @@ if triton is not None:
         pair = tl.load(gate_up_ptr + pair_offs, mask=pair_mask, other=0.0)
         gate, up = tl.split(tl.reshape(pair.to(tl.float32), (BLOCK, 2)))
         grad_out = tl.load(grad_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        gate_c = tl.minimum(gate, limit)
-        up_c = tl.minimum(tl.maximum(up, -limit), limit)
-        sig = tl.sigmoid(gate_c * alpha)
-        glu = gate_c * sig
-        # torch's clamp passes the gradient where min <= x <= max, bounds included
-        grad_up = tl.where(tl.abs(up) > limit, 0.0, grad_out * glu)
-        d_glu = sig + alpha * glu * (1.0 - sig)  # d/dg [g * sigmoid(alpha g)]
-        grad_gate = tl.where(gate > limit, 0.0, grad_out * (up_c + 1.0) * d_glu)
-        grad = tl.interleave(grad_gate, grad_up).to(grad_ptr.dtype.element_ty)
-        tl.store(grad_ptr + pair_offs, grad, mask=pair_mask)
+        grad_gate, grad_up = _swiglu_grads(gate, up, grad_out, alpha, limit)
+        tl.store(grad_ptr + pair_offs, tl.interleave(grad_gate, grad_up).to(grad_ptr.dtype.element_ty), mask=pair_mask)
+
+    @triton.jit
+    def _low_rank_tile(u_ptr, b_ptr, expert_ptr, first, n_rows, cols, col_ok, rank, stride_u, stride_be, stride_bp,
+                       stride_bn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+                       DOT_F32: tl.constexpr):
+        """float32 [BLOCK_M, BLOCK_N]: u[i] @ b[expert(i)][:, cols] for the expert-sorted rows first.. of a tile."""
+        rows = first + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        p = tl.arange(0, BLOCK_P)
+        p_ok = p < rank
+        experts = tl.load(expert_ptr + rows, mask=row_ok, other=-1)
+        u = tl.load(u_ptr + rows[:, None].to(tl.int64) * stride_u + p[None, :], mask=row_ok[:, None] & p_ok[None, :],
+                    other=0.0)
+        if DOT_F32:  # the CPU interpreter multiplies bf16 dot operands as raw bits
+            u = u.to(tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # rows are sorted by expert: a tile spans the experts from its first row's to its last row's (usually one)
+        e_first = tl.load(expert_ptr + first)
+        e_last = tl.load(expert_ptr + tl.minimum(first + BLOCK_M, n_rows) - 1)
+        for e in range(e_first, e_last + 1):
+            b = tl.load(b_ptr + e * stride_be + p[:, None] * stride_bp + cols[None, :] * stride_bn,
+                        mask=p_ok[:, None] & col_ok[None, :], other=0.0)
+            mine = tl.where((experts == e)[:, None], u, tl.zeros_like(u))
+            if DOT_F32:
+                acc += tl.dot(mine, b.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(mine, b.to(u.dtype))
+        return acc
+
+    @triton.jit
+    def _low_rank_grad_tile(grad, b_ptr, expert_ptr, first, n_rows, cols, col_ok, rank, stride_be, stride_bp, stride_bn,
+                            BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, DOT_F32: tl.constexpr):
+        """float32 [BLOCK_M, BLOCK_P]: grad [BLOCK_M, cols] @ b[expert(i)][:, cols]^T for the rows first.. of a tile."""
+        rows = first + tl.arange(0, BLOCK_M)
+        p = tl.arange(0, BLOCK_P)
+        experts = tl.load(expert_ptr + rows, mask=rows < n_rows, other=-1)
+        acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+        e_first = tl.load(expert_ptr + first)
+        e_last = tl.load(expert_ptr + tl.minimum(first + BLOCK_M, n_rows) - 1)
+        for e in range(e_first, e_last + 1):
+            b = tl.load(b_ptr + e * stride_be + p[:, None] * stride_bp + cols[None, :] * stride_bn,
+                        mask=(p < rank)[:, None] & col_ok[None, :], other=0.0)
+            if DOT_F32:
+                part = tl.dot(grad.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+            else:
+                part = tl.dot(grad, tl.trans(b.to(grad.dtype)))
+            acc += tl.where((experts == e)[:, None], part, 0.0)
+        return acc
+
+    @triton.jit
+    def _swiglu_low_rank_forward_kernel(base_ptr, u_ptr, b_ptr, expert_ptr, out_ptr, n_rows, n_out, rank, stride_u,
+                                        stride_be, stride_bp, stride_bn, alpha, limit, BLOCK_M: tl.constexpr,
+                                        BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, DOT_F32: tl.constexpr):
+        """out [S, I] = swiglu(y), y = base + u @ b[expert] rounded to base's dtype as a stored y would be."""
+        first = tl.program_id(0) * BLOCK_M
+        rows = first + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        pair_cols = tl.program_id(1) * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+        pair_ok = row_ok[:, None] & (pair_cols < 2 * n_out)[None, :]
+        y = tl.load(base_ptr + rows[:, None].to(tl.int64) * (2 * n_out) + pair_cols[None, :], mask=pair_ok,
+                    other=0.0).to(tl.float32)
+        y += _low_rank_tile(u_ptr, b_ptr, expert_ptr, first, n_rows, pair_cols, pair_cols < 2 * n_out, rank, stride_u,
+                            stride_be, stride_bp, stride_bn, BLOCK_M, 2 * BLOCK_N, BLOCK_P, DOT_F32)
+        gate, up = tl.split(tl.reshape(y.to(base_ptr.dtype.element_ty).to(tl.float32), (BLOCK_M, BLOCK_N, 2)))
+        out_cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * n_out + out_cols[None, :],
+                 _swiglu_values(gate, up, alpha, limit).to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (out_cols < n_out)[None, :])
+
+    @triton.jit
+    def _swiglu_low_rank_backward_kernel(base_ptr, u_ptr, b_ptr, expert_ptr, grad_out_ptr, grad_ptr, grad_u_ptr, n_rows,
+                                         n_out, rank, stride_u, stride_be, stride_bp, stride_bn, alpha, limit,
+                                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+                                         DOT_F32: tl.constexpr):
+        """grad [S, 2I] = d swiglu(y) / d y * grad_out (interleaved), and grad_u [S, P] = grad @ b[expert]^T, the
+        gradient of u: one program per BLOCK_M rows walks all columns, so grad_u is summed in registers."""
+        first = tl.program_id(0) * BLOCK_M
+        rows = first + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        grad_u = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+        for start in range(0, n_out, BLOCK_N):
+            pair_cols = 2 * start + tl.arange(0, 2 * BLOCK_N)
+            pair_col_ok = pair_cols < 2 * n_out
+            pair_ok = row_ok[:, None] & pair_col_ok[None, :]
+            pair_ptrs = rows[:, None].to(tl.int64) * (2 * n_out) + pair_cols[None, :]
+            y = tl.load(base_ptr + pair_ptrs, mask=pair_ok, other=0.0).to(tl.float32)
+            y += _low_rank_tile(u_ptr, b_ptr, expert_ptr, first, n_rows, pair_cols, pair_col_ok, rank, stride_u,
+                                stride_be, stride_bp, stride_bn, BLOCK_M, 2 * BLOCK_N, BLOCK_P, DOT_F32)
+            gate, up = tl.split(tl.reshape(y.to(base_ptr.dtype.element_ty).to(tl.float32), (BLOCK_M, BLOCK_N, 2)))
+            out_cols = start + tl.arange(0, BLOCK_N)
+            grad_out = tl.load(grad_out_ptr + rows[:, None].to(tl.int64) * n_out + out_cols[None, :],
+                               mask=row_ok[:, None] & (out_cols < n_out)[None, :], other=0.0).to(tl.float32)
+            grad_gate, grad_up = _swiglu_grads(gate, up, grad_out, alpha, limit)
+            grad = tl.interleave(grad_gate, grad_up).to(grad_ptr.dtype.element_ty)  # as stored: u's gradient from it
+            tl.store(grad_ptr + pair_ptrs, grad, mask=pair_ok)
+            grad_u += _low_rank_grad_tile(grad, b_ptr, expert_ptr, first, n_rows, pair_cols, pair_col_ok, rank,
+                                          stride_be, stride_bp, stride_bn, BLOCK_M, BLOCK_P, DOT_F32)
+        p = tl.arange(0, BLOCK_P)
+        tl.store(grad_u_ptr + rows[:, None].to(tl.int64) * stride_u + p[None, :],
+                 grad_u.to(grad_u_ptr.dtype.element_ty), mask=row_ok[:, None] & (p < rank)[None, :])
 
     @triton.jit
     def _combine_rows_kernel(rows_ptr, weights_ptr, inverse_ptr, out_ptr, hidden: tl.constexpr, TOP_K: tl.constexpr,
@@ -117,32 +229,39 @@ if triton is not None:
                                 BLOCK_P: tl.constexpr, DOT_F32: tl.constexpr):
         first = tl.program_id(0) * BLOCK_M
         rows = first + tl.arange(0, BLOCK_M)
-        row_ok = rows < n_rows
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < n_cols
-        p = tl.arange(0, BLOCK_P)
-        p_ok = p < rank
-        experts = tl.load(expert_ptr + rows, mask=row_ok, other=-1)
-        u = tl.load(u_ptr + rows[:, None].to(tl.int64) * stride_u + p[None, :], mask=row_ok[:, None] & p_ok[None, :],
-                    other=0.0)
-        if DOT_F32:  # the CPU interpreter multiplies bf16 dot operands as raw bits
-            u = u.to(tl.float32)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        # rows are sorted by expert: a tile spans the experts from its first row's to its last row's (usually one)
-        e_first = tl.load(expert_ptr + first)
-        e_last = tl.load(expert_ptr + tl.minimum(first + BLOCK_M, n_rows) - 1)
-        for e in range(e_first, e_last + 1):
-            b = tl.load(b_ptr + e * stride_be + p[:, None] * stride_bp + cols[None, :] * stride_bn,
-                        mask=p_ok[:, None] & col_ok[None, :], other=0.0)
-            mine = tl.where((experts == e)[:, None], u, tl.zeros_like(u))
-            if DOT_F32:
-                acc += tl.dot(mine, b.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(mine, b.to(u.dtype))
+        acc = _low_rank_tile(u_ptr, b_ptr, expert_ptr, first, n_rows, cols, col_ok, rank, stride_u, stride_be,
+                             stride_bp, stride_bn, BLOCK_M, BLOCK_N, BLOCK_P, DOT_F32)
         ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_y + cols[None, :]
-        mask = row_ok[:, None] & col_ok[None, :]
+        mask = (rows < n_rows)[:, None] & col_ok[None, :]
         y = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+class LowRank(NamedTuple):
+    """A projection's low-rank (LoRA + bias) term not yet added to its output y: the kernel that reads y
+    adds u[i] @ b[expert_of_row[i]] itself (u [S, P], b [E, P, N] any strides, expert_of_row int32 [S]
+    non-decreasing), so y's [S, N] update is never written."""
+
+    u: torch.Tensor
+    b: torch.Tensor
+    expert_of_row: torch.Tensor
+
+
+def _check_low_rank(y: torch.Tensor, low_rank: LowRank, name: str) -> None:
+    u, b, experts = low_rank
+    S, N = y.shape
+    P = u.shape[1]
+    if y.stride(1) != 1 or u.stride(1) != 1 or b.shape[1:] != (P, N) or experts.shape != (S,):
+        raise ValueError(f"{name}: y {tuple(y.shape)} (strides {y.stride()}), u {tuple(u.shape)}, "
+                         f"b {tuple(b.shape)}, experts {tuple(experts.shape)} do not fit")
+
+
+def _low_rank_args(low_rank: LowRank, y_dtype: torch.dtype) -> tuple:
+    u, b, experts = low_rank
+    return (u, b, experts.contiguous()), (u.shape[1], u.stride(0), b.stride(0), b.stride(1), b.stride(2)), dict(
+        BLOCK_P=max(16, triton.next_power_of_2(u.shape[1])), DOT_F32=INTERPRETING or y_dtype == torch.float32)
 
 
 def _check_pairs(gate_up: torch.Tensor) -> None:
@@ -150,13 +269,16 @@ def _check_pairs(gate_up: torch.Tensor) -> None:
         raise ValueError(f"swiglu: expected interleaved gate/up [S, 2I], got {tuple(gate_up.shape)}")
 
 
-def swiglu_forward(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """[S, 2I] interleaved gate/up -> [S, I] = moe.swiglu_reference, computed in float32, stored in the input dtype."""
+def swiglu_forward(gate_up: torch.Tensor, alpha: float, limit: float, low_rank: LowRank | None = None) -> torch.Tensor:
+    """[S, 2I] interleaved gate/up -> [S, I] = moe.swiglu_reference, computed in float32, stored in the input
+    dtype. With `low_rank`, of gate_up + its low-rank term (rounded to gate_up's dtype first)."""
     _check_pairs(gate_up)
     gate_up = gate_up.contiguous()
     out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
-    n = out.numel()
-    if n:
+    if out.numel() and low_rank is not None:
+        _swiglu_low_rank(gate_up, low_rank, out, alpha, limit)
+    elif out.numel():
+        n = out.numel()
         _swiglu_forward_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](gate_up, out, n, float(alpha), float(limit),
                                                                  BLOCK=_SWIGLU_BLOCK)
     return out
@@ -164,16 +286,48 @@ def swiglu_forward(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.T
 
 def swiglu_backward(gate_up: torch.Tensor, grad_out: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """d swiglu / d gate_up (interleaved, the input dtype) given grad_out [S, I]."""
-    _check_pairs(gate_up)
-    if grad_out.shape != (gate_up.shape[0], gate_up.shape[1] // 2):
-        raise ValueError(f"swiglu_backward: grad {tuple(grad_out.shape)} does not fit gate_up {tuple(gate_up.shape)}")
-    gate_up, grad_out = gate_up.contiguous(), grad_out.contiguous()
+    gate_up, grad_out = _check_swiglu_grad(gate_up, grad_out)
     grad = torch.empty_like(gate_up)
     n = grad_out.numel()
     if n:
         _swiglu_backward_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](gate_up, grad_out, grad, n, float(alpha),
                                                                   float(limit), BLOCK=_SWIGLU_BLOCK)
     return grad
+
+
+def swiglu_low_rank_backward(gate_up: torch.Tensor, grad_out: torch.Tensor, alpha: float, limit: float,
+                             low_rank: LowRank) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of swiglu_forward(gate_up, ..., low_rank): (grad_gate_up [S, 2I], which is also the gradient
+    of the low-rank term's output, and grad_u [S, P] = grad_gate_up[i] @ b[expert(i)]^T, in u's dtype)."""
+    gate_up, grad_out = _check_swiglu_grad(gate_up, grad_out)
+    _check_low_rank(gate_up, low_rank, "swiglu_low_rank_backward")
+    grad = torch.empty_like(gate_up)
+    grad_u = torch.empty_like(low_rank.u)
+    S, n_out = grad_out.shape
+    if grad.numel():
+        tensors, sizes, meta = _low_rank_args(low_rank, gate_up.dtype)
+        if low_rank.u.stride(0) != grad_u.stride(0):
+            raise ValueError(f"swiglu_low_rank_backward: u must be contiguous, got strides {low_rank.u.stride()}")
+        _swiglu_low_rank_backward_kernel[(triton.cdiv(S, _ROW_LOOP_ROWS),)](
+            gate_up, *tensors, grad_out, grad, grad_u, S, n_out, *sizes, float(alpha), float(limit),
+            BLOCK_M=_ROW_LOOP_ROWS, BLOCK_N=_TILE_COLS // 2, **meta)
+    return grad, grad_u
+
+
+def _check_swiglu_grad(gate_up: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_pairs(gate_up)
+    if grad_out.shape != (gate_up.shape[0], gate_up.shape[1] // 2):
+        raise ValueError(f"swiglu_backward: grad {tuple(grad_out.shape)} does not fit gate_up {tuple(gate_up.shape)}")
+    return gate_up.contiguous(), grad_out.contiguous()
+
+
+def _swiglu_low_rank(gate_up, low_rank: LowRank, out, alpha: float, limit: float) -> None:
+    _check_low_rank(gate_up, low_rank, "swiglu")
+    S, n_out = gate_up.shape[0], gate_up.shape[1] // 2
+    tensors, sizes, meta = _low_rank_args(low_rank, gate_up.dtype)
+    grid = (triton.cdiv(S, _TILE_ROWS), triton.cdiv(n_out, _TILE_COLS // 2))
+    _swiglu_low_rank_forward_kernel[grid](gate_up, *tensors, out, S, n_out, *sizes, float(alpha), float(limit),
+                                          BLOCK_M=_TILE_ROWS, BLOCK_N=_TILE_COLS // 2, **meta)
 
 
 def combine_rows(rows: torch.Tensor, inverse: torch.Tensor, top_k: int, out_dtype: torch.dtype,
@@ -211,16 +365,12 @@ def low_rank_update_(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, expert_o
 
     y [S, N] with unit column stride, u [S, P], b [E, P, N] (any strides; a transposed view is fine),
     expert_of_row int32 [S], non-decreasing (expert-sorted rows). Returns y."""
+    low_rank = LowRank(u, b, expert_of_row)
+    _check_low_rank(y, low_rank, "low_rank_update_")
     S, N = y.shape
-    P = u.shape[1]
-    if y.stride(1) != 1 or u.stride(1) != 1 or b.shape[1:] != (P, N) or expert_of_row.shape != (S,):
-        raise ValueError(f"low_rank_update_: y {tuple(y.shape)} (strides {y.stride()}), u {tuple(u.shape)}, "
-                         f"b {tuple(b.shape)}, experts {tuple(expert_of_row.shape)} do not fit")
-    if S and N and P:
-        block_m, block_n = 64, 128
-        grid = (triton.cdiv(S, block_m), triton.cdiv(N, block_n))
-        _low_rank_update_kernel[grid](y, u, b, expert_of_row.contiguous(), S, N, P, y.stride(0), u.stride(0),
-                                      b.stride(0), b.stride(1), b.stride(2), BLOCK_M=block_m, BLOCK_N=block_n,
-                                      BLOCK_P=max(16, triton.next_power_of_2(P)),
-                                      DOT_F32=INTERPRETING or y.dtype == torch.float32)
+    if S and N and u.shape[1]:
+        tensors, sizes, meta = _low_rank_args(low_rank, y.dtype)
+        grid = (triton.cdiv(S, _TILE_ROWS), triton.cdiv(N, _TILE_COLS))
+        _low_rank_update_kernel[grid](y, *tensors, S, N, sizes[0], y.stride(0), *sizes[1:], BLOCK_M=_TILE_ROWS,
+                                      BLOCK_N=_TILE_COLS, **meta)
     return y

@@ -1,0 +1,193 @@
+"""The expert LoRA kernels (model/triton_expert_lora.py) against moe.grouped_mm in float64.
+
+- CPU: argument validation (ValueErrors before any launch).
+- With Triton importable but no GPU, the kernel checks run on CPU under TRITON_INTERPRET=1 in a
+  subprocess (the interpreter must be chosen before Triton is imported): `python tests/test_triton_expert_lora.py`.
+  Inputs there are float32, so kernel and reference agree to float32 rounding.
+- GPU (`-m gpu`): the same checks on bf16 inputs at bf16 tolerances (the kernels accumulate in float32 and
+  round once).
+
+Cases cover row counts that are not a multiple of the row tile, expert boundaries inside a tile, experts
+with no rows (first, middle, last), a single expert, P = 16 and 24, w as a transposed view, and x (and u)
+as a column slice of a wider tensor (row stride > D).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from triton_interpreter import needs_triton, run_under_interpreter
+
+from rustforge.model import moe
+from rustforge.model import triton_expert_lora as tk
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+def _group_counts(S: int, E: int, empty: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    """Rows per expert summing to S, zero for the experts in `empty`, random (and uneven) for the others."""
+    owners = torch.tensor([e for e in range(E) if e not in empty])
+    picks = owners[torch.randint(0, len(owners), (S,), generator=g)]
+    return torch.bincount(picks, minlength=E)
+
+
+def _routing(S: int, E: int, empty: tuple[int, ...], device, seed: int):
+    """(offs int32 [E], expert_of_row int32 [S]) of expert-sorted rows."""
+    counts = _group_counts(S, E, empty, torch.Generator().manual_seed(seed))
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    expert_of_row = torch.repeat_interleave(torch.arange(E), counts).to(torch.int32)
+    return offs.to(device), expert_of_row.to(device)
+
+
+def _rows(S: int, D: int, dtype, device, g: torch.Generator, wide: bool) -> torch.Tensor:
+    """[S, D]; with `wide`, a column slice of an [S, D + 9] tensor (row stride D + 9, offset base)."""
+    if not wide:
+        return torch.randn(S, D, generator=g).to(dtype).to(device)
+    return torch.randn(S, D + 9, generator=g).to(dtype).to(device)[:, 5 : 5 + D]
+
+
+# --------------------------------------------------------------------------------- the checks
+def check_rows_times_expert_matrix(S: int, D: int, P: int, E: int, empty: tuple[int, ...], dtype, device, tol: float,
+                                   transposed_w: bool = False, wide_x: bool = False) -> dict:
+    """rows_times_expert_matrix against grouped_mm(x, w, offs) in float64."""
+    g = torch.Generator().manual_seed(S + D + P + E)
+    offs, expert_of_row = _routing(S, E, empty, device, seed=S + E)
+    x = _rows(S, D, dtype, device, g, wide_x)
+    if transposed_w:  # as callers pass B.transpose(1, 2) for B [E, P, D]
+        w = torch.randn(E, P, D, generator=g).to(dtype).to(device).transpose(1, 2)
+    else:
+        w = torch.randn(E, D, P, generator=g).to(dtype).to(device)
+    want = moe.grouped_mm(x.double(), w.double(), offs)
+    got = tk.rows_times_expert_matrix(x, w, expert_of_row)
+    err = _rel_err(got, want)
+    ok = got.dtype == dtype and got.shape == (S, P) and err <= tol
+    return {"ok": ok, "err": err}
+
+
+def check_expert_transposed_product(S: int, D: int, P: int, E: int, empty: tuple[int, ...], dtype, device, tol: float,
+                                    wide_x: bool = False, out_dtype=None) -> dict:
+    """expert_transposed_product against grouped_mm(x.t(), u, offs) in float64 with empty groups zeroed; empty
+    experts must be exact zeros. Also the grad-B use: expert_transposed_product(g, xa).transpose(1, 2) ==
+    grouped_mm(xa.t(), g)."""
+    g = torch.Generator().manual_seed(S + D + P + E + 1)
+    offs, _ = _routing(S, E, empty, device, seed=S + E + 1)
+    x = _rows(S, D, dtype, device, g, wide_x)
+    u = _rows(S, P, dtype, device, g, wide_x)
+    want = moe._zero_empty_groups(moe.grouped_mm(x.t().double(), u.double(), offs), offs)
+    got = tk.expert_transposed_product(x, u, offs, out_dtype=out_dtype)
+    want_grad_b = moe._zero_empty_groups(moe.grouped_mm(u.t().double(), x.double(), offs), offs)
+    got_b = tk.expert_transposed_product(x, u, offs, out_dtype=out_dtype, scale=0.5, transposed=True)
+    errs = {"err": _rel_err(got, want), "grad_B": _rel_err(got.transpose(1, 2), want_grad_b),
+            "scaled_transposed": _rel_err(got_b, 0.5 * want_grad_b)}
+    if not got_b.is_contiguous():
+        errs["scaled_transposed"] = float("inf")  # the B factor's layout, contiguous [E, P, D]
+    empty_zero = all(not got[e].any() for e in empty)
+    ok = (got.dtype == (out_dtype or dtype) and got.shape == (E, D, P) and empty_zero
+          and all(e <= tol for e in errs.values()))
+    return {"ok": ok, "empty_experts_zero": empty_zero, **errs}
+
+
+def interpreter_cases():
+    """(name, thunk -> result dict) pairs run on CPU under TRITON_INTERPRET=1 (small: the interpreter is numpy)."""
+    f32, tol = torch.float32, 1e-5
+    rows_x_w, xt_u = check_rows_times_expert_matrix, check_expert_transposed_product
+    return [
+        # 150 rows: 3 row tiles, the last partial; 6 experts in 150 rows put boundaries inside tiles;
+        # D = 300: 3 column steps, the last partial
+        ("rows-empty-first-mid-last", lambda: rows_x_w(150, 300, 24, 6, (0, 3, 5), f32, "cpu", tol)),
+        ("rows-transposed-w-wide-x", lambda: rows_x_w(70, 200, 16, 3, (1,), f32, "cpu", tol, transposed_w=True,
+                                                      wide_x=True)),
+        ("rows-single-expert", lambda: rows_x_w(100, 130, 16, 1, (), f32, "cpu", tol)),
+        ("rows-few-rows-many-experts", lambda: rows_x_w(5, 7, 3, 4, (2,), f32, "cpu", tol)),
+        ("xt-u-empty-first-mid-last", lambda: xt_u(150, 300, 24, 6, (0, 3, 5), f32, "cpu", tol)),
+        ("xt-u-wide", lambda: xt_u(70, 200, 16, 3, (1,), f32, "cpu", tol, wide_x=True)),
+        ("xt-u-single-expert", lambda: xt_u(130, 140, 16, 1, (), f32, "cpu", tol)),
+        ("xt-u-one-expert-of-four", lambda: xt_u(20, 33, 24, 4, (0, 1, 3), f32, "cpu", tol)),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------- CPU
+def test_rows_times_expert_matrix_rejects_bad_arguments():
+    x, experts = torch.zeros(8, 32), torch.zeros(8, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"w \(2, 16, 24\)"):
+        tk.rows_times_expert_matrix(x, torch.zeros(2, 16, 24), experts)
+    with pytest.raises(ValueError, match="unit column stride"):
+        tk.rows_times_expert_matrix(torch.zeros(32, 8).t(), torch.zeros(2, 32, 24), experts)
+    with pytest.raises(ValueError, match="expert_of_row"):
+        tk.rows_times_expert_matrix(x, torch.zeros(2, 32, 24), experts[:5])
+    with pytest.raises(ValueError, match="bfloat16"):
+        tk.rows_times_expert_matrix(x, torch.zeros(2, 32, 24, dtype=torch.bfloat16), experts)
+
+
+def test_expert_transposed_product_rejects_bad_arguments():
+    x, offs = torch.zeros(8, 32), torch.tensor([3, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"u \(7, 24\)"):
+        tk.expert_transposed_product(x, torch.zeros(7, 24), offs)
+    with pytest.raises(ValueError, match="unit column stride"):
+        tk.expert_transposed_product(torch.zeros(32, 8).t(), torch.zeros(8, 24), offs)
+    with pytest.raises(ValueError, match="offs"):
+        tk.expert_transposed_product(x, torch.zeros(8, 24), offs.float())
+    with pytest.raises(ValueError, match="P = 200"):
+        tk.expert_transposed_product(x, torch.zeros(8, 200), offs)
+
+
+@needs_triton
+def test_kernels_under_the_triton_interpreter():
+    run_under_interpreter(__file__)
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+BF16_TOL = 1e-2
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("S,D,P,E,empty,transposed,wide", [
+    (16384, 2880, 24, 32, (), False, False),  # x @ A at the 20B shape
+    (16384, 5760, 24, 32, (), True, False),  # g @ B^T at the 20B shape
+    (1000, 2880, 16, 32, (0, 7, 31), True, True),
+    (777, 300, 24, 1, (), False, True),
+    (5, 7, 3, 2, (), False, False),
+])
+def test_gpu_rows_times_expert_matrix_bf16(S, D, P, E, empty, transposed, wide):
+    result = check_rows_times_expert_matrix(S, D, P, E, empty, torch.bfloat16, "cuda", BF16_TOL, transposed_w=transposed,
+                                            wide_x=wide)
+    assert result["ok"], result
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("S,D,P,E,empty,wide,out_dtype", [
+    (16384, 2880, 24, 32, (), False, None),  # grad A at the 20B shape
+    (16384, 5760, 24, 32, (), False, torch.float32),  # grad B at the 20B shape, float32 out
+    (1000, 2880, 16, 32, (0, 7, 31), True, None),
+    (777, 300, 24, 1, (), True, None),
+    (5, 7, 3, 2, (1,), False, None),
+])
+def test_gpu_expert_transposed_product_bf16(S, D, P, E, empty, wide, out_dtype):
+    result = check_expert_transposed_product(S, D, P, E, empty, torch.bfloat16, "cuda", BF16_TOL, wide_x=wide,
+                                             out_dtype=out_dtype)
+    assert result["ok"], result
+
+
+# ---------------------------------------------------------------------------- interpreter entry point
+def main() -> int:
+    """Run interpreter_cases (TRITON_INTERPRET=1 set by the caller); exit status 1 if any fails."""
+    failed = []
+    for name, case in interpreter_cases():
+        result = case()
+        print(f"{name}: {result}", flush=True)
+        if not result["ok"]:
+            failed.append(name)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
