@@ -183,7 +183,8 @@ def run_case(args) -> None:
     device = torch.device(args.device)
     preset = get_preset(args.shape)
     record = {"case": args.case, "fmt": args.fmt, "hf_attn": args.hf_attn, "hf_experts": args.hf_experts,
-              "ckpt": not args.no_ckpt, "offload": args.offload, "pageable": args.pageable, "moe_tile": args.moe_tile, "shape": args.shape}
+              "ckpt": not args.no_ckpt, "offload": args.offload, "pageable": args.pageable, "moe_tile": args.moe_tile, "shape": args.shape,
+              "paths": "session3" if args.unfused else "session4" if args.session4_paths else "current"}
     t0 = time.perf_counter()
     if args.torch_dequant:
         from rustforge.model import moe
