@@ -58,7 +58,6 @@ from rustforge.model.triton_moe_train import (
     low_rank_update_,
     swiglu_backward,
     swiglu_forward,
-    swiglu_low_rank_backward,
 )
 
 EXPERT_TARGETS = ("gate_up_proj", "down_proj")
@@ -261,7 +260,7 @@ class _GroupedLoraLinear(torch.autograd.Function):
         del weight
         ctx.scaling, ctx.fmt, ctx.storage, ctx.rank, ctx.keep_dense = scaling, fmt, storage, r, keep_dense
         if defer_low_rank:  # y without its LoRA + bias term xa @ aug_B, which the consumer's kernel adds where it
-            ctx.mark_non_differentiable(aug_B)  # reads y; xa's gradient comes back from it, aug_B's is ours
+            ctx.mark_non_differentiable(xa, aug_B)  # reads y; grad_y is that term's gradient too
             ctx.set_materialize_grads(False)
             return y, xa, aug_B
         if _fused(y):  # accumulated in place by one kernel instead of a grouped GEMM into a temporary + add
@@ -271,9 +270,7 @@ class _GroupedLoraLinear(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, grad_y, grad_xa_given=None, _grad_aug_B=None):
-        """With defer_low_rank, grad_y is also the gradient of y's low-rank term and grad_xa_given is
-        grad_y @ aug_B^T from the consumer's kernel (its first `rank` columns are scaling * grad_y @ B^T)."""
+    def backward(ctx, grad_y, *_):  # with defer_low_rank, grad_y is also the gradient of y's low-rank term
         x, xa, offs, expert_of_row, empty_groups, lora_A, lora_B, *kept = ctx.saved_tensors
         if grad_y is None:
             return (None,) * 12
@@ -284,10 +281,7 @@ class _GroupedLoraLinear(torch.autograd.Function):
             grad_x = grouped_mm(grad_y, weight.to(grad_y.dtype).transpose(1, 2), offs)
             del weight
         if lora_A is not None:
-            if grad_xa_given is not None:
-                grad_xa = grad_xa_given[:, : ctx.rank]
-            else:
-                grad_xa = rows_times_experts(grad_y, lora_B.transpose(1, 2), offs, expert_of_row).mul_(ctx.scaling)
+            grad_xa = rows_times_experts(grad_y, lora_B.transpose(1, 2), offs, expert_of_row).mul_(ctx.scaling)
             if grad_x is not None and _fused(grad_x):
                 low_rank_update_(grad_x, grad_xa, lora_A.transpose(1, 2), expert_of_row)
             elif grad_x is not None:
@@ -384,8 +378,8 @@ class _ClampedSwiGLU(torch.autograd.Function):
     the backward runs over row chunks so its temporaries stay small.
 
     With a low-rank term (u [S, P], b [E, P, 2I], expert_of_row; fused kernels only) the input is gate_up
-    without its LoRA + bias term u[i] @ b[expert(i)], which the kernels add as they read gate_up; u's
-    gradient comes out of the same backward pass (b is a constant here: its owner computes its gradient)."""
+    without its LoRA + bias term u[i] @ b[expert(i)], which the kernels add as they read gate_up. u and b
+    are constants here: their owner (_GroupedLoraLinear) computes their gradients from gate_up's."""
 
     @staticmethod
     def forward(ctx, gate_up, alpha, limit, u=None, b=None, expert_of_row=None):
@@ -401,11 +395,9 @@ class _ClampedSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         gate_up, *low_rank = ctx.saved_tensors
-        if low_rank:
-            grad, grad_u = swiglu_low_rank_backward(gate_up, grad_out, ctx.alpha, ctx.limit, LowRank(*low_rank))
-            return grad, None, None, grad_u, None, None
         if _fused(gate_up):
-            return swiglu_backward(gate_up, grad_out, ctx.alpha, ctx.limit), None, None, None, None, None
+            low_rank = LowRank(*low_rank) if low_rank else None
+            return swiglu_backward(gate_up, grad_out, ctx.alpha, ctx.limit, low_rank), None, None, None, None, None
         grad = torch.empty_like(gate_up)
         rows = max(1, _SWIGLU_CHUNK_ELEMENTS // max(1, grad_out.shape[-1]))
         for lo in range(0, gate_up.shape[0], rows):

@@ -34,21 +34,21 @@ try:
 except ImportError:  # CPU-only installs: moe.py uses grouped_mm
     triton = None
 
-# Memory-bound on the H100: a [64, 128] bf16 tile (16 KiB) per loop step, pipelined by Triton, keeps enough
-# bytes in flight; 64-row tiles give 256 programs for 16384 rows, and re-read the skinny w (P/64 of x's bytes)
-# from L2.
-_BLOCK_M = 64  # rows per tile (rows_times_expert_matrix) / per loop step (expert_transposed_product)
-_BLOCK_D = 128  # columns of the wide operand per loop step / per program
-_NUM_WARPS = 4
 _MAX_WIDTH = 128  # P: the LoRA side; padded in registers to a power of two >= 16 (tl.dot's minimum)
 
 
 if triton is not None:
 
+    # measured once per shape (session 5's first H100 run of fixed [64, 128] tiles: x @ A 98 us against
+    # grouped_mm's 60, 256 programs for 132 SMs being too few)
+    _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_D": d}, num_warps=w)
+                for m in (16, 32, 64) for d in (128, 256) for w in (4, 8)]
+
+    @triton.autotune(configs=_CONFIGS[:1] if INTERPRETING else _CONFIGS, key=["depth", "width"])
     @triton.jit
     def _rows_times_expert_matrix_kernel(x_ptr, w_ptr, expert_ptr, out_ptr, n_rows, depth, width, stride_x,
-                                         stride_we, stride_wd, stride_wp, stride_out, BLOCK_M: tl.constexpr,
-                                         BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, DOT_F32: tl.constexpr):
+                                         stride_we, stride_wd, stride_wp, stride_out, BLOCK_P: tl.constexpr,
+                                         DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
         first = tl.program_id(0) * BLOCK_M
         rows = first + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
@@ -77,10 +77,11 @@ if triton is not None:
         out = out_ptr + rows[:, None].to(tl.int64) * stride_out + p[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & p_ok[None, :])
 
+    @triton.autotune(configs=_CONFIGS[:1] if INTERPRETING else _CONFIGS, key=["depth", "width"])
     @triton.jit
     def _expert_transposed_product_kernel(x_ptr, u_ptr, offs_ptr, out_ptr, depth, width, stride_x, stride_um,
-                                          stride_up, stride_od, stride_op, scale, BLOCK_M: tl.constexpr,
-                                          BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, DOT_F32: tl.constexpr):
+                                          stride_up, stride_od, stride_op, scale, BLOCK_P: tl.constexpr,
+                                          DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
         e = tl.program_id(0)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_ok = d < depth
@@ -154,10 +155,9 @@ def rows_times_expert_matrix(x: torch.Tensor, w: torch.Tensor, expert_of_row: to
     (S, D), P = x.shape, w.shape[2]
     out = x.new_empty(S, P)
     if out.numel():
-        _rows_times_expert_matrix_kernel[(triton.cdiv(S, _BLOCK_M),)](
+        _rows_times_expert_matrix_kernel[lambda c: (triton.cdiv(S, c["BLOCK_M"]),)](
             x, w, expert_of_row.contiguous(), out, S, D, P, x.stride(0), w.stride(0), w.stride(1), w.stride(2),
-            out.stride(0), BLOCK_M=_BLOCK_M, BLOCK_D=_BLOCK_D, BLOCK_P=_padded_width(P),
-            DOT_F32=INTERPRETING or x.dtype == torch.float32, num_warps=_NUM_WARPS)
+            out.stride(0), BLOCK_P=_padded_width(P), DOT_F32=INTERPRETING or x.dtype == torch.float32)
     return out
 
 
@@ -176,9 +176,7 @@ def expert_transposed_product(x: torch.Tensor, u: torch.Tensor, offs: torch.Tens
     out = torch.empty(E, P, D, dtype=out_dtype or x.dtype, device=x.device).transpose(1, 2) if transposed else \
         torch.empty(E, D, P, dtype=out_dtype or x.dtype, device=x.device)
     if out.numel():
-        _expert_transposed_product_kernel[(E, triton.cdiv(D, _BLOCK_D))](
+        _expert_transposed_product_kernel[lambda c: (E, triton.cdiv(D, c["BLOCK_D"]))](
             x, u, offs.contiguous(), out, D, P, x.stride(0), u.stride(0), u.stride(1), out.stride(1), out.stride(2),
-            float(scale), BLOCK_M=_BLOCK_M,
-            BLOCK_D=_BLOCK_D, BLOCK_P=_padded_width(P), DOT_F32=INTERPRETING or x.dtype == torch.float32,
-            num_warps=_NUM_WARPS)
+            float(scale), BLOCK_P=_padded_width(P), DOT_F32=INTERPRETING or x.dtype == torch.float32)
     return out.transpose(1, 2) if transposed else out

@@ -40,7 +40,6 @@ except ImportError:  # CPU-only installs: moe.py uses its torch reference path
 _SWIGLU_BLOCK = 1024  # output elements per program
 _ROW_BLOCK = 1024  # hidden columns per loop step of the row kernels
 _TILE_ROWS, _TILE_COLS = 64, 128  # [rows, columns of y] per program of the low-rank kernels
-_ROW_LOOP_ROWS = 32  # rows per program of the SwiGLU low-rank backward, which walks all columns of its rows
 
 
 
@@ -118,77 +117,40 @@ if triton is not None:
                 acc += tl.dot(mine, b.to(u.dtype))
         return acc
 
-    @triton.jit
-    def _low_rank_grad_tile(grad, b_ptr, expert_ptr, first, n_rows, cols, col_ok, rank, stride_be, stride_bp, stride_bn,
-                            BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, DOT_F32: tl.constexpr):
-        """float32 [BLOCK_M, BLOCK_P]: grad [BLOCK_M, cols] @ b[expert(i)][:, cols]^T for the rows first.. of a tile."""
-        rows = first + tl.arange(0, BLOCK_M)
-        p = tl.arange(0, BLOCK_P)
-        experts = tl.load(expert_ptr + rows, mask=rows < n_rows, other=-1)
-        acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
-        e_first = tl.load(expert_ptr + first)
-        e_last = tl.load(expert_ptr + tl.minimum(first + BLOCK_M, n_rows) - 1)
-        for e in range(e_first, e_last + 1):
-            b = tl.load(b_ptr + e * stride_be + p[:, None] * stride_bp + cols[None, :] * stride_bn,
-                        mask=(p < rank)[:, None] & col_ok[None, :], other=0.0)
-            if DOT_F32:
-                part = tl.dot(grad.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
-            else:
-                part = tl.dot(grad, tl.trans(b.to(grad.dtype)))
-            acc += tl.where((experts == e)[:, None], part, 0.0)
-        return acc
+    # memory-bound; the dot of a tile with its expert's low-rank factor and the gate/up split make the best
+    # tile shape hard to guess (a [64, 128] tile ran at half the copy bandwidth on the H100): measured once
+    _LOW_RANK_SWIGLU_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w)
+                                for m in (32, 64) for n in (32, 64, 128) for w in (4, 8)]
 
+    @triton.autotune(configs=_LOW_RANK_SWIGLU_CONFIGS[:1] if INTERPRETING else _LOW_RANK_SWIGLU_CONFIGS,
+                     key=["n_out", "BACKWARD"])
     @triton.jit
-    def _swiglu_low_rank_forward_kernel(base_ptr, u_ptr, b_ptr, expert_ptr, out_ptr, n_rows, n_out, rank, stride_u,
-                                        stride_be, stride_bp, stride_bn, alpha, limit, BLOCK_M: tl.constexpr,
-                                        BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, DOT_F32: tl.constexpr):
-        """out [S, I] = swiglu(y), y = base + u @ b[expert] rounded to base's dtype as a stored y would be."""
+    def _swiglu_low_rank_kernel(base_ptr, u_ptr, b_ptr, expert_ptr, grad_out_ptr, out_ptr, n_rows, n_out, rank,
+                                stride_u, stride_be, stride_bp, stride_bn, alpha, limit, BACKWARD: tl.constexpr,
+                                BLOCK_P: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr):
+        """SwiGLU of y = base + u @ b[expert] (rounded to base's dtype, as a stored y would be), y never stored.
+        Forward: out [S, I] = swiglu(y). BACKWARD: out [S, 2I] = d swiglu / d y * grad_out (interleaved)."""
         first = tl.program_id(0) * BLOCK_M
         rows = first + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
         pair_cols = tl.program_id(1) * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
         pair_ok = row_ok[:, None] & (pair_cols < 2 * n_out)[None, :]
-        y = tl.load(base_ptr + rows[:, None].to(tl.int64) * (2 * n_out) + pair_cols[None, :], mask=pair_ok,
-                    other=0.0).to(tl.float32)
+        pair_ptrs = rows[:, None].to(tl.int64) * (2 * n_out) + pair_cols[None, :]
+        y = tl.load(base_ptr + pair_ptrs, mask=pair_ok, other=0.0).to(tl.float32)
         y += _low_rank_tile(u_ptr, b_ptr, expert_ptr, first, n_rows, pair_cols, pair_cols < 2 * n_out, rank, stride_u,
                             stride_be, stride_bp, stride_bn, BLOCK_M, 2 * BLOCK_N, BLOCK_P, DOT_F32)
         gate, up = tl.split(tl.reshape(y.to(base_ptr.dtype.element_ty).to(tl.float32), (BLOCK_M, BLOCK_N, 2)))
         out_cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        tl.store(out_ptr + rows[:, None].to(tl.int64) * n_out + out_cols[None, :],
-                 _swiglu_values(gate, up, alpha, limit).to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & (out_cols < n_out)[None, :])
-
-    @triton.jit
-    def _swiglu_low_rank_backward_kernel(base_ptr, u_ptr, b_ptr, expert_ptr, grad_out_ptr, grad_ptr, grad_u_ptr, n_rows,
-                                         n_out, rank, stride_u, stride_be, stride_bp, stride_bn, alpha, limit,
-                                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-                                         DOT_F32: tl.constexpr):
-        """grad [S, 2I] = d swiglu(y) / d y * grad_out (interleaved), and grad_u [S, P] = grad @ b[expert]^T, the
-        gradient of u: one program per BLOCK_M rows walks all columns, so grad_u is summed in registers."""
-        first = tl.program_id(0) * BLOCK_M
-        rows = first + tl.arange(0, BLOCK_M)
-        row_ok = rows < n_rows
-        grad_u = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
-        for start in range(0, n_out, BLOCK_N):
-            pair_cols = 2 * start + tl.arange(0, 2 * BLOCK_N)
-            pair_col_ok = pair_cols < 2 * n_out
-            pair_ok = row_ok[:, None] & pair_col_ok[None, :]
-            pair_ptrs = rows[:, None].to(tl.int64) * (2 * n_out) + pair_cols[None, :]
-            y = tl.load(base_ptr + pair_ptrs, mask=pair_ok, other=0.0).to(tl.float32)
-            y += _low_rank_tile(u_ptr, b_ptr, expert_ptr, first, n_rows, pair_cols, pair_col_ok, rank, stride_u,
-                                stride_be, stride_bp, stride_bn, BLOCK_M, 2 * BLOCK_N, BLOCK_P, DOT_F32)
-            gate, up = tl.split(tl.reshape(y.to(base_ptr.dtype.element_ty).to(tl.float32), (BLOCK_M, BLOCK_N, 2)))
-            out_cols = start + tl.arange(0, BLOCK_N)
-            grad_out = tl.load(grad_out_ptr + rows[:, None].to(tl.int64) * n_out + out_cols[None, :],
-                               mask=row_ok[:, None] & (out_cols < n_out)[None, :], other=0.0).to(tl.float32)
+        out_ok = row_ok[:, None] & (out_cols < n_out)[None, :]
+        out_ptrs = rows[:, None].to(tl.int64) * n_out + out_cols[None, :]
+        if BACKWARD:
+            grad_out = tl.load(grad_out_ptr + out_ptrs, mask=out_ok, other=0.0).to(tl.float32)
             grad_gate, grad_up = _swiglu_grads(gate, up, grad_out, alpha, limit)
-            grad = tl.interleave(grad_gate, grad_up).to(grad_ptr.dtype.element_ty)  # as stored: u's gradient from it
-            tl.store(grad_ptr + pair_ptrs, grad, mask=pair_ok)
-            grad_u += _low_rank_grad_tile(grad, b_ptr, expert_ptr, first, n_rows, pair_cols, pair_col_ok, rank,
-                                          stride_be, stride_bp, stride_bn, BLOCK_M, BLOCK_P, DOT_F32)
-        p = tl.arange(0, BLOCK_P)
-        tl.store(grad_u_ptr + rows[:, None].to(tl.int64) * stride_u + p[None, :],
-                 grad_u.to(grad_u_ptr.dtype.element_ty), mask=row_ok[:, None] & (p < rank)[None, :])
+            tl.store(out_ptr + pair_ptrs, tl.interleave(grad_gate, grad_up).to(out_ptr.dtype.element_ty), mask=pair_ok)
+        else:
+            tl.store(out_ptr + out_ptrs, _swiglu_values(gate, up, alpha, limit).to(out_ptr.dtype.element_ty),
+                     mask=out_ok)
 
     @triton.jit
     def _combine_rows_kernel(rows_ptr, weights_ptr, inverse_ptr, out_ptr, hidden: tl.constexpr, TOP_K: tl.constexpr,
@@ -276,7 +238,7 @@ def swiglu_forward(gate_up: torch.Tensor, alpha: float, limit: float, low_rank: 
     gate_up = gate_up.contiguous()
     out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
     if out.numel() and low_rank is not None:
-        _swiglu_low_rank(gate_up, low_rank, out, alpha, limit)
+        _swiglu_low_rank(gate_up, None, low_rank, out, alpha, limit)
     elif out.numel():
         n = out.numel()
         _swiglu_forward_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](gate_up, out, n, float(alpha), float(limit),
@@ -284,50 +246,34 @@ def swiglu_forward(gate_up: torch.Tensor, alpha: float, limit: float, low_rank: 
     return out
 
 
-def swiglu_backward(gate_up: torch.Tensor, grad_out: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """d swiglu / d gate_up (interleaved, the input dtype) given grad_out [S, I]."""
-    gate_up, grad_out = _check_swiglu_grad(gate_up, grad_out)
+def swiglu_backward(gate_up: torch.Tensor, grad_out: torch.Tensor, alpha: float, limit: float,
+                    low_rank: LowRank | None = None) -> torch.Tensor:
+    """d swiglu / d gate_up (interleaved, the input dtype) given grad_out [S, I]; with `low_rank` as in
+    swiglu_forward (the gradient is the same for gate_up and its low-rank term's output)."""
+    _check_pairs(gate_up)
+    if grad_out.shape != (gate_up.shape[0], gate_up.shape[1] // 2):
+        raise ValueError(f"swiglu_backward: grad {tuple(grad_out.shape)} does not fit gate_up {tuple(gate_up.shape)}")
+    gate_up, grad_out = gate_up.contiguous(), grad_out.contiguous()
     grad = torch.empty_like(gate_up)
-    n = grad_out.numel()
-    if n:
+    if grad.numel() and low_rank is not None:
+        _swiglu_low_rank(gate_up, grad_out, low_rank, grad, alpha, limit)
+    elif grad.numel():
+        n = grad_out.numel()
         _swiglu_backward_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](gate_up, grad_out, grad, n, float(alpha),
                                                                   float(limit), BLOCK=_SWIGLU_BLOCK)
     return grad
 
 
-def swiglu_low_rank_backward(gate_up: torch.Tensor, grad_out: torch.Tensor, alpha: float, limit: float,
-                             low_rank: LowRank) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of swiglu_forward(gate_up, ..., low_rank): (grad_gate_up [S, 2I], which is also the gradient
-    of the low-rank term's output, and grad_u [S, P] = grad_gate_up[i] @ b[expert(i)]^T, in u's dtype)."""
-    gate_up, grad_out = _check_swiglu_grad(gate_up, grad_out)
-    _check_low_rank(gate_up, low_rank, "swiglu_low_rank_backward")
-    grad = torch.empty_like(gate_up)
-    grad_u = torch.empty_like(low_rank.u)
-    S, n_out = grad_out.shape
-    if grad.numel():
-        tensors, sizes, meta = _low_rank_args(low_rank, gate_up.dtype)
-        if low_rank.u.stride(0) != grad_u.stride(0):
-            raise ValueError(f"swiglu_low_rank_backward: u must be contiguous, got strides {low_rank.u.stride()}")
-        _swiglu_low_rank_backward_kernel[(triton.cdiv(S, _ROW_LOOP_ROWS),)](
-            gate_up, *tensors, grad_out, grad, grad_u, S, n_out, *sizes, float(alpha), float(limit),
-            BLOCK_M=_ROW_LOOP_ROWS, BLOCK_N=_TILE_COLS // 2, **meta)
-    return grad, grad_u
-
-
-def _check_swiglu_grad(gate_up: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_pairs(gate_up)
-    if grad_out.shape != (gate_up.shape[0], gate_up.shape[1] // 2):
-        raise ValueError(f"swiglu_backward: grad {tuple(grad_out.shape)} does not fit gate_up {tuple(gate_up.shape)}")
-    return gate_up.contiguous(), grad_out.contiguous()
-
-
-def _swiglu_low_rank(gate_up, low_rank: LowRank, out, alpha: float, limit: float) -> None:
+def _swiglu_low_rank(gate_up, grad_out, low_rank: LowRank, out, alpha: float, limit: float) -> None:
     _check_low_rank(gate_up, low_rank, "swiglu")
     S, n_out = gate_up.shape[0], gate_up.shape[1] // 2
     tensors, sizes, meta = _low_rank_args(low_rank, gate_up.dtype)
-    grid = (triton.cdiv(S, _TILE_ROWS), triton.cdiv(n_out, _TILE_COLS // 2))
-    _swiglu_low_rank_forward_kernel[grid](gate_up, *tensors, out, S, n_out, *sizes, float(alpha), float(limit),
-                                          BLOCK_M=_TILE_ROWS, BLOCK_N=_TILE_COLS // 2, **meta)
+
+    def grid(config):
+        return triton.cdiv(S, config["BLOCK_M"]), triton.cdiv(n_out, config["BLOCK_N"])
+
+    _swiglu_low_rank_kernel[grid](gate_up, *tensors, grad_out if grad_out is not None else gate_up, out, S, n_out,
+                                  *sizes, float(alpha), float(limit), BACKWARD=grad_out is not None, **meta)
 
 
 def combine_rows(rows: torch.Tensor, inverse: torch.Tensor, top_k: int, out_dtype: torch.dtype,
