@@ -126,7 +126,7 @@ def use_session4_paths() -> None:
     from rustforge.model import attention, moe
 
     attention.FLEX_KERNEL_OPTIONS = {}
-    moe.DEFER_GATE_UP_LORA = moe.TRITON_EXPERT_LORA = False
+    moe.DEFER_GATE_UP_LORA = moe.TRITON_EXPERT_LORA = moe.TRITON_EXPERT_LORA_ROWS = False
 
 
 def step_ours(model, opt, batch, device):
@@ -191,6 +191,11 @@ def run_case(args) -> None:
 
         moe.TRITON_DEQUANT = False
         record["dequant"] = "torch"
+    if args.defer_gate_up_lora or args.triton_lora_rows:
+        from rustforge.model import moe
+
+        moe.DEFER_GATE_UP_LORA, moe.TRITON_EXPERT_LORA_ROWS = args.defer_gate_up_lora, args.triton_lora_rows
+        record["variants"] = {"defer_gate_up_lora": args.defer_gate_up_lora, "triton_lora_rows": args.triton_lora_rows}
     if args.unfused or args.session4_paths:
         use_session4_paths()
     if args.unfused:
@@ -533,6 +538,11 @@ PLANS = {
         "--case ours --fmt bf16 --no-ckpt --session4-paths --seqs 4096 --warmup 2 --iters 6",
         "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 2 --iters 6",
     ],
+    # the same with the gate_up LoRA term deferred into the SwiGLU kernels and the Triton x @ A / g @ B^T
+    "s5_variants": [
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6 --defer-gate-up-lora --triton-lora-rows",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6",
+    ],
     "final_grid": [
         "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 2",
         "--case ours --fmt mxfp4 --seqs 4096,16384,32768,65536 --warmup 1 --iters 2",
@@ -619,6 +629,8 @@ def main() -> None:
     p.add_argument("--peak-census-seq", type=int, default=0, help="list what is live at the peak of a step")
     p.add_argument("--torch-dequant", action="store_true", help="dequantise experts with the torch reference")
     p.add_argument("--session4-paths", action="store_true", help="session 5's changes off (use_session4_paths)")
+    p.add_argument("--defer-gate-up-lora", action="store_true", help="moe.DEFER_GATE_UP_LORA on (measured slower)")
+    p.add_argument("--triton-lora-rows", action="store_true", help="moe.TRITON_EXPERT_LORA_ROWS on (measured slower)")
     p.add_argument("--unfused", action="store_true",
                    help="session 3's paths: no fused kernels, LoRA projections or fused AdamW (see set_fused_kernels)")
     p.add_argument("--no-keep-dense", action="store_true",

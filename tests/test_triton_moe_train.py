@@ -48,12 +48,13 @@ def _swiglu_inputs(S: int, I: int, dtype, device, seed: int):
 KERNEL_ENTRY_POINTS = ("swiglu_forward", "swiglu_backward", "combine_rows",
                        "combine_rows_backward", "low_rank_update_", "rows_times_expert_matrix",
                        "expert_transposed_product")
-# one GroupedExperts forward + backward with the fused kernels: gate_up's LoRA + bias term rides in the SwiGLU
-# kernels, so low_rank_update_ runs for down's forward and the two input gradients only; the skinny LoRA
-# kernels for x @ A (2), grad_y @ B^T (2) and the weight gradients (4)
-FUSED_CALLS = {"swiglu_forward": 1, "swiglu_backward": 1, "combine_rows": 2,
-               "combine_rows_backward": 1, "low_rank_update_": 3, "rows_times_expert_matrix": 4,
-               "expert_transposed_product": 4}
+# one GroupedExperts forward + backward with the fused kernels: low_rank_update_ for both projections' LoRA + bias
+# term and both input gradients, the Triton kernel for the four LoRA weight gradients
+FUSED_CALLS = {"swiglu_forward": 1, "swiglu_backward": 1, "combine_rows": 2, "combine_rows_backward": 1,
+               "low_rank_update_": 4, "rows_times_expert_matrix": 0, "expert_transposed_product": 4}
+# with moe.DEFER_GATE_UP_LORA and TRITON_EXPERT_LORA_ROWS: gate_up's term rides in the SwiGLU kernels (no
+# low_rank_update_ for it) and x @ A (2) and g @ B^T (2) run as Triton kernels
+VARIANT_CALLS = {**FUSED_CALLS, "low_rank_update_": 3, "rows_times_expert_matrix": 4}
 
 
 @contextlib.contextmanager
@@ -150,7 +151,7 @@ def check_low_rank_update(S: int, N: int, P: int, E: int, dtype, device, tol: fl
     return {"ok": err <= tol, "err": err}
 
 
-def check_grouped_experts(fmt: str, dtype, device, tol: float, n_tokens: int = 37) -> dict:
+def check_grouped_experts(fmt: str, dtype, device, tol: float, n_tokens: int = 37, variants: bool = False) -> dict:
     """GroupedExperts forward and every gradient (hidden, router weights, LoRA) with the fused kernels == without."""
     E, H, I = 6, 64, 96
     g = torch.Generator().manual_seed(0)
@@ -167,6 +168,8 @@ def check_grouped_experts(fmt: str, dtype, device, tol: float, n_tokens: int = 3
     x = torch.randn(n_tokens, module.hidden_size, generator=torch.Generator().manual_seed(6)).to(device)
     grad_out = torch.randn_like(x)
     results, calls = {}, {}
+    defaults = moe.DEFER_GATE_UP_LORA, moe.TRITON_EXPERT_LORA_ROWS
+    moe.DEFER_GATE_UP_LORA = moe.TRITON_EXPERT_LORA_ROWS = variants
     for fused in (False, True):
         moe.FUSED_KERNELS = fused
         xs, ws = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
@@ -178,9 +181,10 @@ def check_grouped_experts(fmt: str, dtype, device, tol: float, n_tokens: int = 3
         results[fused] = {"out": out.detach(), "x": xs.grad, "w": ws.grad,
                           **{f"lora{i}": p.grad.clone() for i, p in enumerate(module.lora_parameters())}}
     moe.FUSED_KERNELS = True
+    moe.DEFER_GATE_UP_LORA, moe.TRITON_EXPERT_LORA_ROWS = defaults
     errs = {k: _rel_err(results[True][k], results[False][k]) for k in results[False]}
     # the comparison means something only if the fused run took every kernel and the other took none
-    took_paths = calls[True] == FUSED_CALLS and not any(calls[False].values())
+    took_paths = calls[True] == (VARIANT_CALLS if variants else FUSED_CALLS) and not any(calls[False].values())
     return {"ok": took_paths and all(e <= tol for e in errs.values()), "kernel_calls": calls[True], **errs}
 
 
@@ -196,6 +200,7 @@ def interpreter_cases():
         ("low-rank-strided", lambda: check_low_rank_update(70, 40, 16, 3, f32, "cpu", tol=1e-5, transposed_b=True)),
         ("grouped-bf16-weights", lambda: check_grouped_experts("bf16", f32, "cpu", tol=1e-5)),
         ("grouped-mxfp4", lambda: check_grouped_experts("mxfp4", f32, "cpu", tol=1e-5)),
+        ("grouped-variants", lambda: check_grouped_experts("bf16", f32, "cpu", tol=1e-5, variants=True)),
     ]
 
 
@@ -264,6 +269,8 @@ def test_gpu_low_rank_update_bf16(S, N, P, E, transposed):
 @pytest.mark.parametrize("fmt", ["bf16", "fp8", "mxfp4"])
 def test_gpu_grouped_experts_fused_equals_unfused(fmt):
     result = check_grouped_experts(fmt, torch.bfloat16, "cuda", tol=3e-2, n_tokens=300)
+    assert result["ok"], result
+    result = check_grouped_experts(fmt, torch.bfloat16, "cuda", tol=3e-2, n_tokens=300, variants=True)
     assert result["ok"], result
 
 

@@ -66,8 +66,14 @@ FP8_BLOCK = 128
 _EXPERTS_PER_CHUNK = 4  # bounds the float32 / int64 temporaries of (de)quantisation
 TRITON_DEQUANT = True  # one-pass Triton dequantisation on GPU (model/triton_dequant.py); False = torch reference
 FUSED_KERNELS = True  # SwiGLU and the routing-weighted sums as one-pass Triton kernels (model/triton_moe_train.py)
-TRITON_EXPERT_LORA = True  # with FUSED_KERNELS: the skinny LoRA GEMMs as Triton kernels (model/triton_expert_lora.py)
-DEFER_GATE_UP_LORA = True  # with FUSED_KERNELS: gate_up's LoRA + bias term added inside the SwiGLU kernels
+# with FUSED_KERNELS, the expert LoRA's skinny GEMMs as Triton kernels (model/triton_expert_lora.py): the weight
+# gradients (56 us a call against grouped_mm's 87 in the 4K step, H100, session 5) ...
+TRITON_EXPERT_LORA = True
+TRITON_EXPERT_LORA_ROWS = False  # ... but not x @ A and g @ B^T (rows_times_experts says why)
+# gate_up's LoRA + bias term added inside the SwiGLU kernels instead of written into y first: measured 182 us
+# forward (against 94 + ~158) but 268 backward (against 154) per layer in the 4K step (H100, session 5) -- a net
+# loss of ~1 ms per step, so off; the kernels' tile shape is where that would be won back
+DEFER_GATE_UP_LORA = False
 DECODE_KERNELS = True  # inference with few rows reads the stored experts directly (model/triton_moe_decode.py)
 DECODE_MAX_ROWS = 256  # token-expert rows (tokens x top-k) up to which it does: decode steps up to batch 64 at k=4
 _LORA_PREFIX = {"gate_up_proj": "lora_gate_up", "down_proj": "lora_down"}
@@ -122,9 +128,10 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
 
 
 def rows_times_experts(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, expert_of_row: torch.Tensor):
-    """x[i] @ w[expert(i)] on expert-sorted rows, for the LoRA side of a projection (w [E, in, P], P small):
-    grouped_mm, or on the GPU a Triton kernel that reads x once at near bandwidth."""
-    if TRITON_EXPERT_LORA and _fused(x):
+    """x[i] @ w[expert(i)] on expert-sorted rows, for the LoRA side of a projection (w [E, in, P], P small).
+    grouped_mm: triton_expert_lora.rows_times_expert_matrix measured slower for x @ A on the H100 (76-105 us
+    against 61) and within 10% for g @ B^T (session 5, bench/grouped_mm_shapes.py), so it stays off this path."""
+    if TRITON_EXPERT_LORA_ROWS and _fused(x):
         return rows_times_expert_matrix(x, w, expert_of_row)
     return grouped_mm(x, w, offs)
 
