@@ -24,6 +24,7 @@ counting checkpoint recompute; MFU is that over the measured bf16 matmul ceiling
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
@@ -184,7 +185,8 @@ def run_case(args) -> None:
     preset = get_preset(args.shape)
     record = {"case": args.case, "fmt": args.fmt, "hf_attn": args.hf_attn, "hf_experts": args.hf_experts,
               "ckpt": not args.no_ckpt, "offload": args.offload, "pageable": args.pageable, "moe_tile": args.moe_tile, "shape": args.shape,
-              "paths": "session3" if args.unfused else "session4" if args.session4_paths else "current"}
+              "paths": "session3" if args.unfused else "session4" if args.session4_paths else "current",
+              "gc_freeze": args.gc_freeze}
     t0 = time.perf_counter()
     if args.torch_dequant:
         from rustforge.model import moe
@@ -228,6 +230,10 @@ def run_case(args) -> None:
                 torch.cuda.reset_peak_memory_stats()
             for _ in range(args.warmup):
                 loss = step(model, opt, batch, device)
+            if args.gc_freeze:  # the model's objects out of the collector's way: no full scans of them mid-step
+                gc.collect()
+                gc.freeze()
+            collections_before = [g["collections"] for g in gc.get_stats()]
             times, enqueue = [], []
             for _ in range(args.iters):
                 if device.type == "cuda":
@@ -244,6 +250,7 @@ def run_case(args) -> None:
             times.sort()
             median = times[len(times) // 2]
             flops = useful_flops(preset, seq_len, args.docs)
+            rec["gc_collections"] = [g["collections"] - b for g, b in zip(gc.get_stats(), collections_before)]
             rec.update(ok=True, loss=loss, step_s=median, all_step_s=in_order, enqueue_s=enqueue, end_time=time.time(), tok_s=seq_len / median, tflops=flops / median / 1e12,
                        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0)
         except torch.OutOfMemoryError as e:
@@ -539,6 +546,14 @@ PLANS = {
         "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 2 --iters 6",
     ],
     # the same with the gate_up LoRA term deferred into the SwiGLU kernels and the Triton x @ A / g @ B^T
+    # host time: the GPU work of a 4K step is ~171 ms now and the host's issue time (150-250 ms) sets the pace
+    "s5_host": [
+        "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 3",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 10",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 10 --gc-freeze",
+        "--case ours --fmt bf16 --no-ckpt --session4-paths --seqs 4096 --warmup 2 --iters 10",
+        "--case ours --fmt bf16 --no-ckpt --session4-paths --seqs 4096 --warmup 2 --iters 10 --gc-freeze",
+    ],
     "s5_variants": [
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6 --defer-gate-up-lora --triton-lora-rows",
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6",
@@ -629,6 +644,7 @@ def main() -> None:
     p.add_argument("--peak-census-seq", type=int, default=0, help="list what is live at the peak of a step")
     p.add_argument("--torch-dequant", action="store_true", help="dequantise experts with the torch reference")
     p.add_argument("--session4-paths", action="store_true", help="session 5's changes off (use_session4_paths)")
+    p.add_argument("--gc-freeze", action="store_true", help="gc.collect(); gc.freeze() after the warmup steps")
     p.add_argument("--defer-gate-up-lora", action="store_true", help="moe.DEFER_GATE_UP_LORA on (measured slower)")
     p.add_argument("--triton-lora-rows", action="store_true", help="moe.TRITON_EXPERT_LORA_ROWS on (measured slower)")
     p.add_argument("--unfused", action="store_true",
