@@ -554,6 +554,14 @@ PLANS = {
         "--case ours --fmt bf16 --no-ckpt --session4-paths --seqs 4096 --warmup 2 --iters 10",
         "--case ours --fmt bf16 --no-ckpt --session4-paths --seqs 4096 --warmup 2 --iters 10 --gc-freeze",
     ],
+    # session 5's closing A/B: every row with session 4's paths beside it, the baseline in the same call
+    "s5_final": [
+        "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 3",
+        "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 2 --iters 8",
+        "--case ours --fmt mxfp4 --no-ckpt --session4-paths --seqs 4096 --warmup 2 --iters 8",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 8",
+        "--case ours --fmt bf16 --no-ckpt --session4-paths --seqs 4096 --warmup 2 --iters 8",
+    ],
     "s5_variants": [
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6 --defer-gate-up-lora --triton-lora-rows",
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6",
