@@ -7,14 +7,17 @@ experts, bf16; bench/grouped_mm_shapes.py, the "lora ..." cases): x[S, 2880] @ A
 108 us, the weight gradients 66 us and 108 us. All four are memory-bound -- the time is reading the big
 [S, D] operand -- and each kernel here reads it once, accumulating in float32:
 
-- `rows_times_expert_matrix`: out[i] = x[i] @ w[expert(i)] on expert-sorted rows -- x @ A in the forward
-  pass and g @ B^T in the backward (w may be any strided view, e.g. B.transpose(1, 2)). Row tiles; a tile
-  that straddles experts runs once per expert it holds, loading only that expert's rows.
 - `expert_transposed_product`: out[e] = x_e^T @ u_e over expert e's rows -- the LoRA weight gradients,
-  grad_A = expert_transposed_product(x, grad_xa, offs) and
-  grad_B = expert_transposed_product(g, xa, offs).transpose(1, 2). One program per (expert, column block)
-  sums its expert's rows in order: no atomics, deterministic, exact zeros for experts with no rows.
+  grad_A = expert_transposed_product(x, grad_xa, offs) and grad_B = the `transposed` form of
+  expert_transposed_product(g, xa, offs). One program per (expert, column block) sums its expert's rows in
+  order: no atomics, deterministic, exact zeros for experts with no rows. On the training path (56 us a call
+  in the 4K step on the H100 against grouped_mm's ~64 plus a mask and a scale; session 5).
+- `rows_times_expert_matrix`: out[i] = x[i] @ w[expert(i)] on expert-sorted rows -- x @ A and g @ B^T. Row
+  tiles; a tile that straddles experts runs once per expert it holds, loading only that expert's rows.
+  Measured slower than grouped_mm for x @ A (76-105 us against 61) and within 10% for g @ B^T, so it is off
+  the training path (moe.TRITON_EXPERT_LORA_ROWS) and kept for bench/grouped_mm_shapes.py's comparison.
 
+Block sizes are autotuned per shape (12 configurations, once per process).
 Own code because torch has no faster op for these shapes (grouped_mm is its only grouped GEMM, and a loop
 of per-expert matmuls costs a host sync and E launches). Tests: tests/test_triton_expert_lora.py, against
 moe.grouped_mm in float64, under TRITON_INTERPRET on a CPU and natively on the GPU.

@@ -14,7 +14,9 @@ kernel here reads its inputs once and writes its outputs once, computing in floa
   grad_w_i = <grad[token(i)], rows[i]> in one pass;
 - `low_rank_update_`: y[i] += u[i] @ B[expert(i)] in place on expert-sorted rows, for the LoRA (and
   bias) term of a grouped projection, where torch needs a grouped GEMM into a temporary and an add
-  (four passes over y's size instead of two).
+  (four passes over y's size instead of two);
+- `swiglu_forward` / `swiglu_backward` with a `LowRank`: the SwiGLU of y + that term without writing it
+  (moe.DEFER_GATE_UP_LORA; autotuned tiles; measured a net loss in session 5, so off by default).
 
 Own code because torch has no fused op for these (torch.compile would fuse the SwiGLU but not the
 index-driven sums, and it does not trace our grouped-GEMM autograd Functions without graph breaks).
