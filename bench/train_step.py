@@ -139,6 +139,22 @@ def step_ours(model, opt, batch, device):
     return out.loss.detach()  # a tensor: converting it would wait for the GPU (see run_case's enqueue_s)
 
 
+def graphed_step_ours():
+    """step_ours as one CUDA graph (train/graphed_step.py): the first call warms up and captures."""
+    from rustforge.train.graphed_step import GraphedTrainStep
+
+    captured = {}
+
+    def step(model, opt, batch, device):
+        if captured.get("batch") is not batch:  # one graph per batch: a new sequence length captures anew
+            captured.clear()
+            torch.cuda.empty_cache()
+            captured.update(batch=batch, graph=GraphedTrainStep(model, opt, batch))
+        return captured["graph"].replay()
+
+    return step
+
+
 # --------------------------------------------------------------------------------------- the baseline
 def build_hf_peft(args, device):
     from peft import LoraConfig as PeftLoraConfig
@@ -207,10 +223,14 @@ def run_case(args) -> None:
         record["keep_dense"] = False
     model = build_ours(args, device) if args.case == "ours" else build_hf_peft(args, device)
     step = step_ours if args.case == "ours" else step_hf
+    if args.cuda_graph:
+        step = graphed_step_ours()
+        record["cuda_graph"] = True
     params = [p for p in model.parameters() if p.requires_grad]
     # fused AdamW on both sides: what our SFT loop uses on one GPU (train/sft.py) and transformers' Trainer
     # default (adamw_torch_fused)
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda" and not args.unfused)
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda" and not args.unfused,
+                            capturable=args.cuda_graph)
     if device.type == "cuda":
         torch.cuda.synchronize()
         weights_gb = torch.cuda.memory_allocated() / 2**30
@@ -562,6 +582,14 @@ PLANS = {
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 8",
         "--case ours --fmt bf16 --no-ckpt --session4-paths --seqs 4096 --warmup 2 --iters 8",
     ],
+    # the step as one CUDA graph: the host issues it in one call
+    "s5_graph": [
+        "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 3",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 8 --cuda-graph",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 8",
+        "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 2 --iters 8 --cuda-graph",
+        "--case ours --fmt bf16 --no-ckpt --seqs 8192 --warmup 2 --iters 4 --cuda-graph",
+    ],
     "s5_variants": [
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6 --defer-gate-up-lora --triton-lora-rows",
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6",
@@ -652,6 +680,7 @@ def main() -> None:
     p.add_argument("--peak-census-seq", type=int, default=0, help="list what is live at the peak of a step")
     p.add_argument("--torch-dequant", action="store_true", help="dequantise experts with the torch reference")
     p.add_argument("--session4-paths", action="store_true", help="session 5's changes off (use_session4_paths)")
+    p.add_argument("--cuda-graph", action="store_true", help="ours: the step as one CUDA graph (GraphedTrainStep)")
     p.add_argument("--gc-freeze", action="store_true", help="gc.collect(); gc.freeze() after the warmup steps")
     p.add_argument("--defer-gate-up-lora", action="store_true", help="moe.DEFER_GATE_UP_LORA on (measured slower)")
     p.add_argument("--triton-lora-rows", action="store_true", help="moe.TRITON_EXPERT_LORA_ROWS on (measured slower)")

@@ -106,10 +106,14 @@ class RustforgeModel(nn.Module):
 
         return hook
 
-    def hidden_states(self, input_ids, position_ids, doc_ids) -> torch.Tensor:
-        masks = build_attention_masks(
+    def attention_masks(self, doc_ids) -> dict:
+        """The per-layer-type masks of a batch (flex BlockMasks on the GPU path)."""
+        return build_attention_masks(
             doc_ids, self.config.sliding_window, self.attention, self.hf.model.embed_tokens.weight.dtype
         )
+
+    def hidden_states(self, input_ids, position_ids, doc_ids, masks: dict | None = None) -> torch.Tensor:
+        masks = self.attention_masks(doc_ids) if masks is None else masks
         offload = (
             torch.autograd.graph.save_on_cpu(pin_memory=self.cfg.offload_pinned)
             if self.cfg.offload_activations and self.training
@@ -120,11 +124,14 @@ class RustforgeModel(nn.Module):
             out = self.hf.model(input_ids=input_ids, position_ids=position_ids, attention_mask=masks, use_cache=False)
         return out.last_hidden_state
 
-    def forward(self, input_ids, position_ids, doc_ids, labels) -> LossOutput:
+    def forward(self, input_ids, position_ids, doc_ids, labels, masks: dict | None = None,
+                rows: torch.Tensor | None = None) -> LossOutput:
+        """`masks` (attention_masks(doc_ids)) and `rows` (loss.valid_rows of the labels) may be given
+        precomputed: a step captured as a CUDA graph must not wait for the GPU (train/graphed_step.py)."""
         # the loss's row selection (and label check) waits for the GPU: done here, before the forward is
         # queued, it costs nothing, and the host then runs ahead of the GPU through forward and backward
-        rows = valid_rows(labels.flatten(), self.hf.lm_head.weight.shape[0])
-        hidden = self.hidden_states(input_ids, position_ids, doc_ids)
+        rows = valid_rows(labels.flatten(), self.hf.lm_head.weight.shape[0]) if rows is None else rows
+        hidden = self.hidden_states(input_ids, position_ids, doc_ids, masks)
         ce_sum, n_tokens = chunked_cross_entropy(
             hidden.flatten(0, 1).to(self.hf.lm_head.weight.dtype), self.hf.lm_head.weight, labels.flatten(),
             self.cfg.loss_chunk_size, keep_logits_bytes=int(self.cfg.loss_keep_logits_gib * 2**30), rows=rows,

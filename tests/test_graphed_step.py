@@ -1,0 +1,71 @@
+"""GraphedTrainStep (train/graphed_step.py): a captured and replayed training step equals the eager steps.
+
+- CPU: it refuses without CUDA, and without a capturable optimizer, with errors that say so.
+- GPU (`-m gpu`): two models built alike (tiny GPT-OSS shape, LoRA, fused capturable AdamW); eager steps on one,
+  warm-up + replays on the other: the same losses and the same LoRA weights after the same number of steps,
+  including a replay on a new batch of the same layout; a batch of another layout is refused.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rustforge.config import LoraConfig, ModelConfig
+from rustforge.model.gptoss import build_model
+from rustforge.train.graphed_step import GraphedTrainStep
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def _batch(seq: int, docs: int, vocab: int, device, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    doc_len = seq // docs
+    doc_ids = (torch.arange(seq) // doc_len).clamp(max=docs - 1)[None]
+    position_ids = (torch.arange(seq) - doc_ids[0] * doc_len)[None]
+    input_ids = torch.randint(0, vocab, (1, seq), generator=g)
+    labels = torch.roll(input_ids, -1, dims=1)
+    labels[:, doc_len - 1 :: doc_len] = -100  # no target across a document end
+    return {k: v.to(device) for k, v in dict(input_ids=input_ids, position_ids=position_ids, doc_ids=doc_ids,
+                                              labels=labels).items()}
+
+
+def _model(device):
+    model = build_model(ModelConfig(preset="tiny"), LoraConfig(r=4, alpha=8), vocab_size=512, device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, params
+
+
+def test_refuses_without_cuda():
+    model, params = _model("cpu")
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    with pytest.raises(ValueError, match="CUDA"):
+        GraphedTrainStep(model, opt, _batch(64, 2, 512, "cpu", 0))
+
+
+@pytest.mark.gpu
+@gpu
+def test_replays_equal_eager_steps():
+    batch, other = _batch(256, 2, 512, "cuda", 0), _batch(256, 2, 512, "cuda", 1)
+    eager_model, eager_params = _model("cuda")
+    eager_opt = torch.optim.AdamW(eager_params, lr=1e-3, fused=True)
+    eager = []
+    for b in (batch, batch, batch, batch, other):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = eager_model(**b).loss
+        loss.backward()
+        eager_opt.step()
+        eager_opt.zero_grad(set_to_none=True)
+        eager.append(float(loss))
+    model, params = _model("cuda")
+    with pytest.raises(ValueError, match="capturable"):
+        GraphedTrainStep(model, torch.optim.AdamW(params, lr=1e-3, fused=True), batch)
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=True, capturable=True)
+    step = GraphedTrainStep(model, opt, batch, warmup_steps=2)  # eager steps 1-2
+    graphed = [float(step.replay()), float(step.replay()), float(step.replay(other))]
+    torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager[2:]), rtol=2e-3, atol=2e-3)
+    for a, b in zip(params, eager_params):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+    moved = _batch(256, 4, 512, "cuda", 2)
+    with pytest.raises(ValueError, match="layout"):
+        step.replay(moved)
