@@ -26,8 +26,8 @@ def _batch(seq: int, docs: int, vocab: int, device, seed: int) -> dict:
     input_ids = torch.randint(0, vocab, (1, seq), generator=g)
     labels = torch.roll(input_ids, -1, dims=1)
     labels[:, doc_len - 1 :: doc_len] = -100  # no target across a document end
-    return {k: v.to(device) for k, v in dict(input_ids=input_ids, position_ids=position_ids, doc_ids=doc_ids,
-                                              labels=labels).items()}
+    batch = {"input_ids": input_ids, "position_ids": position_ids, "doc_ids": doc_ids, "labels": labels}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def _model(device):
