@@ -35,6 +35,16 @@ CANDIDATES = {  # fwd_/bwd_ prefixes apply an option to one direction only (torc
     "bwd64x64": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64},
     "bwd64x128": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 64},
     "bwd_w4": {"bwd_num_warps": 4},
+    # session 5: the forward at 64x64 (attention.FLEX_KERNEL_OPTIONS) with backward candidates
+    "f64_bwd32x64": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64,
+                     "bwd_BLOCK_N2": 32},
+    "f64_bwd_w4": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "bwd_num_warps": 4},
+    "f64_bwd_w8": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "bwd_num_warps": 8},
+    "f64_bwd_s2": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "bwd_num_stages": 2},
+    "f64_bwd64x128": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128,
+                      "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 64},
+    "f64_bwd32x128": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 128,
+                      "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 32},
 }
 
 
