@@ -214,6 +214,11 @@ def run_case(args) -> None:
 
         moe.DEFER_GATE_UP_LORA, moe.TRITON_EXPERT_LORA_ROWS = args.defer_gate_up_lora, args.triton_lora_rows
         record["variants"] = {"defer_gate_up_lora": args.defer_gate_up_lora, "triton_lora_rows": args.triton_lora_rows}
+    if args.flex_options is not None:
+        from rustforge.model import attention
+
+        attention.FLEX_KERNEL_OPTIONS = json.loads(args.flex_options)
+        record["flex_options"] = attention.FLEX_KERNEL_OPTIONS
     if args.unfused or args.session4_paths:
         use_session4_paths()
     if args.unfused:
@@ -590,6 +595,13 @@ PLANS = {
         "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 2 --iters 8 --cuda-graph",
         "--case ours --fmt bf16 --no-ckpt --seqs 8192 --warmup 2 --iters 4 --cuda-graph",
     ],
+    # flex backward options measured inside the graphed step (flex_tune's per-layer timing is host-bound)
+    "s5_graph2": [
+        "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 3",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 10 --cuda-graph",
+        """--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 10 --cuda-graph --flex-options {"fwd_BLOCK_M":64,"fwd_BLOCK_N":64,"bwd_num_warps":8}""",
+        """--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 10 --cuda-graph --flex-options {"fwd_BLOCK_M":64,"fwd_BLOCK_N":64,"bwd_BLOCK_M1":64,"bwd_BLOCK_N1":128,"bwd_BLOCK_M2":128,"bwd_BLOCK_N2":64}""",
+    ],
     "s5_variants": [
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6 --defer-gate-up-lora --triton-lora-rows",
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6",
@@ -680,6 +692,7 @@ def main() -> None:
     p.add_argument("--peak-census-seq", type=int, default=0, help="list what is live at the peak of a step")
     p.add_argument("--torch-dequant", action="store_true", help="dequantise experts with the torch reference")
     p.add_argument("--session4-paths", action="store_true", help="session 5's changes off (use_session4_paths)")
+    p.add_argument("--flex-options", default=None, help="JSON for attention.FLEX_KERNEL_OPTIONS (kernel options)")
     p.add_argument("--cuda-graph", action="store_true", help="ours: the step as one CUDA graph (GraphedTrainStep)")
     p.add_argument("--gc-freeze", action="store_true", help="gc.collect(); gc.freeze() after the warmup steps")
     p.add_argument("--defer-gate-up-lora", action="store_true", help="moe.DEFER_GATE_UP_LORA on (measured slower)")
