@@ -602,6 +602,14 @@ PLANS = {
         """--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 10 --cuda-graph --flex-options {"fwd_BLOCK_M":64,"fwd_BLOCK_N":64,"bwd_num_warps":8}""",
         """--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 10 --cuda-graph --flex-options {"fwd_BLOCK_M":64,"fwd_BLOCK_N":64,"bwd_BLOCK_M1":64,"bwd_BLOCK_N1":128,"bwd_BLOCK_M2":128,"bwd_BLOCK_N2":64}""",
     ],
+    # session 5's closing run: the graphed step in every format beside the eager step and the baseline
+    "s5_graph_final": [
+        "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 3",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 10 --cuda-graph",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 8",
+        "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 2 --iters 8 --cuda-graph",
+        "--case ours --fmt fp8 --no-ckpt --seqs 4096 --warmup 2 --iters 8 --cuda-graph",
+    ],
     "s5_variants": [
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6 --defer-gate-up-lora --triton-lora-rows",
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6",

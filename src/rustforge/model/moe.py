@@ -430,7 +430,10 @@ class ExpertRows(NamedTuple):
 def sort_by_expert(router_indices: torch.Tensor, num_experts: int) -> ExpertRows:
     """One stable sort per layer; gate_up and down, forward and backward reuse everything derived from it."""
     top_k = router_indices.shape[1]
-    expert_ids = router_indices.reshape(-1)
+    # the narrowest key type: the GPU's radix sort makes one pass per key byte (int64: 8 passes, 54 us at
+    # 16K rows on the H100; uint8 for up to 256 experts: one)
+    key_dtype = torch.uint8 if num_experts <= 256 else torch.int32
+    expert_ids = router_indices.reshape(-1).to(key_dtype)
     sorted_ids, perm = torch.sort(expert_ids, stable=True)
     all_experts = torch.arange(num_experts, device=expert_ids.device, dtype=sorted_ids.dtype)
     offs = torch.searchsorted(sorted_ids, all_experts, right=True, out_int32=True)

@@ -41,7 +41,6 @@ except ImportError:  # CPU-only installs: moe.py uses its torch reference path
 
 _SWIGLU_BLOCK = 1024  # output elements per program
 _ROW_BLOCK = 1024  # hidden columns per loop step of the row kernels
-_TILE_ROWS, _TILE_COLS = 64, 128  # [rows, columns of y] per program of the low-rank kernels
 
 
 
@@ -187,10 +186,17 @@ if triton is not None:
         tl.store(grad_weights_ptr + flat, tl.sum(dot, axis=0))
 
 
+    # in place on y: the tuner restores y between its trials (restore_value)
+    _LOW_RANK_UPDATE_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w)
+                                for m, n in ((32, 128), (64, 64), (64, 128), (64, 256), (128, 64), (128, 128))
+                                for w in (4, 8)]
+
+    @triton.autotune(configs=_LOW_RANK_UPDATE_CONFIGS[2:3] if INTERPRETING else _LOW_RANK_UPDATE_CONFIGS,
+                     key=["n_cols", "rank"], restore_value=["y_ptr"])
     @triton.jit
     def _low_rank_update_kernel(y_ptr, u_ptr, b_ptr, expert_ptr, n_rows, n_cols, rank, stride_y, stride_u,
-                                stride_be, stride_bp, stride_bn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_P: tl.constexpr, DOT_F32: tl.constexpr):
+                                stride_be, stride_bp, stride_bn, BLOCK_P: tl.constexpr, DOT_F32: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         first = tl.program_id(0) * BLOCK_M
         rows = first + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -318,7 +324,9 @@ def low_rank_update_(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, expert_o
     S, N = y.shape
     if S and N and u.shape[1]:
         tensors, sizes, meta = _low_rank_args(low_rank, y.dtype)
-        grid = (triton.cdiv(S, _TILE_ROWS), triton.cdiv(N, _TILE_COLS))
-        _low_rank_update_kernel[grid](y, *tensors, S, N, sizes[0], y.stride(0), *sizes[1:], BLOCK_M=_TILE_ROWS,
-                                      BLOCK_N=_TILE_COLS, **meta)
+
+        def grid(config):
+            return triton.cdiv(S, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"])
+
+        _low_rank_update_kernel[grid](y, *tensors, S, N, sizes[0], y.stride(0), *sizes[1:], **meta)
     return y
