@@ -610,6 +610,13 @@ PLANS = {
         "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 2 --iters 8 --cuda-graph",
         "--case ours --fmt fp8 --no-ckpt --seqs 4096 --warmup 2 --iters 8 --cuda-graph",
     ],
+    # after folding the LoRA casts into the augmented factors (fewer small kernels in the graph)
+    "s5_last": [
+        "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 3",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 10 --cuda-graph",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6",
+        "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 2 --iters 6 --cuda-graph",
+    ],
     "s5_variants": [
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6 --defer-gate-up-lora --triton-lora-rows",
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6",

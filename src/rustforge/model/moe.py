@@ -137,14 +137,13 @@ def rows_times_experts(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, exp
 
 
 def per_expert_transposed_product(x: torch.Tensor, u: torch.Tensor, offs: torch.Tensor, empty_groups: torch.Tensor,
-                                  scale: float = 1.0, transposed: bool = False):
+                                  scale: float = 1.0, transposed: bool = False, out_dtype: torch.dtype | None = None):
     """scale * x_e^T @ u_e over each expert's rows (zero for experts without rows) -- a LoRA weight gradient:
-    [E, D, P], or with `transposed` its contiguous [E, P, D] transpose."""
+    [E, D, P], or with `transposed` its contiguous [E, P, D] transpose, in out_dtype (default x's)."""
     if TRITON_EXPERT_LORA and _fused(x):
-        return expert_transposed_product(x, u, offs, scale=scale, transposed=transposed)
-    if transposed:
-        return grouped_mm(u.t(), x, offs).masked_fill_(empty_groups, 0).mul_(scale)
-    return grouped_mm(x.t(), u, offs).masked_fill_(empty_groups, 0).mul_(scale)
+        return expert_transposed_product(x, u, offs, out_dtype, scale=scale, transposed=transposed)
+    out = grouped_mm(u.t(), x, offs) if transposed else grouped_mm(x.t(), u, offs)
+    return out.masked_fill_(empty_groups, 0).mul_(scale).to(out_dtype or x.dtype)
 
 
 def _zero_empty_groups(per_group: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -230,17 +229,20 @@ def _padded_rank(r: int) -> int:
 
 
 def _bias_augmented_lora(lora_A, lora_B, bias, scaling, d_in: int):
-    """(A' [E, in, p], B' [E, p, out]) with x @ A' @ B' = scaling * x @ A @ B once column r of x @ A' is
-    set to 1 (row r of B' is the bias), so the bias rides on the LoRA GEMM instead of a gathered add."""
+    """(A' [E, in, p], B' [E, p, out]) in the bias's (compute) dtype with x @ A' @ B' = scaling * x @ A @ B once
+    column r of x @ A' is set to 1 (row r of B' is the bias), so the bias rides on the LoRA GEMM instead of a
+    gathered add. The LoRA factors may be float32 masters: the copies cast (no separate cast kernels)."""
     E, d_out = bias.shape
     r = 0 if lora_A is None else lora_A.shape[-1]
     p = _padded_rank(r)
-    aug_A = bias.new_zeros(E, d_in, p)
-    aug_B = bias.new_zeros(E, p, d_out)
+    aug_A = bias.new_empty(E, d_in, p)
+    aug_B = bias.new_empty(E, p, d_out)
     if lora_A is not None:
-        aug_A[:, :, :r] = lora_A
+        aug_A[:, :, :r].copy_(lora_A)
         torch.mul(lora_B, scaling, out=aug_B[:, :r])
-    aug_B[:, r] = bias
+    aug_A[:, :, r:].zero_()
+    aug_B[:, r].copy_(bias)
+    aug_B[:, r + 1 :].zero_()
     return aug_A, aug_B, r
 
 
@@ -263,7 +265,10 @@ class _GroupedLoraLinear(torch.autograd.Function):
         aug_A, aug_B, r = _bias_augmented_lora(lora_A, lora_B, bias.to(x.dtype), scaling, x.shape[-1])
         xa = rows_times_experts(x, aug_A, offs, expert_of_row)  # [S, p]; columns past r are zero
         xa[:, r] = 1
-        ctx.save_for_backward(x, xa, offs, expert_of_row, empty_groups, lora_A, lora_B, *((weight,) if keep_dense else ()))
+        # the backward reads the factors as the forward used them: aug_A[..., :r] = A, aug_B[:, :r] = scaling * B in
+        # the compute dtype (lora_A / lora_B themselves may be float32 masters)
+        ctx.save_for_backward(x, xa, offs, expert_of_row, empty_groups, aug_A, aug_B, *((weight,) if keep_dense else ()))
+        ctx.has_lora, ctx.lora_dtype = lora_A is not None, None if lora_A is None else lora_A.dtype
         del weight
         ctx.scaling, ctx.fmt, ctx.storage, ctx.rank, ctx.keep_dense = scaling, fmt, storage, r, keep_dense
         if defer_low_rank:  # y without its LoRA + bias term xa @ aug_B, which the consumer's kernel adds where it
@@ -278,7 +283,7 @@ class _GroupedLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, *_):  # with defer_low_rank, grad_y is also the gradient of y's low-rank term
-        x, xa, offs, expert_of_row, empty_groups, lora_A, lora_B, *kept = ctx.saved_tensors
+        x, xa, offs, expert_of_row, empty_groups, aug_A, aug_B, *kept = ctx.saved_tensors
         if grad_y is None:
             return (None,) * 12
         grad_y = grad_y.contiguous()
@@ -287,17 +292,19 @@ class _GroupedLoraLinear(torch.autograd.Function):
             weight = kept[0] if kept else dense_expert_weight(ctx.fmt, ctx.storage, grad_y.dtype)
             grad_x = grouped_mm(grad_y, weight.to(grad_y.dtype).transpose(1, 2), offs)
             del weight
-        if lora_A is not None:
-            grad_xa = rows_times_experts(grad_y, lora_B.transpose(1, 2), offs, expert_of_row).mul_(ctx.scaling)
+        if ctx.has_lora:
+            r = ctx.rank
+            lora_A_t, scaled_B = aug_A[:, :, :r].transpose(1, 2), aug_B[:, :r]
+            grad_xa = rows_times_experts(grad_y, scaled_B.transpose(1, 2), offs, expert_of_row)  # scaling in B
             if grad_x is not None and _fused(grad_x):
-                low_rank_update_(grad_x, grad_xa, lora_A.transpose(1, 2), expert_of_row)
+                low_rank_update_(grad_x, grad_xa, lora_A_t, expert_of_row)
             elif grad_x is not None:
-                grad_x.add_(grouped_mm(grad_xa, lora_A.transpose(1, 2), offs))
-            if ctx.needs_input_grad[1]:
-                grad_A = per_expert_transposed_product(x, grad_xa, offs, empty_groups)
+                grad_x.add_(grouped_mm(grad_xa, lora_A_t, offs))
+            if ctx.needs_input_grad[1]:  # in the factors' (master) dtype straight from the kernel
+                grad_A = per_expert_transposed_product(x, grad_xa, offs, empty_groups, out_dtype=ctx.lora_dtype)
             if ctx.needs_input_grad[2]:
-                xa_lora = xa[:, : ctx.rank]
-                grad_B = per_expert_transposed_product(grad_y, xa_lora, offs, empty_groups, ctx.scaling, transposed=True)
+                grad_B = per_expert_transposed_product(grad_y, xa[:, :r], offs, empty_groups, ctx.scaling,
+                                                       transposed=True, out_dtype=ctx.lora_dtype)
         return grad_x, grad_A, grad_B, None, None, None, None, None, None, None, None, None
 
 
@@ -733,15 +740,13 @@ class GroupedExperts(nn.Module):
         """The frozen (dequantised) weight [E, in, out], detached."""
         return dense_expert_weight(self.fmt, tuple(t.detach() for t in self.storage(proj)), dtype or self.dtype)
 
-    def _lora(self, proj: str, dtype: torch.dtype):
+    def _lora(self, proj: str):
+        """The projection's LoRA factors as stored (float32 masters under autocast: _GroupedLoraLinear casts)."""
         name_A, name_B = lora_param_names(proj)
-        lora_A, lora_B = getattr(self, name_A), getattr(self, name_B)
-        if lora_A is None:
-            return None, None
-        return lora_A.to(dtype), lora_B.to(dtype)
+        return getattr(self, name_A), getattr(self, name_B)
 
     def _project(self, proj: str, x, rows: ExpertRows, dense: dict | None = None):
-        lora_A, lora_B = self._lora(proj, x.dtype)
+        lora_A, lora_B = self._lora(proj)
         if dense is None:
             fmt, storage = self.fmt, tuple(t.detach() for t in self.storage(proj))
         else:  # dequantised once by the caller and shared by its token tiles
