@@ -43,7 +43,7 @@ class GraphedTrainStep:
         self.inputs = {k: batch[k].clone() for k in (*COPIED_KEYS, *LAYOUT_KEYS)}  # the graph reads these
         self.ignored = batch["labels"] < 0
         # host work done now, never again: the masks and the loss rows of this layout
-        self.inputs["masks"] = model.attention_masks(batch["doc_ids"])
+        self.inputs["masks"] = model.attention_masks(self.inputs["doc_ids"])  # its mask_mod reads this tensor
         self.inputs["rows"] = valid_rows(batch["labels"].flatten(), model.hf.lm_head.weight.shape[0])
         self._warm_up(warmup_steps)
         self.graph = torch.cuda.CUDAGraph()
