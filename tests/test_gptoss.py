@@ -96,3 +96,22 @@ def test_without_checkpointing_the_dense_experts_are_not_kept():
     model = build_model(ModelConfig(preset="tiny", attention="eager", expert_format="mxfp4"), LoraConfig(r=4, alpha=8),
                         vocab_size=256)  # fmt: skip
     assert not any(m.keep_dense_for_backward for m in model.modules() if isinstance(m, moe.GroupedExperts))
+
+
+def test_load_balancing_loss_equals_transformers():
+    """Our all-layers-at-once router aux loss == transformers' per-layer load_balancing_loss_func (with the
+    padding mask), value and gradient of the router logits."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import load_balancing_loss_func
+
+    from rustforge.model.gptoss import load_balancing_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(37, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    valid = torch.rand(37, generator=g) > 0.2
+    ours = load_balancing_loss(tuple(logits), 8, 2, valid)
+    ref = load_balancing_loss_func(tuple(logits), 8, 2, valid.to(torch.float64))
+    torch.testing.assert_close(ours.double(), ref.double(), rtol=1e-6, atol=1e-9)
+    g_ours = torch.autograd.grad(ours, logits)
+    g_ref = torch.autograd.grad(ref, logits)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
