@@ -4,8 +4,8 @@ For the 4K step's token-expert rows (4096 tokens x top-4 = 16384 rows over 32 ex
 grouped GEMM the MoE layer issues (model/moe.py) with torch's grouped_mm, in both weight layouts
 ([E, in, out] as transformers stores bf16 experts, and the transposed view of [E, out, in] that the
 dequantisers write), with and without LoRA's A factor appended to the frozen weight as extra output
-columns (`+ext`: y and x @ A from one GEMM), and the LoRA-sized GEMMs on their own (on the GPU also with
-model/triton_expert_lora.py's kernels, the `... triton` cases). Group sizes come from
+columns (`+ext`: y and x @ A from one GEMM), and the LoRA-sized GEMMs on their own (on the GPU the weight gradients also
+with model/triton_expert_lora.py's kernel, the `... triton` cases). Group sizes come from
 a balanced and a skewed routing. Prints and appends one JSON line per case: ms and TFLOP/s.
 
     PYTHONPATH=$PWD/src python bench/grouped_mm_shapes.py --out $OUT/grouped_mm.jsonl
@@ -22,10 +22,7 @@ import torch
 
 from rustforge.model.moe import grouped_mm
 from rustforge.model.triton_dequant import triton_kernels_available
-from rustforge.model.triton_expert_lora import (
-    expert_transposed_product,
-    rows_times_expert_matrix,
-)
+from rustforge.model.triton_expert_lora import expert_transposed_product
 
 
 def group_offsets(rows: int, experts: int, skew: float, device) -> torch.Tensor:
@@ -94,13 +91,7 @@ def cases(args, device, dtype):
         yield dict(tag, case="lora g@B^T (gate_up)", flops=2 * S * I2 * r), lambda: grouped_mm(g_up, b_up.transpose(1, 2), offs)
         yield dict(tag, case="lora x^T@gxa (grad A)", flops=2 * S * H * r), lambda: grouped_mm(x.t(), xa, offs)
         yield dict(tag, case="lora xa^T@g (grad B)", flops=2 * S * I2 * r), lambda: grouped_mm(xa.t(), g_up, offs)
-        if triton_kernels_available(x):  # the same four products with model/triton_expert_lora.py's kernels
-            counts = torch.diff(offs, prepend=offs.new_zeros(1))
-            expert_of_row = torch.repeat_interleave(torch.arange(E, device=device), counts).to(torch.int32)
-            yield (dict(tag, case="lora x@A (gate_up) triton", flops=2 * S * H * r),
-                   lambda: rows_times_expert_matrix(x, a_up, expert_of_row))
-            yield (dict(tag, case="lora g@B^T (gate_up) triton", flops=2 * S * I2 * r),
-                   lambda: rows_times_expert_matrix(g_up, b_up.transpose(1, 2), expert_of_row))
+        if triton_kernels_available(x):  # the weight gradients with model/triton_expert_lora.py's kernel
             yield (dict(tag, case="lora x^T@gxa (grad A) triton", flops=2 * S * H * r),
                    lambda: expert_transposed_product(x, xa, offs))
             yield (dict(tag, case="lora xa^T@g (grad B) triton", flops=2 * S * I2 * r),

@@ -121,13 +121,12 @@ def set_fused_kernels(on: bool) -> None:
 
 
 def use_session4_paths() -> None:
-    """Session 5's changes off, for a same-run A/B: torch's default flex forward blocks, gate_up's LoRA term
-    written by low_rank_update_ before the SwiGLU instead of added inside it, the expert LoRA's skinny GEMMs
-    on grouped_mm instead of model/triton_expert_lora.py."""
+    """Session 5's switchable changes off, for a same-run A/B: torch's default flex forward blocks, the expert
+    LoRA's weight gradients on grouped_mm instead of model/triton_expert_lora.py."""
     from rustforge.model import attention, moe
 
     attention.FLEX_KERNEL_OPTIONS = {}
-    moe.DEFER_GATE_UP_LORA = moe.TRITON_EXPERT_LORA = moe.TRITON_EXPERT_LORA_ROWS = False
+    moe.TRITON_EXPERT_LORA = False
 
 
 def step_ours(model, opt, batch, device):
@@ -209,11 +208,6 @@ def run_case(args) -> None:
 
         moe.TRITON_DEQUANT = False
         record["dequant"] = "torch"
-    if args.defer_gate_up_lora or args.triton_lora_rows:
-        from rustforge.model import moe
-
-        moe.DEFER_GATE_UP_LORA, moe.TRITON_EXPERT_LORA_ROWS = args.defer_gate_up_lora, args.triton_lora_rows
-        record["variants"] = {"defer_gate_up_lora": args.defer_gate_up_lora, "triton_lora_rows": args.triton_lora_rows}
     if args.flex_options is not None:
         from rustforge.model import attention
 
@@ -570,7 +564,6 @@ PLANS = {
         "--case ours --fmt bf16 --no-ckpt --session4-paths --seqs 4096 --warmup 2 --iters 6",
         "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 2 --iters 6",
     ],
-    # the same with the gate_up LoRA term deferred into the SwiGLU kernels and the Triton x @ A / g @ B^T
     # host time: the GPU work of a 4K step is ~171 ms now and the host's issue time (150-250 ms) sets the pace
     "s5_host": [
         "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 3",
@@ -616,10 +609,6 @@ PLANS = {
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 10 --cuda-graph",
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6",
         "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 2 --iters 6 --cuda-graph",
-    ],
-    "s5_variants": [
-        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6 --defer-gate-up-lora --triton-lora-rows",
-        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6",
     ],
     "final_grid": [
         "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 2",
@@ -710,8 +699,6 @@ def main() -> None:
     p.add_argument("--flex-options", default=None, help="JSON for attention.FLEX_KERNEL_OPTIONS (kernel options)")
     p.add_argument("--cuda-graph", action="store_true", help="ours: the step as one CUDA graph (GraphedTrainStep)")
     p.add_argument("--gc-freeze", action="store_true", help="gc.collect(); gc.freeze() after the warmup steps")
-    p.add_argument("--defer-gate-up-lora", action="store_true", help="moe.DEFER_GATE_UP_LORA on (measured slower)")
-    p.add_argument("--triton-lora-rows", action="store_true", help="moe.TRITON_EXPERT_LORA_ROWS on (measured slower)")
     p.add_argument("--unfused", action="store_true",
                    help="session 3's paths: no fused kernels, LoRA projections or fused AdamW (see set_fused_kernels)")
     p.add_argument("--no-keep-dense", action="store_true",

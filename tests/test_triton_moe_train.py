@@ -45,16 +45,12 @@ def _swiglu_inputs(S: int, I: int, dtype, device, seed: int):
     return gate_up.to(dtype).to(device), torch.randn(S, I, generator=g).to(dtype).to(device)
 
 
-KERNEL_ENTRY_POINTS = ("swiglu_forward", "swiglu_backward", "combine_rows",
-                       "combine_rows_backward", "low_rank_update_", "rows_times_expert_matrix",
-                       "expert_transposed_product")
+KERNEL_ENTRY_POINTS = ("swiglu_forward", "swiglu_backward", "combine_rows", "combine_rows_backward",
+                       "low_rank_update_", "expert_transposed_product")
 # one GroupedExperts forward + backward with the fused kernels: low_rank_update_ for both projections' LoRA + bias
 # term and both input gradients, the Triton kernel for the four LoRA weight gradients
 FUSED_CALLS = {"swiglu_forward": 1, "swiglu_backward": 1, "combine_rows": 2, "combine_rows_backward": 1,
-               "low_rank_update_": 4, "rows_times_expert_matrix": 0, "expert_transposed_product": 4}
-# with moe.DEFER_GATE_UP_LORA and TRITON_EXPERT_LORA_ROWS: gate_up's term rides in the SwiGLU kernels (no
-# low_rank_update_ for it) and x @ A (2) and g @ B^T (2) run as Triton kernels
-VARIANT_CALLS = {**FUSED_CALLS, "low_rank_update_": 3, "rows_times_expert_matrix": 4}
+               "low_rank_update_": 4, "expert_transposed_product": 4}
 
 
 @contextlib.contextmanager
@@ -88,27 +84,6 @@ def check_swiglu(S: int, I: int, dtype, device, tol: float) -> dict:
     got_grad = tk.swiglu_backward(gate_up, grad_out, ALPHA, LIMIT)
     errs = {"forward": _rel_err(got, want), "grad": _rel_err(got_grad, leaf.grad)}
     ok = got.dtype == dtype and got_grad.dtype == dtype and all(e <= tol for e in errs.values())
-    return {"ok": ok, **errs}
-
-
-def check_swiglu_low_rank(S: int, I: int, P: int, E: int, dtype, device, tol: float) -> dict:
-    """swiglu_forward / swiglu_backward with a deferred low-rank term against the reference on
-    y = gate_up + u @ b[expert] (rounded to dtype, as low_rank_update_ would store it); the last expert
-    gets no rows and row tiles span several experts."""
-    gate_up, grad_out = _swiglu_inputs(S, I, dtype, "cpu", seed=S + I + P)
-    g = torch.Generator().manual_seed(P)
-    experts = torch.sort(torch.randint(0, E - 1, (S,), generator=g)).values
-    u = torch.randn(S, P, generator=g).to(dtype)
-    b = torch.randn(E, P, 2 * I, generator=g).to(dtype)
-    y = (gate_up.double() + torch.einsum("sp,spn->sn", u.double(), b.double()[experts])).to(dtype)
-    leaf = y.double().requires_grad_(True)
-    want = moe.swiglu_reference(leaf, ALPHA, LIMIT)
-    want.backward(grad_out.double())
-    low_rank = tk.LowRank(u.to(device), b.to(device), experts.to(torch.int32).to(device))
-    got = tk.swiglu_forward(gate_up.to(device), ALPHA, LIMIT, low_rank)
-    got_grad = tk.swiglu_backward(gate_up.to(device), grad_out.to(device), ALPHA, LIMIT, low_rank)
-    errs = {"forward": _rel_err(got.cpu(), want), "grad": _rel_err(got_grad.cpu(), leaf.grad)}
-    ok = got.dtype == got_grad.dtype == dtype and all(e <= tol for e in errs.values())
     return {"ok": ok, **errs}
 
 
@@ -151,7 +126,7 @@ def check_low_rank_update(S: int, N: int, P: int, E: int, dtype, device, tol: fl
     return {"ok": err <= tol, "err": err}
 
 
-def check_grouped_experts(fmt: str, dtype, device, tol: float, n_tokens: int = 37, variants: bool = False) -> dict:
+def check_grouped_experts(fmt: str, dtype, device, tol: float, n_tokens: int = 37) -> dict:
     """GroupedExperts forward and every gradient (hidden, router weights, LoRA) with the fused kernels == without."""
     E, H, I = 6, 64, 96
     g = torch.Generator().manual_seed(0)
@@ -168,8 +143,6 @@ def check_grouped_experts(fmt: str, dtype, device, tol: float, n_tokens: int = 3
     x = torch.randn(n_tokens, module.hidden_size, generator=torch.Generator().manual_seed(6)).to(device)
     grad_out = torch.randn_like(x)
     results, calls = {}, {}
-    defaults = moe.DEFER_GATE_UP_LORA, moe.TRITON_EXPERT_LORA_ROWS
-    moe.DEFER_GATE_UP_LORA = moe.TRITON_EXPERT_LORA_ROWS = variants
     for fused in (False, True):
         moe.FUSED_KERNELS = fused
         xs, ws = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
@@ -181,10 +154,9 @@ def check_grouped_experts(fmt: str, dtype, device, tol: float, n_tokens: int = 3
         results[fused] = {"out": out.detach(), "x": xs.grad, "w": ws.grad,
                           **{f"lora{i}": p.grad.clone() for i, p in enumerate(module.lora_parameters())}}
     moe.FUSED_KERNELS = True
-    moe.DEFER_GATE_UP_LORA, moe.TRITON_EXPERT_LORA_ROWS = defaults
     errs = {k: _rel_err(results[True][k], results[False][k]) for k in results[False]}
     # the comparison means something only if the fused run took every kernel and the other took none
-    took_paths = calls[True] == (VARIANT_CALLS if variants else FUSED_CALLS) and not any(calls[False].values())
+    took_paths = calls[True] == FUSED_CALLS and not any(calls[False].values())
     return {"ok": took_paths and all(e <= tol for e in errs.values()), "kernel_calls": calls[True], **errs}
 
 
@@ -193,14 +165,12 @@ def interpreter_cases():
     f32 = torch.float32
     return [
         ("swiglu", lambda: check_swiglu(5, 700, f32, "cpu", tol=1e-5)),  # 3500 outputs: a partial last block
-        ("swiglu-low-rank", lambda: check_swiglu_low_rank(150, 100, 24, 5, f32, "cpu", tol=1e-5)),
         ("combine-k4", lambda: check_combine(13, 4, 1100, f32, "cpu", tol=1e-5)),  # 2 column blocks, the 2nd partial
         ("combine-k1", lambda: check_combine(3, 1, 64, f32, "cpu", tol=1e-5)),
         ("low-rank", lambda: check_low_rank_update(150, 200, 24, 5, f32, "cpu", tol=1e-5, transposed_b=False)),
         ("low-rank-strided", lambda: check_low_rank_update(70, 40, 16, 3, f32, "cpu", tol=1e-5, transposed_b=True)),
         ("grouped-bf16-weights", lambda: check_grouped_experts("bf16", f32, "cpu", tol=1e-5)),
         ("grouped-mxfp4", lambda: check_grouped_experts("mxfp4", f32, "cpu", tol=1e-5)),
-        ("grouped-variants", lambda: check_grouped_experts("bf16", f32, "cpu", tol=1e-5, variants=True)),
     ]
 
 
@@ -242,14 +212,6 @@ def test_gpu_swiglu_bf16(S, I):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("S,I,P,E", [(16384, 2880, 24, 32), (333, 100, 16, 7), (1, 64, 24, 2)])
-def test_gpu_swiglu_low_rank_bf16(S, I, P, E):
-    result = check_swiglu_low_rank(S, I, P, E, torch.bfloat16, "cuda", tol=1e-2)
-    assert result["ok"], result
-
-
-@pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("n_tokens,top_k,hidden", [(1, 4, 2880), (777, 4, 2880), (64, 2, 100)])
 def test_gpu_combine_bf16(n_tokens, top_k, hidden):
     result = check_combine(n_tokens, top_k, hidden, torch.bfloat16, "cuda", tol=1e-2)
@@ -269,8 +231,7 @@ def test_gpu_low_rank_update_bf16(S, N, P, E, transposed):
 @pytest.mark.parametrize("fmt", ["bf16", "fp8", "mxfp4"])
 def test_gpu_grouped_experts_fused_equals_unfused(fmt):
     result = check_grouped_experts(fmt, torch.bfloat16, "cuda", tol=3e-2, n_tokens=300)
-    assert result["ok"], result
-    result = check_grouped_experts(fmt, torch.bfloat16, "cuda", tol=3e-2, n_tokens=300, variants=True)
+
     assert result["ok"], result
 
 

@@ -42,17 +42,13 @@ from rustforge.model.triton_dequant import (
     triton_dequant_available,
     triton_kernels_available,
 )
-from rustforge.model.triton_expert_lora import (
-    expert_transposed_product,
-    rows_times_expert_matrix,
-)
+from rustforge.model.triton_expert_lora import expert_transposed_product
 from rustforge.model.triton_moe_decode import (
     ExpertWeights,
     moe_decode,
     moe_decode_supported,
 )
 from rustforge.model.triton_moe_train import (
-    LowRank,
     combine_rows,
     combine_rows_backward,
     low_rank_update_,
@@ -66,14 +62,9 @@ FP8_BLOCK = 128
 _EXPERTS_PER_CHUNK = 4  # bounds the float32 / int64 temporaries of (de)quantisation
 TRITON_DEQUANT = True  # one-pass Triton dequantisation on GPU (model/triton_dequant.py); False = torch reference
 FUSED_KERNELS = True  # SwiGLU and the routing-weighted sums as one-pass Triton kernels (model/triton_moe_train.py)
-# with FUSED_KERNELS, the expert LoRA's skinny GEMMs as Triton kernels (model/triton_expert_lora.py): the weight
-# gradients (56 us a call against grouped_mm's 87 in the 4K step, H100, session 5) ...
+# with FUSED_KERNELS, the expert LoRA's weight gradients as a Triton kernel (model/triton_expert_lora.py: 56 us a
+# call against grouped_mm's ~64 plus a mask and a scale in the 4K step, H100, session 5)
 TRITON_EXPERT_LORA = True
-TRITON_EXPERT_LORA_ROWS = False  # ... but not x @ A and g @ B^T (rows_times_experts says why)
-# gate_up's LoRA + bias term added inside the SwiGLU kernels instead of written into y first: measured 182 us
-# forward (against 94 + ~158) but 268 backward (against 154) per layer in the 4K step (H100, session 5) -- a net
-# loss of ~1 ms per step, so off; the kernels' tile shape is where that would be won back
-DEFER_GATE_UP_LORA = False
 DECODE_KERNELS = True  # inference with few rows reads the stored experts directly (model/triton_moe_decode.py)
 DECODE_MAX_ROWS = 256  # token-expert rows (tokens x top-k) up to which it does: decode steps up to batch 64 at k=4
 _LORA_PREFIX = {"gate_up_proj": "lora_gate_up", "down_proj": "lora_down"}
@@ -125,15 +116,6 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
     if native_grouped_mm_supported(a, b):
         return _NATIVE_GROUPED_MM(a, b, offs=offs)
     return _grouped_mm_loop(a, b, offs)
-
-
-def rows_times_experts(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, expert_of_row: torch.Tensor):
-    """x[i] @ w[expert(i)] on expert-sorted rows, for the LoRA side of a projection (w [E, in, P], P small).
-    grouped_mm: triton_expert_lora.rows_times_expert_matrix measured slower for x @ A on the H100 (76-105 us
-    against 61) and within 10% for g @ B^T (session 5, bench/grouped_mm_shapes.py), so it stays off this path."""
-    if TRITON_EXPERT_LORA_ROWS and _fused(x):
-        return rows_times_expert_matrix(x, w, expert_of_row)
-    return grouped_mm(x, w, offs)
 
 
 def per_expert_transposed_product(x: torch.Tensor, u: torch.Tensor, offs: torch.Tensor, empty_groups: torch.Tensor,
@@ -258,12 +240,11 @@ class _GroupedLoraLinear(torch.autograd.Function):
     keep every layer's dense experts: build_model sets it only with checkpointing."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, bias, offs, expert_of_row, empty_groups, scaling, fmt, storage, keep_dense=False,
-                defer_low_rank=False):
+    def forward(ctx, x, lora_A, lora_B, bias, offs, expert_of_row, empty_groups, scaling, fmt, storage, keep_dense=False):
         weight = dense_expert_weight(fmt, storage, x.dtype)
         y = grouped_mm(x, weight, offs)
         aug_A, aug_B, r = _bias_augmented_lora(lora_A, lora_B, bias.to(x.dtype), scaling, x.shape[-1])
-        xa = rows_times_experts(x, aug_A, offs, expert_of_row)  # [S, p]; columns past r are zero
+        xa = grouped_mm(x, aug_A, offs)  # [S, p]; columns past r are zero
         xa[:, r] = 1
         # the backward reads the factors as the forward used them: aug_A[..., :r] = A, aug_B[:, :r] = scaling * B in
         # the compute dtype (lora_A / lora_B themselves may be float32 masters)
@@ -271,10 +252,6 @@ class _GroupedLoraLinear(torch.autograd.Function):
         ctx.has_lora, ctx.lora_dtype = lora_A is not None, None if lora_A is None else lora_A.dtype
         del weight
         ctx.scaling, ctx.fmt, ctx.storage, ctx.rank, ctx.keep_dense = scaling, fmt, storage, r, keep_dense
-        if defer_low_rank:  # y without its LoRA + bias term xa @ aug_B, which the consumer's kernel adds where it
-            ctx.mark_non_differentiable(xa, aug_B)  # reads y; grad_y is that term's gradient too
-            ctx.set_materialize_grads(False)
-            return y, xa, aug_B
         if _fused(y):  # accumulated in place by one kernel instead of a grouped GEMM into a temporary + add
             low_rank_update_(y, xa, aug_B, expert_of_row)
         else:
@@ -282,10 +259,8 @@ class _GroupedLoraLinear(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, grad_y, *_):  # with defer_low_rank, grad_y is also the gradient of y's low-rank term
+    def backward(ctx, grad_y):
         x, xa, offs, expert_of_row, empty_groups, aug_A, aug_B, *kept = ctx.saved_tensors
-        if grad_y is None:
-            return (None,) * 12
         grad_y = grad_y.contiguous()
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
@@ -295,7 +270,7 @@ class _GroupedLoraLinear(torch.autograd.Function):
         if ctx.has_lora:
             r = ctx.rank
             lora_A_t, scaled_B = aug_A[:, :, :r].transpose(1, 2), aug_B[:, :r]
-            grad_xa = rows_times_experts(grad_y, scaled_B.transpose(1, 2), offs, expert_of_row)  # scaling in B
+            grad_xa = grouped_mm(grad_y, scaled_B.transpose(1, 2), offs)  # the scaling rides in B
             if grad_x is not None and _fused(grad_x):
                 low_rank_update_(grad_x, grad_xa, lora_A_t, expert_of_row)
             elif grad_x is not None:
@@ -305,7 +280,7 @@ class _GroupedLoraLinear(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 grad_B = per_expert_transposed_product(grad_y, xa[:, :r], offs, empty_groups, ctx.scaling,
                                                        transposed=True, out_dtype=ctx.lora_dtype)
-        return grad_x, grad_A, grad_B, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_A, grad_B, None, None, None, None, None, None, None, None
 
 
 def _fused(t: torch.Tensor) -> bool:
@@ -389,35 +364,27 @@ def _swiglu_grad(gate_up: torch.Tensor, grad_out: torch.Tensor, alpha: float, li
 
 class _ClampedSwiGLU(torch.autograd.Function):
     """swiglu_reference saving only its input (autograd of the reference keeps ~5 [S, I] tensors);
-    the backward runs over row chunks so its temporaries stay small.
-
-    With a low-rank term (u [S, P], b [E, P, 2I], expert_of_row; fused kernels only) the input is gate_up
-    without its LoRA + bias term u[i] @ b[expert(i)], which the kernels add as they read gate_up. u and b
-    are constants here: their owner (_GroupedLoraLinear) computes their gradients from gate_up's."""
+    the backward runs over row chunks so its temporaries stay small."""
 
     @staticmethod
-    def forward(ctx, gate_up, alpha, limit, u=None, b=None, expert_of_row=None):
-        low_rank = None if u is None else LowRank(u, b, expert_of_row)
-        ctx.save_for_backward(gate_up, *(low_rank or ()))
+    def forward(ctx, gate_up, alpha, limit):
+        ctx.save_for_backward(gate_up)
         ctx.alpha, ctx.limit = alpha, limit
         if _fused(gate_up):
-            return swiglu_forward(gate_up, alpha, limit, low_rank)
-        if low_rank is not None:
-            raise ValueError("_ClampedSwiGLU: a deferred low-rank term needs the fused kernels (moe.FUSED_KERNELS)")
+            return swiglu_forward(gate_up, alpha, limit)
         return swiglu_reference(gate_up, alpha, limit)
 
     @staticmethod
     def backward(ctx, grad_out):
-        gate_up, *low_rank = ctx.saved_tensors
+        (gate_up,) = ctx.saved_tensors
         if _fused(gate_up):
-            low_rank = LowRank(*low_rank) if low_rank else None
-            return swiglu_backward(gate_up, grad_out, ctx.alpha, ctx.limit, low_rank), None, None, None, None, None
+            return swiglu_backward(gate_up, grad_out, ctx.alpha, ctx.limit), None, None
         grad = torch.empty_like(gate_up)
         rows = max(1, _SWIGLU_CHUNK_ELEMENTS // max(1, grad_out.shape[-1]))
         for lo in range(0, gate_up.shape[0], rows):
             hi = lo + rows
             _swiglu_grad(gate_up[lo:hi], grad_out[lo:hi], ctx.alpha, ctx.limit, grad[lo:hi])
-        return grad, None, None, None, None, None
+        return grad, None, None
 
 
 # ------------------------------------------------------------------------------ expert-sorted rows
@@ -453,18 +420,14 @@ def sort_by_expert(router_indices: torch.Tensor, num_experts: int) -> ExpertRows
 def experts_on_sorted_rows(hidden_states, router_indices, routing_weights, num_experts, dtype, alpha, limit, project):
     """transformers' expert math over expert-sorted rows, computed in `dtype`: gather, gate_up projection,
     clamped SwiGLU, down projection, routing weights, sum per token. `project(proj, x, rows)` applies one
-    projection (bias included) to sorted rows [S, in] -> [S, out], or for gate_up may return (y without its
-    low-rank term, that term as a triton_moe_train.LowRank) for the SwiGLU kernels to add; GroupedExperts and QAT's grouped experts
+    projection (bias included) to sorted rows [S, in] -> [S, out]; GroupedExperts and QAT's grouped experts
     (model/qat_moe.py) differ only there."""
     rows = sort_by_expert(router_indices, num_experts)
     # compute in the model dtype whatever the residual stream carries: an fp32 input here would
     # send every expert GEMM down the fp32 per-expert loop (seen on the H100, 2026-11-25)
     x = _GatherSorted.apply(hidden_states.to(dtype), rows.token_of_row, rows.inverse, rows.top_k)
     gate_up = project("gate_up_proj", x, rows)
-    low_rank = None
-    if isinstance(gate_up, tuple):  # (gate_up without its LoRA + bias term, that term): the SwiGLU kernel adds it
-        gate_up, low_rank = gate_up
-    gated = _ClampedSwiGLU.apply(gate_up, alpha, limit, *(low_rank or ()))
+    gated = _ClampedSwiGLU.apply(gate_up, alpha, limit)
     del gate_up  # saved by _ClampedSwiGLU when it is needed; the tiled path's peak is lower without it
     out = project("down_proj", gated, rows)
     return _WeightedSumUnsorted.apply(out, routing_weights, rows, hidden_states.dtype)
@@ -752,16 +715,10 @@ class GroupedExperts(nn.Module):
         else:  # dequantised once by the caller and shared by its token tiles
             fmt, storage = "bf16", (dense[proj],)
         bias = getattr(self, f"{proj}_bias").detach()
-        # gate_up's LoRA + bias term is added by the SwiGLU kernels as they read y: y's update is never written
-        defer = DEFER_GATE_UP_LORA and proj == "gate_up_proj" and _fused(x)
-        out = _GroupedLoraLinear.apply(
+        return _GroupedLoraLinear.apply(
             x, lora_A, lora_B, bias, rows.offs, rows.expert_of_row, rows.empty_groups, self.lora_scaling, fmt, storage,
-            self.keep_dense_for_backward, defer,
+            self.keep_dense_for_backward,
         )
-        if defer:
-            y, xa, aug_B = out
-            return y, LowRank(xa, aug_B, rows.expert_of_row)
-        return out
 
     def dense_weights(self) -> dict:
         """Both projections' frozen weights dequantised in the model dtype (what the token tiles share)."""

@@ -1,22 +1,20 @@
-"""Triton kernels for the per-expert LoRA products of the training-time MoE layer (GPU only).
+"""Triton kernel for the LoRA weight gradients of the training-time MoE layer (GPU only).
 
 A LoRA factor on a grouped expert projection multiplies expert-sorted rows by a per-expert matrix whose
-other side is the padded LoRA rank (16..32 columns). model/moe.py computes these with torch's grouped_mm,
-which runs such skinny shapes at about half the H100's memory bandwidth (measured, 16384 rows over 32
-experts, bf16; bench/grouped_mm_shapes.py, the "lora ..." cases): x[S, 2880] @ A 60 us, g[S, 5760] @ B^T
-108 us, the weight gradients 66 us and 108 us. All four are memory-bound -- the time is reading the big
-[S, D] operand -- and each kernel here reads it once, accumulating in float32:
+other side is the padded LoRA rank (16..32 columns). Its weight gradients are per-expert products
+x_e^T @ u_e with one skinny side, which torch's grouped_mm (K-grouped) runs at about a third of the H100's
+memory bandwidth (66 and 108 us for the 20B shape's 16384 rows over 32 experts; bench/grouped_mm_shapes.py).
+They are memory-bound -- the time is reading the big [S, D] operand once -- so:
 
-- `expert_transposed_product`: out[e] = x_e^T @ u_e over expert e's rows -- the LoRA weight gradients,
-  grad_A = expert_transposed_product(x, grad_xa, offs) and grad_B = the `transposed` form of
-  expert_transposed_product(g, xa, offs). One program per (expert, column block) sums its expert's rows in
-  order: no atomics, deterministic, exact zeros for experts with no rows. On the training path (56 us a call
-  in the 4K step on the H100 against grouped_mm's ~64 plus a mask and a scale; session 5).
-- `rows_times_expert_matrix`: out[i] = x[i] @ w[expert(i)] on expert-sorted rows -- x @ A and g @ B^T. Row
-  tiles; a tile that straddles experts runs once per expert it holds, loading only that expert's rows.
-  Measured slower than grouped_mm for x @ A (76-105 us against 61) and within 10% for g @ B^T, so it is off
-  the training path (moe.TRITON_EXPERT_LORA_ROWS) and kept for bench/grouped_mm_shapes.py's comparison.
+- `expert_transposed_product`: out[e] = scale * x_e^T @ u_e over expert e's rows -- the LoRA weight
+  gradients, grad_A = expert_transposed_product(x, grad_xa, offs) and grad_B = its `transposed` form for
+  (g, xa), written in the LoRA masters' dtype. One program per (expert, column block) sums its expert's rows
+  in order: no atomics, deterministic, exact zeros for experts with no rows. 56 us a call in the 4K step on
+  the H100 against grouped_mm's ~64 plus a mask, a scale and a cast (session 5).
 
+The forward-direction products (x @ A, g @ B^T) stay on grouped_mm: a row-tiled Triton kernel for them
+measured slower for x @ A (76-105 us against 61) and within 10% for g @ B^T (session 5; removed, in git
+history at commit 46b3078).
 Block sizes are autotuned per shape (12 configurations, once per process).
 Own code because torch has no faster op for these shapes (grouped_mm is its only grouped GEMM, and a loop
 of per-expert matmuls costs a host sync and E launches). Tests: tests/test_triton_expert_lora.py, against
@@ -42,43 +40,9 @@ _MAX_WIDTH = 128  # P: the LoRA side; padded in registers to a power of two >= 1
 
 if triton is not None:
 
-    # measured once per shape (session 5's first H100 run of fixed [64, 128] tiles: x @ A 98 us against
-    # grouped_mm's 60, 256 programs for 132 SMs being too few)
+    # measured once per shape (memory-bound; the best tile depends on the expert's row count and the width)
     _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_D": d}, num_warps=w)
                 for m in (16, 32, 64) for d in (128, 256) for w in (4, 8)]
-
-    @triton.autotune(configs=_CONFIGS[:1] if INTERPRETING else _CONFIGS, key=["depth", "width"])
-    @triton.jit
-    def _rows_times_expert_matrix_kernel(x_ptr, w_ptr, expert_ptr, out_ptr, n_rows, depth, width, stride_x,
-                                         stride_we, stride_wd, stride_wp, stride_out, BLOCK_P: tl.constexpr,
-                                         DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        first = tl.program_id(0) * BLOCK_M
-        rows = first + tl.arange(0, BLOCK_M)
-        row_ok = rows < n_rows
-        p = tl.arange(0, BLOCK_P)
-        p_ok = p < width
-        experts = tl.load(expert_ptr + rows, mask=row_ok, other=-1)
-        x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_x
-        acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
-        # rows are sorted by expert: a tile spans the experts from its first row's to its last row's (usually
-        # one); each pass loads only its expert's rows, so x is read once in all
-        e_first = tl.load(expert_ptr + first)
-        e_last = tl.load(expert_ptr + tl.minimum(first + BLOCK_M, n_rows) - 1)
-        for e in range(e_first, e_last + 1):
-            mine = (experts == e)[:, None]
-            w_e = w_ptr + e * stride_we  # w is LoRA-sized: 32-bit offsets suffice
-            for start in range(0, depth, BLOCK_D):
-                d = start + tl.arange(0, BLOCK_D)
-                d_ok = d < depth
-                x = tl.load(x_rows + d[None, :], mask=mine & d_ok[None, :], other=0.0)
-                w = tl.load(w_e + d[:, None] * stride_wd + p[None, :] * stride_wp, mask=d_ok[:, None] & p_ok[None, :],
-                            other=0.0)
-                if DOT_F32:  # the CPU interpreter multiplies bf16 dot operands as raw bits
-                    acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(x, w, acc)
-        out = out_ptr + rows[:, None].to(tl.int64) * stride_out + p[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & p_ok[None, :])
 
     @triton.autotune(configs=_CONFIGS[:1] if INTERPRETING else _CONFIGS, key=["depth", "width"])
     @triton.jit
@@ -120,19 +84,6 @@ def _check_index(name: str, index: torch.Tensor, shape: tuple[int, ...], fn: str
         raise ValueError(f"{fn}: {name} must be int32 of shape {shape}, got {index.dtype} {tuple(index.shape)}")
 
 
-def _check_rows_times_expert_matrix(x: torch.Tensor, w: torch.Tensor, expert_of_row: torch.Tensor) -> None:
-    fn = "rows_times_expert_matrix"
-    if x.dim() != 2 or w.dim() != 3 or w.shape[1] != x.shape[1]:
-        raise ValueError(f"{fn}: expected x [S, D] and w [E, D, P], got x {tuple(x.shape)}, w {tuple(w.shape)}")
-    if not _unit_column_stride(x):
-        raise ValueError(f"{fn}: x {tuple(x.shape)} needs unit column stride, has strides {x.stride()}")
-    if x.dtype != w.dtype:
-        raise ValueError(f"{fn}: x is {x.dtype} but w is {w.dtype}")
-    if w.shape[2] > _MAX_WIDTH:
-        raise ValueError(f"{fn}: w {tuple(w.shape)} has P = {w.shape[2]} > {_MAX_WIDTH} (a LoRA-rank kernel)")
-    _check_index("expert_of_row", expert_of_row, (x.shape[0],), fn)
-
-
 def _check_expert_transposed_product(x: torch.Tensor, u: torch.Tensor, offs: torch.Tensor) -> None:
     fn = "expert_transposed_product"
     if x.dim() != 2 or u.dim() != 2 or u.shape[0] != x.shape[0]:
@@ -146,22 +97,6 @@ def _check_expert_transposed_product(x: torch.Tensor, u: torch.Tensor, offs: tor
     if offs.dim() != 1:
         raise ValueError(f"{fn}: offs must be 1-D [E], got {tuple(offs.shape)}")
     _check_index("offs", offs, (offs.shape[0],), fn)
-
-
-def rows_times_expert_matrix(x: torch.Tensor, w: torch.Tensor, expert_of_row: torch.Tensor) -> torch.Tensor:
-    """out[i] = x[i] @ w[expert_of_row[i]] -> [S, P] in x's dtype (float32 accumulation, one rounding).
-
-    x [S, D] with unit column stride (any row stride), w [E, D, P] with any strides (a transposed view is
-    fine), expert_of_row int32 [S], non-decreasing (expert-sorted rows; experts may have none).
-    = moe.grouped_mm(x, w, offs) for the offsets of those rows."""
-    _check_rows_times_expert_matrix(x, w, expert_of_row)
-    (S, D), P = x.shape, w.shape[2]
-    out = x.new_empty(S, P)
-    if out.numel():
-        _rows_times_expert_matrix_kernel[lambda c: (triton.cdiv(S, c["BLOCK_M"]),)](
-            x, w, expert_of_row.contiguous(), out, S, D, P, x.stride(0), w.stride(0), w.stride(1), w.stride(2),
-            out.stride(0), BLOCK_P=_padded_width(P), DOT_F32=INTERPRETING or x.dtype == torch.float32)
-    return out
 
 
 def expert_transposed_product(x: torch.Tensor, u: torch.Tensor, offs: torch.Tensor,

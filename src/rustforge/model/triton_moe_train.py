@@ -14,9 +14,7 @@ kernel here reads its inputs once and writes its outputs once, computing in floa
   grad_w_i = <grad[token(i)], rows[i]> in one pass;
 - `low_rank_update_`: y[i] += u[i] @ B[expert(i)] in place on expert-sorted rows, for the LoRA (and
   bias) term of a grouped projection, where torch needs a grouped GEMM into a temporary and an add
-  (four passes over y's size instead of two);
-- `swiglu_forward` / `swiglu_backward` with a `LowRank`: the SwiGLU of y + that term without writing it
-  (moe.DEFER_GATE_UP_LORA; autotuned tiles; measured a net loss in session 5, so off by default).
+  (four passes over y's size instead of two); tiles autotuned per shape.
 
 Own code because torch has no fused op for these (torch.compile would fuse the SwiGLU but not the
 index-driven sums, and it does not trace our grouped-GEMM autograd Functions without graph breaks).
@@ -26,8 +24,6 @@ path; this module imports on machines without Triton or a GPU.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 
@@ -118,41 +114,6 @@ if triton is not None:
                 acc += tl.dot(mine, b.to(u.dtype))
         return acc
 
-    # memory-bound; the dot of a tile with its expert's low-rank factor and the gate/up split make the best
-    # tile shape hard to guess (a [64, 128] tile ran at half the copy bandwidth on the H100): measured once
-    _LOW_RANK_SWIGLU_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w)
-                                for m in (32, 64) for n in (32, 64, 128) for w in (4, 8)]
-
-    @triton.autotune(configs=_LOW_RANK_SWIGLU_CONFIGS[:1] if INTERPRETING else _LOW_RANK_SWIGLU_CONFIGS,
-                     key=["n_out", "BACKWARD"])
-    @triton.jit
-    def _swiglu_low_rank_kernel(base_ptr, u_ptr, b_ptr, expert_ptr, grad_out_ptr, out_ptr, n_rows, n_out, rank,
-                                stride_u, stride_be, stride_bp, stride_bn, alpha, limit, BACKWARD: tl.constexpr,
-                                BLOCK_P: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr):
-        """SwiGLU of y = base + u @ b[expert] (rounded to base's dtype, as a stored y would be), y never stored.
-        Forward: out [S, I] = swiglu(y). BACKWARD: out [S, 2I] = d swiglu / d y * grad_out (interleaved)."""
-        first = tl.program_id(0) * BLOCK_M
-        rows = first + tl.arange(0, BLOCK_M)
-        row_ok = rows < n_rows
-        pair_cols = tl.program_id(1) * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
-        pair_ok = row_ok[:, None] & (pair_cols < 2 * n_out)[None, :]
-        pair_ptrs = rows[:, None].to(tl.int64) * (2 * n_out) + pair_cols[None, :]
-        y = tl.load(base_ptr + pair_ptrs, mask=pair_ok, other=0.0).to(tl.float32)
-        y += _low_rank_tile(u_ptr, b_ptr, expert_ptr, first, n_rows, pair_cols, pair_cols < 2 * n_out, rank, stride_u,
-                            stride_be, stride_bp, stride_bn, BLOCK_M, 2 * BLOCK_N, BLOCK_P, DOT_F32)
-        gate, up = tl.split(tl.reshape(y.to(base_ptr.dtype.element_ty).to(tl.float32), (BLOCK_M, BLOCK_N, 2)))
-        out_cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        out_ok = row_ok[:, None] & (out_cols < n_out)[None, :]
-        out_ptrs = rows[:, None].to(tl.int64) * n_out + out_cols[None, :]
-        if BACKWARD:
-            grad_out = tl.load(grad_out_ptr + out_ptrs, mask=out_ok, other=0.0).to(tl.float32)
-            grad_gate, grad_up = _swiglu_grads(gate, up, grad_out, alpha, limit)
-            tl.store(out_ptr + pair_ptrs, tl.interleave(grad_gate, grad_up).to(out_ptr.dtype.element_ty), mask=pair_ok)
-        else:
-            tl.store(out_ptr + out_ptrs, _swiglu_values(gate, up, alpha, limit).to(out_ptr.dtype.element_ty),
-                     mask=out_ok)
-
     @triton.jit
     def _combine_rows_kernel(rows_ptr, weights_ptr, inverse_ptr, out_ptr, hidden: tl.constexpr, TOP_K: tl.constexpr,
                              HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):
@@ -209,29 +170,12 @@ if triton is not None:
         tl.store(ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-class LowRank(NamedTuple):
-    """A projection's low-rank (LoRA + bias) term not yet added to its output y: the kernel that reads y
-    adds u[i] @ b[expert_of_row[i]] itself (u [S, P], b [E, P, N] any strides, expert_of_row int32 [S]
-    non-decreasing), so y's [S, N] update is never written."""
-
-    u: torch.Tensor
-    b: torch.Tensor
-    expert_of_row: torch.Tensor
-
-
-def _check_low_rank(y: torch.Tensor, low_rank: LowRank, name: str) -> None:
-    u, b, experts = low_rank
+def _check_low_rank(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, experts: torch.Tensor) -> None:
     S, N = y.shape
     P = u.shape[1]
     if y.stride(1) != 1 or u.stride(1) != 1 or b.shape[1:] != (P, N) or experts.shape != (S,):
-        raise ValueError(f"{name}: y {tuple(y.shape)} (strides {y.stride()}), u {tuple(u.shape)}, "
+        raise ValueError(f"low_rank_update_: y {tuple(y.shape)} (strides {y.stride()}), u {tuple(u.shape)}, "
                          f"b {tuple(b.shape)}, experts {tuple(experts.shape)} do not fit")
-
-
-def _low_rank_args(low_rank: LowRank, y_dtype: torch.dtype) -> tuple:
-    u, b, experts = low_rank
-    return (u, b, experts.contiguous()), (u.shape[1], u.stride(0), b.stride(0), b.stride(1), b.stride(2)), dict(
-        BLOCK_P=max(16, triton.next_power_of_2(u.shape[1])), DOT_F32=INTERPRETING or y_dtype == torch.float32)
 
 
 def _check_pairs(gate_up: torch.Tensor) -> None:
@@ -239,49 +183,30 @@ def _check_pairs(gate_up: torch.Tensor) -> None:
         raise ValueError(f"swiglu: expected interleaved gate/up [S, 2I], got {tuple(gate_up.shape)}")
 
 
-def swiglu_forward(gate_up: torch.Tensor, alpha: float, limit: float, low_rank: LowRank | None = None) -> torch.Tensor:
-    """[S, 2I] interleaved gate/up -> [S, I] = moe.swiglu_reference, computed in float32, stored in the input
-    dtype. With `low_rank`, of gate_up + its low-rank term (rounded to gate_up's dtype first)."""
+def swiglu_forward(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """[S, 2I] interleaved gate/up -> [S, I] = moe.swiglu_reference, computed in float32, stored in the input dtype."""
     _check_pairs(gate_up)
     gate_up = gate_up.contiguous()
     out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
-    if out.numel() and low_rank is not None:
-        _swiglu_low_rank(gate_up, None, low_rank, out, alpha, limit)
-    elif out.numel():
-        n = out.numel()
+    n = out.numel()
+    if n:
         _swiglu_forward_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](gate_up, out, n, float(alpha), float(limit),
                                                                  BLOCK=_SWIGLU_BLOCK)
     return out
 
 
-def swiglu_backward(gate_up: torch.Tensor, grad_out: torch.Tensor, alpha: float, limit: float,
-                    low_rank: LowRank | None = None) -> torch.Tensor:
-    """d swiglu / d gate_up (interleaved, the input dtype) given grad_out [S, I]; with `low_rank` as in
-    swiglu_forward (the gradient is the same for gate_up and its low-rank term's output)."""
+def swiglu_backward(gate_up: torch.Tensor, grad_out: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """d swiglu / d gate_up (interleaved, the input dtype) given grad_out [S, I]."""
     _check_pairs(gate_up)
     if grad_out.shape != (gate_up.shape[0], gate_up.shape[1] // 2):
         raise ValueError(f"swiglu_backward: grad {tuple(grad_out.shape)} does not fit gate_up {tuple(gate_up.shape)}")
     gate_up, grad_out = gate_up.contiguous(), grad_out.contiguous()
     grad = torch.empty_like(gate_up)
-    if grad.numel() and low_rank is not None:
-        _swiglu_low_rank(gate_up, grad_out, low_rank, grad, alpha, limit)
-    elif grad.numel():
-        n = grad_out.numel()
+    n = grad_out.numel()
+    if n:
         _swiglu_backward_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](gate_up, grad_out, grad, n, float(alpha),
                                                                   float(limit), BLOCK=_SWIGLU_BLOCK)
     return grad
-
-
-def _swiglu_low_rank(gate_up, grad_out, low_rank: LowRank, out, alpha: float, limit: float) -> None:
-    _check_low_rank(gate_up, low_rank, "swiglu")
-    S, n_out = gate_up.shape[0], gate_up.shape[1] // 2
-    tensors, sizes, meta = _low_rank_args(low_rank, gate_up.dtype)
-
-    def grid(config):
-        return triton.cdiv(S, config["BLOCK_M"]), triton.cdiv(n_out, config["BLOCK_N"])
-
-    _swiglu_low_rank_kernel[grid](gate_up, *tensors, grad_out if grad_out is not None else gate_up, out, S, n_out,
-                                  *sizes, float(alpha), float(limit), BACKWARD=grad_out is not None, **meta)
 
 
 def combine_rows(rows: torch.Tensor, inverse: torch.Tensor, top_k: int, out_dtype: torch.dtype,
@@ -319,14 +244,14 @@ def low_rank_update_(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, expert_o
 
     y [S, N] with unit column stride, u [S, P], b [E, P, N] (any strides; a transposed view is fine),
     expert_of_row int32 [S], non-decreasing (expert-sorted rows). Returns y."""
-    low_rank = LowRank(u, b, expert_of_row)
-    _check_low_rank(y, low_rank, "low_rank_update_")
-    S, N = y.shape
-    if S and N and u.shape[1]:
-        tensors, sizes, meta = _low_rank_args(low_rank, y.dtype)
+    _check_low_rank(y, u, b, expert_of_row)
+    (S, N), P = y.shape, u.shape[1]
+    if S and N and P:
 
         def grid(config):
             return triton.cdiv(S, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"])
 
-        _low_rank_update_kernel[grid](y, *tensors, S, N, sizes[0], y.stride(0), *sizes[1:], **meta)
+        _low_rank_update_kernel[grid](y, u, b, expert_of_row.contiguous(), S, N, P, y.stride(0), u.stride(0),
+                                      b.stride(0), b.stride(1), b.stride(2), BLOCK_P=max(16, triton.next_power_of_2(P)),
+                                      DOT_F32=INTERPRETING or y.dtype == torch.float32)
     return y

@@ -28,36 +28,57 @@ Memory model (`estimate_stage_memory`), in GiB, peak of one optimizer micro-step
 Calibration: the weights use the frozen sizes measured on an H100 for GPT-OSS-20B (bf16 39.7 GiB, FP8 22.4,
 MXFP4 13.5; bench/RESULTS.md, 2026-11-25) as bytes per expert parameter. A layer's working set is
 `WORKING_SET_FACTOR` x (hidden + attention projections + top-k x 3 x intermediate) x 2 B per token, and
-the reserve `RESERVE_GIB`, both solved from two peaks measured on an H100 with MXFP4 experts (Triton
-dequantiser, router-logits fix), LoRA r=16, checkpointing, flex attention, a 4096-token loss chunk and
-batch 1: 65536 tokens -> 40.1 GiB, 98304 tokens -> 52.6 GiB (`max_memory_allocated`, bench/RESULTS.md,
-session 2, run B). Shorter runs peak in the loss chunk instead (measured 21.7 GiB at 4096 and 23.5 GiB at
-16384 tokens), which the estimate takes as the max of the two. The usable budget is
-95% of the card's memory less 0.5 GiB of CUDA context (`max_memory_allocated` does not count it).
-Long context, same setup, measured on an H100 on 2026-11-26 (bench/RESULTS.md, session 3), each pair
-solving two terms with the ones above held fixed:
-- offload_activations, untiled: 131072 -> 48.8 GiB, 196608 -> 67.5 GiB calibrate the GPU residue of the
-  offloaded checkpoints: the slope gives OFFLOAD_RESIDUE_FRACTION (0.253 of the checkpoints), the intercept
-  OFFLOAD_RESIDUE_OFFSET_GIB (3.70; the residue grows faster than the tokens; the clamp at 0 keeps offload
-  from saving more than the checkpoints at short lengths, where nothing was measured);
-- offload + moe_tile_tokens 16384: 262144 -> 45.3 GiB (pinned), 393216 -> 60.9 GiB (pageable; pinning moves
-  host memory only) calibrate the tiled working set: the slope gives TILED_WORKING_FACTOR (3.83), the intercept
-  TILE_WORKING_FACTOR (2.56, near WORKING_SET_FACTOR's 2.91, as it should be: a tile is an untiled pass of 16K
-  tokens). GPU bytes per token: 410 KB untiled, 306 KB offloaded, 128 KB offloaded + tiled;
-- host: pageable offload + tiles at 393216 tokens peaked at 82 GiB of host RAM (`free`, 125 GiB host); the
-  offloaded blocks are 24 x 393216 x 2880 x 2 B = 50.6 GiB, so HOST_BASE_GIB = 31.4 (the process: CUDA and
-  torch runtime, compile workers; not broken down). Check: pinned at 524288 rounds 24 blocks of 2.8 GiB to 4 GiB,
-  96 + 31.4 = 127.4 GiB > the 125 GiB host, where the run was killed by the host's OOM killer.
-The 524288 pageable + tiles run ran out of GPU memory (79.0 GiB in use asking 5.62 more) well above this model's
-76.5 GiB: past the calibrated 384K the linear estimate is optimistic, and the lengths the plan reports as
-largest come from the ladder of powers of two and 1.5 x powers of two (the lengths measured).
+the reserve `RESERVE_GIB`, both solved from two peaks of session 4's checkpointed grid on an H100 (MXFP4
+experts, LoRA r=16, checkpointing, flex attention, a 4096-token loss chunk, batch 1; `max_memory_allocated`,
+bench/results/2026-11-26s4-h100-run6-final-grid-final_grid.jsonl): 32768 tokens -> 26.37 GiB, 65536 -> 36.29
+GiB (325 KB per token) give WORKING_SET_FACTOR 2.00 and RESERVE_GIB 0.19 (session 2's 65536 -> 40.1, 98304 ->
+52.6 gave 2.91 and -1.16). The same run checks it: MXFP4 16384 -> 21.41 lies on that line; FP8 32768/65536 ->
+35.28/45.19 are reproduced within 0.01 GiB; bf16 (51.04/60.95) lies 1.5 GiB under the model (likely one layer's
+dequantised experts, which MXFP4 and FP8 hold and bf16 does not). Shorter runs would peak in the loss chunk
+instead, which the estimate takes as the max of the two; that term (a 4096-token chunk of bf16 logits + fp32
+softmax, 4.6 GiB) is session 2's and conservative for session 4's loss kernels (4096 tokens measured 17.85 GiB,
+the model says 21.6; 16384: 21.41 vs 23.2); no pair of records isolates it, so it is kept. The usable budget
+is 95% of the card's memory less 0.5 GiB of CUDA context (`max_memory_allocated` does not count it).
+Long context, same setup + offload_activations, measured on an H100 on 2026-11-26, each pair solving two terms
+with the others held fixed:
+- offload, untiled: no session-4 record (offload alone was not rerun), so the GPU residue of the offloaded
+  checkpoints keeps session 3's calibration: 131072 -> 48.8 GiB, 196608 -> 67.5 (pinned;
+  bench/results/2026-11-26-h100-long-offload.jsonl) against the untiled line of the code they ran
+  (SESSION3_CALIBRATION_PEAKS_GIB, session 2 run B: 65536 -> 40.1, 98304 -> 52.6;
+  bench/results/2026-11-25s2-h100-run7-router-logits-fix.jsonl): the slope gives OFFLOAD_RESIDUE_FRACTION
+  (0.253 of the checkpoints), the intercept OFFLOAD_RESIDUE_OFFSET_GIB (3.70; the clamp at 0 keeps offload
+  from saving more than the checkpoints at short lengths). On session 4's working set the model puts those two
+  lengths at 39.8 and 53.4 GiB: unmeasured;
+- offload + moe_tile_tokens 16384, session 4: 65536 -> 23.70 GiB (pinned), 458752 -> 48.01 (pageable; pinning
+  moves host memory only) (bench/results/2026-11-26s4-h100-run8-tiled64k-long448k-{tiled64k,long448k}.jsonl),
+  less the fixed part and the held residue (0 at 64K, the clamp; 11.3 GiB at 448K), calibrate the tiled
+  working set: the slope gives TILED_WORKING_FACTOR (1.47; session 3's 262144 -> 45.3, 393216 -> 60.9 gave
+  3.83), the intercept TILE_WORKING_FACTOR (4.81; was 2.56). 4.81 is not a tile's cost alone (a 16K tile would
+  cost more than a whole untiled 16K layer, 2.85 GiB): two points cannot tell the tile from the held residue,
+  only their sum, which reproduces both peaks; between them the model lies up to 1.4 GiB under the straight
+  line through the two (the residue's kink near 113K tokens). GPU bytes per token, session 4: 325 KB
+  untiled, 66 KB offloaded + tiled (session 3: 410, 306 offloaded, 128);
+- host: pageable offload + tiles at 393216 tokens peaked at 82 GiB of host RAM (`free`, 125 GiB host; session 3,
+  session 4's records hold no host memory, so this term is kept); the offloaded blocks are 24 x 393216 x 2880 x
+  2 B = 50.6 GiB, so HOST_BASE_GIB = 31.4 (the process: CUDA and torch runtime, compile workers; not broken
+  down). Check: pinned at 524288 rounds 24 blocks of 2.8 GiB to 4 GiB, 96 + 31.4 = 127.4 GiB > the 125 GiB
+  host, where the session-3 run was killed by the host's OOM killer.
+Measured failures (`MEASURED_FAILURES`) overrule the estimate: a plan never claims a fit at or past them.
+Offload + tiles at 524288 tokens failed in session 4 (bench/results/2026-11-26s4-h100-run7-long512k-long512k.jsonl:
+a SystemError inside the tiled experts' forward with the GPU at 69 GB; not diagnosed, host RAM suspected: the
+model puts pageable host RAM at 98.9 GiB, 100 usable of 125) where the model says 52.3 GiB of GPU; its cause is
+not GPU memory, so it holds on every card (session 3's run at that length ran out of GPU memory). Untiled
+offload at 262144 tokens ran out of GPU memory in session 3 (a 5.62 GiB expert-row tensor; not rerun since, the
+model now says 66.9 GiB): it holds on cards no larger than that H100. The lengths the plan reports as largest
+come from the ladder of powers of two and 1.5 x powers of two plus the measured lengths off it
+(`MEASURED_FIT_LENGTHS`: 458752), so on the H100 80GB the plan reaches 448K (pageable offload + tiles) and no
+further.
 
 Without checkpointing (GPU): every layer's activations stay alive; NO_CHECKPOINT_FACTOR (x layers x layer
 width x 2 B per token) and NO_CHECKPOINT_OFFSET_GIB are solved from 4096 -> 31.6 GiB and 8192 -> 47.8 GiB (H100,
-MXFP4, r16, session 4's fused kernels; bench/RESULTS.md). A stage that fits without checkpointing gets a plan
-note saying so: at 4K it is 48% faster on the H100 (16742 vs 11302 tok/s in the same run, session 4 run 3).
-The checkpointed and long-context calibrations below are session 3's: conservative for session 4's code
-(its peaks are 2-13 GiB lower), so the plan still stops at 384K where 448K now fits.
+MXFP4, r16, session 4's fused kernels; bench/RESULTS.md), the offset against the reserve above. A stage that
+fits without checkpointing gets a plan note saying so: at 4K it is 48% faster on the H100 (16742 vs 11302 tok/s
+in the same run, session 4 run 3).
 
 QAT (stage qat): train/qat.py merges the adapter into float32 expert masters, so the weights term is the
 non-expert parameters in the model dtype + every expert parameter at 4 B (71 GiB on the 20B model), and with
@@ -67,7 +88,8 @@ until QAT keeps the base in MXFP4 (docs/STATUS.md #8).
 Long-context picks (`plan`): when a stage's seq_len does not fit as configured, the tier preset (a plan
 without an explicit setup) turns on, in order of cost, offload_activations (slower: host copies), then
 moe_tile_tokens 16384 (an extra expert forward per tile in backward), then offload_pinned false (slower
-pageable copies) only where host RAM cannot hold the pinned rounding; lengths that fit stay as they are. The
+pageable copies) only where host RAM cannot hold the pinned rounding, never at or past a measured failure;
+lengths that fit stay as they are. The
 host budget is HOST_USABLE_FRACTION of the host's RAM: `plan(host_memory_gib=)` / `rustforge plan --host-gib`,
 else the tier's `host_memory_gib`, else this machine's (`_host_memory_gib`: right on the GPU machine, not
 when planning one from elsewhere). A plan with an explicit setup (a run config) keeps it: its advice names
@@ -93,21 +115,57 @@ GIB = 2**30
 
 # --------------------------------------------------------------------------------------- calibration
 MEASURED_20B_WEIGHTS_GIB = {"bf16": 39.7, "fp8": 22.4, "mxfp4": 13.5}  # H100, bench/RESULTS.md
-CALIBRATION_PEAKS_GIB = {65536: 40.1, 98304: 52.6}  # MXFP4, r=16, checkpointing, flex, chunk 4096, batch 1
+# MXFP4, r=16, checkpointing, flex, chunk 4096, batch 1: session 4's checkpointed grid (H100 2026-11-26,
+# bench/results/2026-11-26s4-h100-run6-final-grid-final_grid.jsonl)
+CALIBRATION_PEAKS_GIB = {32768: 26.37, 65536: 36.29}
 CALIBRATION_LORA_R = 16
-# + offload_activations (pinned), untiled; H100 2026-11-26, bench/results/2026-11-26-h100-long-offload.jsonl
+# the same setup on the code the session-3 offload peaks ran (session 2 run B,
+# bench/results/2026-11-25s2-h100-run7-router-logits-fix.jsonl): only for the offload residue below
+SESSION3_CALIBRATION_PEAKS_GIB = {65536: 40.1, 98304: 52.6}
+# + offload_activations (pinned), untiled; H100 2026-11-26 session 3, bench/results/2026-11-26-h100-long-offload.jsonl
 OFFLOAD_CALIBRATION_PEAKS_GIB = {131072: 48.8, 196608: 67.5}
-# + offload + moe_tile_tokens 16384 (262144 pinned, 393216 pageable); ...-long-tiled(-pageable).jsonl
-TILED_CALIBRATION_PEAKS_GIB = {262144: 45.3, 393216: 60.9}
+# + offload + moe_tile_tokens 16384 (65536 pinned, 458752 pageable); H100 2026-11-26 session 4,
+# bench/results/2026-11-26s4-h100-run8-tiled64k-long448k-{tiled64k,long448k}.jsonl
+TILED_CALIBRATION_PEAKS_GIB = {65536: 23.70, 458752: 48.01}
 TILED_CALIBRATION_TILE_TOKENS = 16384
-HOST_CALIBRATION_PEAK_GIB = (393216, 82.0)  # pageable offload + tiles: host RAM peak (`free`), 125 GiB host
+HOST_CALIBRATION_PEAK_GIB = (393216, 82.0)  # pageable offload + tiles: host RAM peak (`free`), 125 GiB host; session 3
 LONG_CONTEXT_TILE_TOKENS = 16384  # what the long-context pick sets model.moe_tile_tokens to
+# lengths measured to fit that the ladder of powers of two and 1.5 x powers of two misses (448K, session 4)
+MEASURED_FIT_LENGTHS = (458752,)
 NO_CHECKPOINT_PEAKS_GIB = {4096: 31.6, 8192: 47.8}  # MXFP4, r=16, flex, chunk 4096, checkpointing OFF (session 4)
 NO_CHECKPOINT_SPEEDUP = 16742 / 11302  # 4K tok/s without / with checkpointing, same H100 run (session 4, run 3)
 VLLM_OVERHEAD_GIB = 2.0  # vLLM's CUDA graphs, sampler and activation workspace (not measured here)
 USABLE_FRACTION, CUDA_CONTEXT_GIB = 0.95, 0.5
 HOST_USABLE_FRACTION = 0.8  # the CPU tier shares the host with the OS and data workers
 HOST_RESERVE_GIB = 0.1  # on a CPU there is no caching allocator to calibrate; a token allowance
+
+
+@dataclass(frozen=True)
+class MeasuredFailure:
+    """A long-context run (checkpointing + offload, tiled or not) that failed: no plan claims a fit at `tokens`
+    or more per micro-step with those settings on a card of at most `max_memory_gib` (None: any card),
+    whatever the estimate says (module docstring)."""
+
+    tokens: int
+    tiled: bool  # moe_tile_tokens on
+    max_memory_gib: float | None
+    why: str
+
+
+H100_MEASURED_MEMORY_GIB = 81559 / 1024  # the H100 80GB HBM3 of the runs (nvidia-smi memory.total, MiB)
+MEASURED_FAILURES = (
+    # session 3, bench/results/2026-11-26-h100-long-offload.jsonl: a GPU OOM, so only cards no larger
+    MeasuredFailure(
+        262144, False, H100_MEASURED_MEMORY_GIB,
+        "ran out of GPU memory at 262144 tokens on an H100 80GB (session 3's code; not measured since)",
+    ),
+    # session 4, bench/results/2026-11-26s4-h100-run7-long512k-long512k.jsonl: not an OOM, cause unknown: any card
+    MeasuredFailure(
+        524288, True, None,
+        "failed at 524288 tokens on an H100 80GB (session 4: SystemError inside the tiled experts with the GPU "
+        "at 69 GB; cause not diagnosed)",
+    ),
+)  # fmt: skip
 
 
 class PlanError(ValueError):
@@ -388,10 +446,10 @@ def _checkpoint_bytes_per_token(p: ArchPreset, b: int = 2) -> int:
     return p.num_hidden_layers * p.hidden_size * b
 
 
-def _calibrate() -> tuple[float, float]:
-    """(working-set factor, reserve GiB) solved from the two measured H100 peaks (module docstring)."""
+def _calibrate(peaks: dict[int, float]) -> tuple[float, float]:
+    """(working-set factor, reserve GiB) solved from two measured checkpointed H100 peaks (module docstring)."""
     p = get_preset("gpt-oss-20b")
-    (t0, peak0), (t1, peak1) = sorted(CALIBRATION_PEAKS_GIB.items())
+    (t0, peak0), (t1, peak1) = sorted(peaks.items())
     per_token = (peak1 - peak0) * GIB / (t1 - t0)
     checkpoint_per_token = p.num_hidden_layers * p.hidden_size * 2
     factor = (per_token - checkpoint_per_token) / (_layer_width(p) * 2)
@@ -400,13 +458,14 @@ def _calibrate() -> tuple[float, float]:
     return factor, reserve
 
 
-WORKING_SET_FACTOR, RESERVE_GIB = _calibrate()
+WORKING_SET_FACTOR, RESERVE_GIB = _calibrate(CALIBRATION_PEAKS_GIB)
 
 
-def _fixed_20b_gib() -> float:
+def _fixed_20b_gib(reserve: float | None = None) -> float:
     """What the calibration runs hold whatever the length: MXFP4 weights, LoRA r16 + AdamW, the reserve."""
     p = get_preset("gpt-oss-20b")
-    return MEASURED_20B_WEIGHTS_GIB["mxfp4"] + lora_param_count(p, CALIBRATION_LORA_R) * 16 / GIB + RESERVE_GIB
+    reserve = RESERVE_GIB if reserve is None else reserve
+    return MEASURED_20B_WEIGHTS_GIB["mxfp4"] + lora_param_count(p, CALIBRATION_LORA_R) * 16 / GIB + reserve
 
 
 def _slope_intercept(peaks: dict[int, float]) -> tuple[float, float]:
@@ -417,25 +476,33 @@ def _slope_intercept(peaks: dict[int, float]) -> tuple[float, float]:
 
 
 def _calibrate_offload() -> tuple[float, float]:
-    """(OFFLOAD_RESIDUE_FRACTION, OFFLOAD_RESIDUE_OFFSET_GIB) from the two offload peaks, with the untiled
-    working set and the reserve held at their own calibration (module docstring)."""
+    """(OFFLOAD_RESIDUE_FRACTION, OFFLOAD_RESIDUE_OFFSET_GIB) from session 3's two offload peaks, against the
+    untiled working set and reserve of the code they ran (SESSION3_CALIBRATION_PEAKS_GIB; module docstring)."""
     p = get_preset("gpt-oss-20b")
+    factor, reserve = _calibrate(SESSION3_CALIBRATION_PEAKS_GIB)
     per_token, at_zero = _slope_intercept(OFFLOAD_CALIBRATION_PEAKS_GIB)
-    fraction = (per_token - WORKING_SET_FACTOR * _layer_width(p) * 2) / _checkpoint_bytes_per_token(p)
-    return fraction, _fixed_20b_gib() - at_zero
+    fraction = (per_token - factor * _layer_width(p) * 2) / _checkpoint_bytes_per_token(p)
+    return fraction, _fixed_20b_gib(reserve) - at_zero
 
 
 OFFLOAD_RESIDUE_FRACTION, OFFLOAD_RESIDUE_OFFSET_GIB = _calibrate_offload()
 
 
+def _offload_residue_gib(tokens: int, b: int = 2) -> float:
+    """What stays on the GPU of the offloaded checkpoints (module docstring), GiB."""
+    checkpoints = tokens * _checkpoint_bytes_per_token(get_preset("gpt-oss-20b"), b)
+    return max(0.0, OFFLOAD_RESIDUE_FRACTION * checkpoints / GIB - OFFLOAD_RESIDUE_OFFSET_GIB)
+
+
 def _calibrate_tiled() -> tuple[float, float]:
-    """(TILED_WORKING_FACTOR, TILE_WORKING_FACTOR) from the two offload + tiles peaks, with the offload
-    residue held at its calibration (module docstring)."""
+    """(TILED_WORKING_FACTOR, TILE_WORKING_FACTOR) from the two offload + tiles peaks, with the reserve and the
+    offload residue (clamp included: at 64K it is 0) held at their calibrations (module docstring)."""
     p = get_preset("gpt-oss-20b")
-    per_token, at_zero = _slope_intercept(TILED_CALIBRATION_PEAKS_GIB)
-    dense = (per_token - OFFLOAD_RESIDUE_FRACTION * _checkpoint_bytes_per_token(p)) / (_dense_width(p) * 2)
-    tile_bytes = (at_zero - _fixed_20b_gib() + OFFLOAD_RESIDUE_OFFSET_GIB) * GIB
-    return dense, tile_bytes / (_expert_width(p) * 2 * TILED_CALIBRATION_TILE_TOKENS)
+    peaks = TILED_CALIBRATION_PEAKS_GIB
+    working = {t: peak - _fixed_20b_gib() - _offload_residue_gib(t) for t, peak in peaks.items()}
+    per_token, at_zero = _slope_intercept(working)
+    dense = per_token / (_dense_width(p) * 2)
+    return dense, at_zero * GIB / (_expert_width(p) * 2 * TILED_CALIBRATION_TILE_TOKENS)
 
 
 TILED_WORKING_FACTOR, TILE_WORKING_FACTOR = _calibrate_tiled()
@@ -516,6 +583,23 @@ class Setup:
         )
 
 
+def _step_tokens(stage: str, s: StageSettings) -> int:
+    """Tokens of one micro-step (IPO: chosen and rejected side by side)."""
+    return s.batch_size * (2 if stage == "ipo" else 1) * s.seq_len
+
+
+def _measured_failure(setup: Setup, tokens: int, budget: float) -> str:
+    """Why `setup` is not proposed at `tokens` per micro-step on a card of `budget` usable GiB: the
+    MEASURED_FAILURES entry that covers it, else ""."""
+    if setup.device != "cuda" or not (setup.gradient_checkpointing and setup.offload_activations):
+        return ""
+    for f in MEASURED_FAILURES:
+        card = f.max_memory_gib is None or budget <= f.max_memory_gib * USABLE_FRACTION - CUDA_CONTEXT_GIB + 1e-9
+        if tokens >= f.tokens and (setup.moe_tile_tokens > 0) == f.tiled and card:
+            return f.why
+    return ""
+
+
 def estimate_stage_memory(p: ArchPreset, stage: str, s: StageSettings, setup: Setup) -> MemoryEstimate:
     """Peak memory (GiB) of one micro-step of `stage` with settings `s` (module docstring for the model)."""
     if stage not in STAGES:
@@ -523,7 +607,7 @@ def estimate_stage_memory(p: ArchPreset, stage: str, s: StageSettings, setup: Se
     b = _dtype_bytes(setup.dtype)
     L = p.num_hidden_layers
     sequences = s.batch_size * (2 if stage == "ipo" else 1)  # IPO: chosen and rejected side by side
-    tokens = sequences * s.seq_len
+    tokens = _step_tokens(stage, s)
     layer = WORKING_SET_FACTOR * _layer_width(p) * b * tokens
     if setup.moe_tile_tokens > 0 and tokens > setup.moe_tile_tokens:  # expert rows for one tile only
         dense = TILED_WORKING_FACTOR * _dense_width(p) * tokens
@@ -681,7 +765,7 @@ def plan(
 @dataclass(frozen=True)
 class _Fit:
     """One stage's estimate and fit test: the GPU total within `budget`, offloaded checkpoints within
-    `host_budget`."""
+    `host_budget`, and no measured failure of those settings at that length (MEASURED_FAILURES)."""
 
     arch: ArchPreset
     stage: str
@@ -692,9 +776,12 @@ class _Fit:
     def estimate(self, setup: Setup, s2: StageSettings | None = None) -> MemoryEstimate:
         return estimate_stage_memory(self.arch, self.stage, s2 or self.s, setup)
 
+    def failure(self, setup: Setup, s2: StageSettings | None = None) -> str:
+        return _measured_failure(setup, _step_tokens(self.stage, s2 or self.s), self.budget)
+
     def __call__(self, setup: Setup, memory: MemoryEstimate | None = None, s2: StageSettings | None = None) -> bool:
         m = memory or self.estimate(setup, s2)
-        return m.total_gib <= self.budget and m.host_gib <= self.host_budget
+        return m.total_gib <= self.budget and m.host_gib <= self.host_budget and not self.failure(setup, s2)
 
 
 def _long_context_ladder(setup: Setup) -> list[Setup]:
@@ -713,12 +800,12 @@ def _long_context_ladder(setup: Setup) -> list[Setup]:
 def _variant(fit: _Fit, setup: Setup, s2: StageSettings | None = None) -> tuple[Setup, MemoryEstimate] | None:
     """`setup` if it fits; with pinned offload the host cannot hold, its pageable variant if that fits."""
     m = fit.estimate(setup, s2)
-    if fit(setup, m):
+    if fit(setup, m, s2):
         return setup, m
     if setup.offload_activations and setup.offload_pinned:
         pageable = dataclasses.replace(setup, offload_pinned=False)
         m2 = fit.estimate(pageable, s2)
-        if fit(pageable, m2):
+        if fit(pageable, m2, s2):
             return pageable, m2
     return None
 
@@ -769,8 +856,10 @@ def _long_context_overrides(setup: Setup, relative_to: Setup) -> list[str]:
 
 
 def _seq_ladder(floor: int = 512, cap: int = 2**24) -> list[int]:
-    """The lengths the largest-fitting search steps through: powers of two and 1.5 x powers of two."""
-    return sorted({n for k in range(25) for n in (2**k, 3 * 2**k // 2) if floor <= n <= cap})
+    """The lengths the largest-fitting search steps through: powers of two, 1.5 x powers of two and the
+    measured lengths off that ladder (MEASURED_FIT_LENGTHS)."""
+    ladder = {n for k in range(25) for n in (2**k, 3 * 2**k // 2)} | set(MEASURED_FIT_LENGTHS)
+    return sorted(n for n in ladder if floor <= n <= cap)
 
 
 def _largest_seq(fit: _Fit, s: StageSettings, setup: Setup, exact: bool = False) -> tuple[int, Setup] | None:
@@ -820,13 +909,17 @@ def _advice(
     elif picked is None:  # a rung the GPU holds but the host cannot: say what host it needs
         for rung in _long_context_ladder(_bare(setup))[1:]:
             m = fit.estimate(dataclasses.replace(rung, offload_pinned=False))
-            if m.total_gib <= budget:
+            if m.total_gib <= budget and not fit.failure(rung):
                 advice.append(
                     f"with {_describe(rung, False)} the GPU holds it ({m.total_gib:.1f} GiB), but the offloaded "
                     f"checkpoints need {m.host_gib:.1f} GiB of host RAM (pageable), over {host_budget:.1f} usable: "
                     f"a host of {m.host_gib / HOST_USABLE_FRACTION:.0f} GiB or more"
                 )
                 break
+    for rung in _long_context_ladder(_bare(setup))[1:]:  # the estimate fits, a measured run failed
+        why, gpu = fit.failure(rung), fit.estimate(rung).total_gib
+        if why and gpu <= budget:
+            advice.append(f"not {_describe(rung, False)}: its estimate fits ({gpu:.1f} GiB), but it {why}")
     if not setup.gradient_checkpointing:
         ck = dataclasses.replace(setup, gradient_checkpointing=True)
         if fit(ck):
