@@ -389,6 +389,7 @@ def test_512k_is_refused_on_80gb_with_the_largest_length_each_way():
     p = _long(524288, setup=explicit, check=False)
     assert not p.fits and p.stages[0].memory.total_gib < p.budget_gib and p.stages[0].memory.host_gib < 100
     assert any("SystemError" in a for a in p.stages[0].advice)
+    assert p.stages[0].advice[0] == "lower seq_len to 458752 (48.0 GiB)"  # the measured length, off the powers of two
     assert _long(458752, setup=explicit).fits
     h200 = dataclasses.replace(TIERS["h200"], host_memory_gib=250.0)  # 141 GB: offload without tiles fits 512K
     s = _long(524288, tier=h200).stages[0]

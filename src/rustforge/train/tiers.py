@@ -93,8 +93,9 @@ lengths that fit stay as they are. The
 host budget is HOST_USABLE_FRACTION of the host's RAM: `plan(host_memory_gib=)` / `rustforge plan --host-gib`,
 else the tier's `host_memory_gib`, else this machine's (`_host_memory_gib`: right on the GPU machine, not
 when planning one from elsewhere). A plan with an explicit setup (a run config) keeps it: its advice names
-the settings (`--set` keys) and the largest seq_len that fits each way, and a stage whose offload or tiling
-is not needed at its length gets a note (both cost speed).
+the settings (`--set` keys), a shorter seq_len (a power of two or a measured length) and the largest seq_len
+that fits each way, and a stage whose offload or tiling is not needed at its length gets a note (both cost
+speed).
 
 Own code: the numbers are specific to this pipeline's kernels; no library estimates them.
 """
@@ -883,7 +884,9 @@ def _advice(
         return estimate_stage_memory(arch, stage, s2, setup2).total_gib
 
     advice = []
-    seq = _largest_fitting(lambda n: fit(setup, s2=dataclasses.replace(s, seq_len=n)), s.seq_len)
+    seq = _largest_fitting(
+        lambda n: fit(setup, s2=dataclasses.replace(s, seq_len=n)), s.seq_len, extra=MEASURED_FIT_LENGTHS
+    )
     if seq:
         advice.append(f"lower seq_len to {seq} ({total(dataclasses.replace(s, seq_len=seq)):.1f} GiB)")
     if s.batch_size > 1 and fit(setup, s2=dataclasses.replace(s, batch_size=1)):
@@ -950,13 +953,15 @@ def _pinned_note(fit: _Fit, setup: Setup, template: str) -> str:
     return template % f"pinned blocks round up to {pinned:.1f} GiB of host RAM, over {fit.host_budget:.1f} usable"
 
 
-def _largest_fitting(fits, current: int, floor: int = 512) -> int | None:
-    """Largest power of two below `current` (and >= floor) for which fits(n)."""
-    n = 2 ** (max(current - 1, 1).bit_length() - 1)
+def _largest_fitting(fits, current: int, floor: int = 512, extra: tuple[int, ...] = ()) -> int | None:
+    """Largest power of two (or of the lengths in `extra`) below `current` (and >= floor) for which fits(n)."""
+    n, candidates = 2 ** (max(current - 1, 1).bit_length() - 1), set()
     while n >= floor:
+        candidates.add(n)
+        n //= 2
+    for n in sorted(candidates | {e for e in extra if floor <= e < current}, reverse=True):
         if fits(n):
             return n
-        n //= 2
     return None
 
 
