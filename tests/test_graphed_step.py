@@ -3,7 +3,8 @@
 - CPU: it refuses without CUDA, and without a capturable optimizer, with errors that say so.
 - GPU (`-m gpu`): two models built alike (tiny GPT-OSS shape, LoRA, fused capturable AdamW); eager steps on one,
   warm-up + replays on the other: the same losses and the same LoRA weights after the same number of steps,
-  including a replay on a new batch of the same layout; a batch of another layout is refused.
+  including replays on new batches with other tokens and with another document layout; a batch of another
+  shape is refused.
 """
 
 from __future__ import annotations
@@ -46,26 +47,25 @@ def test_refuses_without_cuda():
 @pytest.mark.gpu
 @gpu
 def test_replays_equal_eager_steps():
-    batch, other = _batch(256, 2, 512, "cuda", 0), _batch(256, 2, 512, "cuda", 1)
+    batch, other, moved = _batch(256, 2, 512, "cuda", 0), _batch(256, 2, 512, "cuda", 1), _batch(256, 4, 512, "cuda", 2)
     eager_model, eager_params = _model("cuda")
     eager_opt = torch.optim.AdamW(eager_params, lr=1e-3, fused=True)
     eager = []
-    for b in (batch, batch, batch, batch, other):
+    for b in (batch, batch, batch, other, moved):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = eager_model(**b).loss
         loss.backward()
         eager_opt.step()
         eager_opt.zero_grad(set_to_none=True)
-        eager.append(float(loss))
+        eager.append(float(loss.detach()))
     model, params = _model("cuda")
     with pytest.raises(ValueError, match="capturable"):
         GraphedTrainStep(model, torch.optim.AdamW(params, lr=1e-3, fused=True), batch)
     opt = torch.optim.AdamW(params, lr=1e-3, fused=True, capturable=True)
     step = GraphedTrainStep(model, opt, batch, warmup_steps=2)  # eager steps 1-2
-    graphed = [float(step.replay()), float(step.replay()), float(step.replay(other))]
+    graphed = [float(step.replay()), float(step.replay(other)), float(step.replay(moved))]
     torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager[2:]), rtol=2e-3, atol=2e-3)
     for a, b in zip(params, eager_params):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
-    moved = _batch(256, 4, 512, "cuda", 2)
-    with pytest.raises(ValueError, match="layout"):
-        step.replay(moved)
+    with pytest.raises(ValueError, match="shape"):
+        step.replay(_batch(128, 2, 512, "cuda", 3))

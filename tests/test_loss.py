@@ -56,6 +56,21 @@ def test_cross_entropy_matches_full_logits_float64(chunk_size):
     assert grads[0][IGNORED].abs().max() == 0  # ignored tokens get exactly zero gradient
 
 
+@pytest.mark.parametrize("chunk_size", [3, 64])
+def test_every_row_given_equals_the_valid_rows(chunk_size):
+    """rows = every token (a CUDA graph's fixed shapes), ignored ones included: the same loss and gradients,
+    exactly zero gradient for the ignored tokens."""
+    hidden, weight, labels = make_inputs(torch.float64, ignore=IGNORED)
+    loss, n_valid = chunked_cross_entropy(hidden, weight, labels, chunk_size)
+    every, n_every = chunked_cross_entropy(hidden, weight, labels, chunk_size, rows=torch.arange(N))
+    assert n_every.item() == n_valid.item() == N - len(IGNORED)
+    torch.testing.assert_close(every, loss, rtol=1e-12, atol=1e-12)
+    grads, every_grads = torch.autograd.grad(loss, (hidden, weight)), torch.autograd.grad(every, (hidden, weight))
+    for got, want in zip(every_grads, grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert every_grads[0][IGNORED].abs().max() == 0
+
+
 def test_cross_entropy_bf16_close_to_full_logits():
     hidden, weight, labels = make_inputs(torch.bfloat16, n=70, ignore=IGNORED)
     loss, _ = chunked_cross_entropy(hidden, weight, labels, 16)
@@ -198,19 +213,22 @@ def check_fused_softmax(dtype, device, vocab: int, tol: float, temperature: floa
     hidden, weight, labels = hidden.detach().to(device), weight.to(device), labels.to(device)
     grad_out = torch.randn(N, generator=torch.Generator().manual_seed(3)).to(device)
     results, saved = {}, {}
-    for variant, fused, keep in (("torch", False, 0), ("kernels", True, 0), ("kept logits", True, 1 << 40)):
+    every_row = torch.arange(N, device=device)
+    for variant, fused, keep, rows in (("torch", False, 0, None), ("kernels", True, 0, None),
+                                       ("kept logits", True, 1 << 40, None), ("every row", True, 1 << 40, every_row)):
         loss_module.FUSED_SOFTMAX = fused
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        out = chunked_token_logprobs(h, w, labels, chunk_size=16, temperature=temperature, keep_logits_bytes=keep)
-        saved[variant] = len(out.grad_fn.saved_tensors)  # 5, plus one per kept logits chunk
+        out = chunked_token_logprobs(h, w, labels, chunk_size=16, temperature=temperature, keep_logits_bytes=keep,
+                                     rows=rows)
+        saved[variant] = len(out.grad_fn.saved_tensors)  # 6, plus one per kept logits chunk
         results[variant] = (out.detach(), *torch.autograd.grad(out, (h, w), grad_out))
     loss_module.FUSED_SOFTMAX = True
     errs = {f"{variant} {name}": float((a.double() - b.double()).abs().max() / b.double().abs().max())
-            for variant in ("kernels", "kept logits")
+            for variant in ("kernels", "kept logits", "every row")
             for name, a, b in zip(("logprobs", "grad_hidden", "grad_weight"), results[variant], results["torch"])}
     # the kernels path rounds differently from the torch path (so a zero error means it did not run), and only
     # the kept variant saved logits
-    took_paths = errs["kernels logprobs"] > 0 and saved["kernels"] == 5 < saved["kept logits"]
+    took_paths = errs["kernels logprobs"] > 0 and saved["kernels"] == 6 < saved["kept logits"]
     return {"ok": took_paths and all(e <= tol for e in errs.values()), **errs}
 
 

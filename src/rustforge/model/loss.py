@@ -38,7 +38,8 @@ def chunked_token_logprobs(
     hidden [N, H], weight [V, H], targets [N] (IGNORE_INDEX -> 0 with zero gradient).
     Differentiable with respect to hidden and weight. keep_logits_bytes: on the kernel path, the
     forward's logits chunks are kept for the backward (instead of recomputed) while they total at most this.
-    rows: `valid_rows(targets, V)` computed earlier (else here, with its host syncs).
+    rows: `valid_rows(targets, V)` computed earlier (else here, with its host syncs), or any superset of it
+    such as every row (`torch.arange(N)`: fixed shapes for a CUDA graph; the targets are then not range-checked).
     """
     _check_inputs(hidden, weight, targets, chunk_size, temperature)
     return _ChunkedTokenLogprobs.apply(hidden, weight, targets, chunk_size, float(temperature), keep_logits_bytes, rows)
@@ -111,7 +112,11 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, temperature, keep_logits_bytes=0, rows=None):
         rows = valid_rows(targets, weight.shape[0]) if rows is None else rows
+        # rows may include ignored tokens (a CUDA-graphed step passes every row: shapes must not depend on the
+        # labels); they get log-prob 0 and no gradient, their target clamped to a valid index meanwhile
         row_targets = targets[rows]
+        row_valid = row_targets != IGNORE_INDEX
+        row_targets = row_targets.clamp(min=0)
         out_dtype = _softmax_dtype(hidden.dtype)
         lse = torch.empty(rows.shape[0], dtype=out_dtype, device=hidden.device)
         picked = torch.empty_like(lse)
@@ -130,21 +135,21 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 picked[chunk] = logits.gather(1, row_targets[chunk, None]).squeeze(1)
             del logits
         logprobs = torch.zeros(hidden.shape[0], dtype=out_dtype, device=hidden.device)
-        logprobs[rows] = picked - lse
-        ctx.save_for_backward(hidden, weight, rows, row_targets, lse, *kept)
+        logprobs[rows] = torch.where(row_valid, picked - lse, 0)
+        ctx.save_for_backward(hidden, weight, rows, row_targets, row_valid, lse, *kept)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
         return logprobs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logprobs):
-        hidden, weight, rows, row_targets, lse, *kept = ctx.saved_tensors
+        hidden, weight, rows, row_targets, row_valid, lse, *kept = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         accumulate_dtype = _softmax_dtype(weight.dtype)
         grad_weight = torch.zeros(weight.shape, dtype=accumulate_dtype, device=weight.device) if need_weight else None
         # d logprob / d logits = (onehot - softmax) / temperature, scaled by the incoming per-token grad.
-        row_scale = grad_logprobs.to(lse.dtype)[rows] / -ctx.temperature
+        row_scale = torch.where(row_valid, grad_logprobs.to(lse.dtype)[rows] / -ctx.temperature, 0)
         for i, start in enumerate(range(0, rows.shape[0], ctx.chunk_size)):
             chunk = slice(start, start + ctx.chunk_size)
             hidden_chunk = hidden[rows[chunk]]
