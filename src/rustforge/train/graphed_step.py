@@ -2,7 +2,9 @@
 
 Why: at 4K tokens on the H100 the GPU work of a GPT-OSS-20B LoRA step is ~172 ms, but the host needs 140-290
 ms to issue its few thousand kernels one by one (bench/RESULTS.md, session 5), so the GPU waits on Python.
-A replayed graph issues all of them in one call: 4.96x transformers + PEFT at 4K against 4.5x eager (run 12).
+A replayed graph issues all of them in one call: 4.96x transformers + PEFT at 4K against 4.5x eager (run 12,
+measured with this module's first form, which took one batch layout and the loss's valid rows; replay(batch)
+on new layouts is tested on a GPU by tests/test_graphed_step.py, not yet run).
 torch does the capture (`torch.cuda.graph`); this module is the plumbing a training step needs for it:
 
 - nothing in the step may wait for the host: the loss takes every token as a row (ignored ones weighted 0,
