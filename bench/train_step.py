@@ -3,16 +3,18 @@
 GPT-OSS-20B shape (24 layers, random weights), batch 1, LoRA r16 on q/k/v/o and on the experts'
 gate_up/down projections. For each case a fresh subprocess builds the model once and times full training
 steps (forward, backward, AdamW) at increasing sequence lengths until one runs out of memory, so every
-case starts with an empty GPU. Before timing, the GPU-marked correctness tests (our kernels vs their
-references, forward and gradients) run on the same GPU.
+case starts with an empty GPU. With `--checks`, the GPU-marked correctness tests (our kernels vs their
+references, forward and gradients) run on the same GPU first.
 
+    python bench/train_step.py --plan s5_last    --out results.jsonl   # 4K: baseline, ours graphed and eager (session 5)
     python bench/train_step.py --plan final_4k   --out results.jsonl   # the 4K comparison (session 4)
     python bench/train_step.py --plan final_grid --out results.jsonl   # checkpointed 4K-64K, every format
     python bench/train_step.py --plan long_tiled --out results.jsonl   # largest context (offload + tiles)
     python bench/train_step.py --case ours --fmt mxfp4 --seqs 4096 --shape tiny --device cpu   # smoke test
 
-`--unfused` runs a case on session 3's code paths (set_fused_kernels(False), unfused AdamW) for a same-run
-A/B; every step's time and the host time to issue it (`enqueue_s`) are in the records, and a plan logs SM
+`--cuda-graph` runs our step as one CUDA graph (train/graphed_step.py: the first call warms up and captures).
+`--unfused` runs a case on session 3's code paths (set_fused_kernels(False), unfused AdamW) and
+`--session4-paths` on session 4's, for a same-run A/B; every step's time and the host time to issue it (`enqueue_s`) are in the records, and a plan logs SM
 clocks and power beside them (`<out>.smi.csv`); `--profile-seq N` writes a kernel table and the dense GEMMs by
 shape.
 
