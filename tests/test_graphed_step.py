@@ -69,3 +69,25 @@ def test_replays_equal_eager_steps():
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
     with pytest.raises(ValueError, match="shape"):
         step.replay(_batch(128, 2, 512, "cuda", 3))
+
+
+def test_a_new_layouts_masks_are_copied_into_the_captured_ones():
+    """replay(batch)'s mask update (CPU: flex BlockMasks build there too): the captured BlockMask's tensors take
+    the new layout's values in place, and a mask of another shape is refused."""
+    from rustforge.model.attention import build_attention_masks
+    from rustforge.train.graphed_step import _copy_mask
+
+    one_document = torch.zeros(1, 512, dtype=torch.long)
+    four_documents = (torch.arange(512) // 128)[None]  # block-diagonal: other block counts than one document's
+    captured = build_attention_masks(one_document, 128, "flex")["full_attention"]
+    fresh = build_attention_masks(four_documents, 128, "flex")["full_attention"]
+    assert not torch.equal(captured.full_kv_num_blocks, fresh.full_kv_num_blocks)
+    kv_indices = captured.kv_indices
+    _copy_mask(captured, fresh, "full_attention")
+    assert captured.kv_indices is kv_indices  # in place: the graph reads it by address
+    for a, b in zip(captured.as_tuple(), fresh.as_tuple()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b)
+    longer = build_attention_masks(torch.zeros(1, 1024, dtype=torch.long), 128, "flex")["full_attention"]
+    with pytest.raises(ValueError, match="changed shape"):
+        _copy_mask(captured, longer, "full_attention")
