@@ -210,6 +210,11 @@ def run_case(args) -> None:
 
         moe.TRITON_DEQUANT = False
         record["dequant"] = "torch"
+    if args.persistent_lora_factors:
+        from rustforge.model import moe
+
+        moe.PERSISTENT_LORA_FACTORS = True
+        record["persistent_lora_factors"] = True
     if args.flex_options is not None:
         from rustforge.model import attention
 
@@ -612,6 +617,13 @@ PLANS = {
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6",
         "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 2 --iters 6 --cuda-graph",
     ],
+    # for session 6: the graphed step with the kept LoRA factors (moe.PERSISTENT_LORA_FACTORS) against without
+    "s6_ab": [
+        "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 3",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 10 --cuda-graph",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 10 --cuda-graph --persistent-lora-factors",
+        "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 2 --iters 6 --cuda-graph",
+    ],
     "final_grid": [
         "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 2",
         "--case ours --fmt mxfp4 --seqs 4096,16384,32768,65536 --warmup 1 --iters 2",
@@ -698,6 +710,7 @@ def main() -> None:
     p.add_argument("--peak-census-seq", type=int, default=0, help="list what is live at the peak of a step")
     p.add_argument("--torch-dequant", action="store_true", help="dequantise experts with the torch reference")
     p.add_argument("--session4-paths", action="store_true", help="session 5's changes off (use_session4_paths)")
+    p.add_argument("--persistent-lora-factors", action="store_true", help="moe.PERSISTENT_LORA_FACTORS on (experiment)")
     p.add_argument("--flex-options", default=None, help="JSON for attention.FLEX_KERNEL_OPTIONS (kernel options)")
     p.add_argument("--cuda-graph", action="store_true", help="ours: the step as one CUDA graph (GraphedTrainStep)")
     p.add_argument("--gc-freeze", action="store_true", help="gc.collect(); gc.freeze() after the warmup steps")
