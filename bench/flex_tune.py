@@ -14,10 +14,10 @@ output and gradients (a candidate must not change the result).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+from records import emit
 
 from rustforge.model import attention
 
@@ -121,9 +121,7 @@ def main() -> None:
                 rec["fwd_bwd_ms"] = time_ms(lambda: run(compiled, q, k, v, sinks, cos, sin, mask, grad), args.iters)
             except Exception as e:  # a configuration the kernel rejects is a result too
                 rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            print(json.dumps(rec), flush=True)
-            with open(args.out, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            emit(args.out, rec)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ a balanced and a skewed routing. Prints and appends one JSON line per case: ms a
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+from records import emit
 
 from rustforge.model.moe import grouped_mm
 from rustforge.model.triton_dequant import triton_kernels_available
@@ -118,9 +118,7 @@ def main() -> None:
             rec.update(ms=round(ms, 4), tflops=round(flops / ms / 1e9, 1))
         except Exception as e:  # a layout the kernel rejects is a result too
             rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        print(json.dumps(rec), flush=True)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        emit(args.out, rec)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from ceilings import bf16_matmul_tflops, copy_bandwidth  # noqa: E402
+from records import emit as _emit  # noqa: E402
 
 from rustforge.config import LoraConfig, ModelConfig  # noqa: E402
 from rustforge.model.presets import get_preset  # noqa: E402

@@ -18,7 +18,11 @@ import sys
 
 import pytest
 import torch
-from triton_interpreter import needs_triton, run_under_interpreter
+from triton_interpreter import (
+    needs_triton,
+    run_interpreter_cases,
+    run_under_interpreter,
+)
 
 from rustforge.model import moe
 from rustforge.model import triton_expert_lora as tk
@@ -128,16 +132,5 @@ def test_gpu_expert_transposed_product_bf16(S, D, P, E, empty, wide, out_dtype):
 
 
 # ---------------------------------------------------------------------------- interpreter entry point
-def main() -> int:
-    """Run interpreter_cases (TRITON_INTERPRET=1 set by the caller); exit status 1 if any fails."""
-    failed = []
-    for name, case in interpreter_cases():
-        result = case()
-        print(f"{name}: {result}", flush=True)
-        if not result["ok"]:
-            failed.append(name)
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the interpreter run (TRITON_INTERPRET=1 set by the caller)
+    sys.exit(run_interpreter_cases(interpreter_cases()))

@@ -17,7 +17,11 @@ import sys
 
 import pytest
 import torch
-from triton_interpreter import needs_triton, run_under_interpreter
+from triton_interpreter import (
+    needs_triton,
+    run_interpreter_cases,
+    run_under_interpreter,
+)
 
 from rustforge.model import moe
 from rustforge.model import triton_moe_train as tk
@@ -236,16 +240,5 @@ def test_gpu_grouped_experts_fused_equals_unfused(fmt):
 
 
 # ---------------------------------------------------------------------------- interpreter entry point
-def main() -> int:
-    """Run interpreter_cases (TRITON_INTERPRET=1 set by the caller); exit status 1 if any fails."""
-    failed = []
-    for name, case in interpreter_cases():
-        result = case()
-        print(f"{name}: {result}", flush=True)
-        if not result["ok"]:
-            failed.append(name)
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the interpreter run (TRITON_INTERPRET=1 set by the caller)
+    sys.exit(run_interpreter_cases(interpreter_cases()))

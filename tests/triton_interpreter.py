@@ -27,3 +27,15 @@ def run_under_interpreter(test_file: str, timeout: int = 900) -> None:
     done = subprocess.run([sys.executable, test_file], check=False, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def run_interpreter_cases(cases) -> int:
+    """A test file's `__main__` under the interpreter: runs its (name, thunk -> result dict) cases, prints each
+    result, and returns the exit status (1 if any result is not ok)."""
+    failed = []
+    for name, case in cases:
+        result = case()
+        print(f"{name}: {result}", flush=True)
+        if not result["ok"]:
+            failed.append(name)
+    return 1 if failed else 0
