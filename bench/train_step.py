@@ -211,11 +211,6 @@ def run_case(args) -> None:
 
         moe.TRITON_DEQUANT = False
         record["dequant"] = "torch"
-    if args.persistent_lora_factors:
-        from rustforge.model import moe
-
-        moe.PERSISTENT_LORA_FACTORS = True
-        record["persistent_lora_factors"] = True
     if args.flex_options is not None:
         from rustforge.model import attention
 
@@ -458,8 +453,18 @@ def profile(model, opt, batch, device, args) -> None:
 
     shapes.sort(key=lambda e: -gpu_us(e))
     by_shape = "\n".join(f"{e.key:14s} {e.count:5d} calls {gpu_us(e) / 1e3:8.2f} ms  {e.input_shapes}" for e in shapes[:40])
+    # the memory-bound torch ops (copies, casts, adds) by shape: which tensors the small kernels move
+    def self_gpu_us(e) -> float:
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+
+    others = [e for e in prof.key_averages(group_by_input_shape=True)
+              if e.key.startswith("aten::") and e.key not in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::_grouped_mm")
+              and self_gpu_us(e) > 0]
+    others.sort(key=lambda e: -self_gpu_us(e))
+    by_other = "\n".join(f"{e.key:22s} {e.count:5d} calls {self_gpu_us(e) / 1e3:8.2f} ms  {e.input_shapes}"
+                         for e in others[:60])
     name = f".profile-{args.fmt}-{batch['input_ids'].shape[1]}{'-nockpt' if args.no_ckpt else ''}.txt"
-    Path(args.out).with_suffix(name).write_text(by_op + "\n\n" + by_kernel + "\n\n" + by_shape)
+    Path(args.out).with_suffix(name).write_text(by_op + "\n\n" + by_kernel + "\n\n" + by_shape + "\n\n" + by_other)
     print(by_op[:5000])
 
 
@@ -618,12 +623,9 @@ PLANS = {
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6",
         "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 2 --iters 6 --cuda-graph",
     ],
-    # for session 6: the graphed step with the kept LoRA factors (moe.PERSISTENT_LORA_FACTORS) against without
-    "s6_ab": [
-        "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 3",
-        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 10 --cuda-graph",
-        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 10 --cuda-graph --persistent-lora-factors",
-        "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 2 --iters 6 --cuda-graph",
+    # session 6: where the step's small kernels go (the shapes of the copies and adds; run 14's profile)
+    "s6_profile": [
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 2 --profile-seq 4096",
     ],
     "final_grid": [
         "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 2",
@@ -711,7 +713,6 @@ def main() -> None:
     p.add_argument("--peak-census-seq", type=int, default=0, help="list what is live at the peak of a step")
     p.add_argument("--torch-dequant", action="store_true", help="dequantise experts with the torch reference")
     p.add_argument("--session4-paths", action="store_true", help="session 5's changes off (use_session4_paths)")
-    p.add_argument("--persistent-lora-factors", action="store_true", help="moe.PERSISTENT_LORA_FACTORS on (experiment)")
     p.add_argument("--flex-options", default=None, help="JSON for attention.FLEX_KERNEL_OPTIONS (kernel options)")
     p.add_argument("--cuda-graph", action="store_true", help="ours: the step as one CUDA graph (GraphedTrainStep)")
     p.add_argument("--gc-freeze", action="store_true", help="gc.collect(); gc.freeze() after the warmup steps")

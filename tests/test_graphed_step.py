@@ -1,10 +1,14 @@
-"""GraphedTrainStep (train/graphed_step.py): a captured and replayed training step equals the eager steps.
+"""GraphedTrainStep (train/graphed_step.py) and the SFT loop's `train.cuda_graph`: replayed steps equal eager ones.
 
-- CPU: it refuses without CUDA, and without a capturable optimizer, with errors that say so.
+- CPU: it refuses without CUDA, and without a capturable optimizer, with errors that say so; the SFT loop
+  refuses `cuda_graph` on a CPU, in stages whose step is not SFT's and with gradient checkpointing, naming the
+  field.
 - GPU (`-m gpu`): two models built alike (tiny GPT-OSS shape, LoRA, fused capturable AdamW); eager steps on one,
-  warm-up + replays on the other: the same losses and the same LoRA weights after the same number of steps,
-  including replays on new batches with other tokens and with another document layout; a batch of another
-  shape is refused.
+  warm-up + replays on the other: the same losses and the same LoRA weights after the same number of steps (the
+  warm-up steps leave no trace), including replays on new batches with other tokens and with another document
+  layout; a batch of another shape is refused. The SFT loop with `cuda_graph` on (two micro-batches a step, two
+  curriculum phases, the expert monitor on) logs the eager loop's losses, gradient norms, learning rates and
+  expert counts, and a run killed after a checkpoint resumes to the same numbers.
 """
 
 from __future__ import annotations
@@ -62,9 +66,10 @@ def test_replays_equal_eager_steps():
     with pytest.raises(ValueError, match="capturable"):
         GraphedTrainStep(model, torch.optim.AdamW(params, lr=1e-3, fused=True), batch)
     opt = torch.optim.AdamW(params, lr=1e-3, fused=True, capturable=True)
-    step = GraphedTrainStep(model, opt, batch, warmup_steps=2)  # eager steps 1-2
-    graphed = [float(step.replay()), float(step.replay(other)), float(step.replay(moved))]
-    torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager[2:]), rtol=2e-3, atol=2e-3)
+    step = GraphedTrainStep(model, opt, batch, warmup_steps=2)  # its two eager warm-up steps are undone
+    graphed = [float(step.replay()), float(step.replay()), float(step.replay()), float(step.replay(other)),
+               float(step.replay(moved))]
+    torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=2e-3, atol=2e-3)
     for a, b in zip(params, eager_params):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
     with pytest.raises(ValueError, match="shape"):
@@ -91,3 +96,87 @@ def test_a_new_layouts_masks_are_copied_into_the_captured_ones():
     longer = build_attention_masks(torch.zeros(1, 1024, dtype=torch.long), 128, "flex")["full_attention"]
     with pytest.raises(ValueError, match="changed shape"):
         _copy_mask(captured, longer, "full_attention")
+
+
+# ------------------------------------------------------------------------------------ the SFT loop's option
+STEPS_PER_PHASE = 3
+
+
+def _trainer(tmp_path, device: str, cuda_graph: bool, trainer_class=None, train_cfg=None, trainer_kwargs=None,
+             **model_settings):
+    """SFTTrainer on the tiny model with a fixed synthetic packed dataset: two phases (64 then 128 tokens),
+    two micro-batches a step, the expert monitor every 2 steps."""
+    from rustforge.config import CurriculumPhase, ExpertMonitorConfig, PackingConfig, TrainConfig
+    from rustforge.data.packing import PackedDataset, collate, pack_documents
+    from rustforge.train.sft import DatasetBatches, SFTTrainer, StageData
+
+    vocab = 256
+    gen = torch.Generator().manual_seed(1234)
+    docs = [torch.randint(1, vocab, (int(n),), generator=gen).tolist() for n in torch.randint(8, 90, (64,), generator=gen)]
+    model = build_model(ModelConfig(preset="tiny", dtype="float32", loss_chunk_size=64, router_aux_loss_coef=0.01,
+                                    **model_settings),
+                        LoraConfig(r=4, alpha=8), vocab_size=vocab, device=device)  # fmt: skip
+    cfg = train_cfg or TrainConfig(
+        lr=3e-3, warmup_steps=2, batch_size=2, grad_accum=2, max_grad_norm=0.5, eval_every=2, eval_batches=2,
+        save_every=2, seed=0, cuda_graph=cuda_graph,
+        phases=[CurriculumPhase(64, STEPS_PER_PHASE), CurriculumPhase(128, STEPS_PER_PHASE)],
+    )  # fmt: skip
+
+    def train(phase: int, n: int):
+        return DatasetBatches(PackedDataset(docs[8:], n, PackingConfig(split_overlap=8), pad_id=0, seed=phase), cfg.batch_size)
+
+    def validation(n: int):
+        packed = pack_documents(docs[:8], n, PackingConfig(split_overlap=8), seed=0)
+        return [collate([packed.sequence(i)], n, 0) for i in range(min(len(packed), 2))]
+
+    trainer_class = trainer_class or SFTTrainer
+    return trainer_class(model, LoraConfig(r=4, alpha=8), cfg, StageData(train, validation), tmp_path,
+                         torch.device(device), progress=False, monitor_cfg=ExpertMonitorConfig(every_steps=2),
+                         **(trainer_kwargs or {}))
+
+
+def test_the_sft_option_refuses_what_it_cannot_graph(tmp_path):
+    from rustforge.config import IpoConfig
+    from rustforge.train.ipo import IpoTrainer
+
+    with pytest.raises(ValueError, match=r"lang_rust\.cuda_graph: it needs a CUDA device"):
+        _trainer(tmp_path, "cpu", True)
+    with pytest.raises(ValueError, match=r"model\.gradient_checkpointing is on"):
+        _trainer(tmp_path, "cpu", True, gradient_checkpointing=True)
+    with pytest.raises(ValueError, match=r"ipo\.cuda_graph: the ipo stage's step is not graphed"):
+        _trainer(tmp_path, "cpu", True, trainer_class=IpoTrainer, train_cfg=IpoConfig(cuda_graph=True),
+                 trainer_kwargs={"ipo_cfg": IpoConfig()})
+    _trainer(tmp_path, "cpu", False)  # the default builds
+
+
+def _logged(stage_dir, split: str = "train") -> dict[int, dict]:
+    from rustforge.train.metrics import read_metrics
+
+    return read_metrics(stage_dir / "logs" / "metrics.jsonl", split)
+
+
+@pytest.mark.gpu
+@gpu
+def test_the_sft_loop_graphed_logs_the_eager_loops_numbers(tmp_path):
+    eager = _trainer(tmp_path / "eager", "cuda", False)
+    eager.run()
+    graphed = _trainer(tmp_path / "graphed", "cuda", True)
+    graphed.run(stop_after=4)  # into the second phase (a second capture), checkpoint at step 4
+    del graphed
+    torch.cuda.empty_cache()
+    resumed = _trainer(tmp_path / "graphed", "cuda", True)
+    resumed.run(resume=True)
+    want, got = _logged(tmp_path / "eager"), _logged(tmp_path / "graphed")
+    assert sorted(got) == sorted(want) == list(range(1, 2 * STEPS_PER_PHASE + 1))
+    for step in want:
+        for key in ("loss", "aux_loss", "grad_norm", "lr", "seq_len"):
+            torch.testing.assert_close(got[step][key], want[step][key], rtol=2e-3, atol=1e-5, msg=f"step {step} {key}")
+    val_want, val_got = _logged(tmp_path / "eager", "val"), _logged(tmp_path / "graphed", "val")
+    for step in val_want:
+        torch.testing.assert_close(val_got[step]["loss"], val_want[step]["loss"], rtol=2e-3, atol=1e-5)
+    experts_want, experts_got = _logged(tmp_path / "eager", "experts"), _logged(tmp_path / "graphed", "experts")
+    assert sorted(experts_got) == sorted(experts_want) and experts_want
+    for step in experts_want:
+        for key, value in experts_want[step].items():
+            if key.startswith("experts/") and key.endswith("load_cv_max"):
+                torch.testing.assert_close(experts_got[step][key], value, rtol=2e-2, atol=1e-3)

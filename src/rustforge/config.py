@@ -240,6 +240,10 @@ class TrainConfig:
     save_every: int = 50
     log_every: int = 1
     seed: int = 0
+    # the whole step (micro-batches, clipping, AdamW) as one CUDA graph, captured per curriculum phase
+    # (train/graphed_step.py): one GPU, no gradient checkpointing or offload, lang_rust and core_agent only;
+    # at 4K on the H100 a graphed step was 4.96x transformers + PEFT against 4.5x eager (bench/RESULTS.md)
+    cuda_graph: bool = False
 
 
 HARMONY_CHANNELS = ("analysis", "commentary", "final")  # the Harmony format's channels (data/harmony.py's)

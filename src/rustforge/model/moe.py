@@ -65,10 +65,6 @@ FUSED_KERNELS = True  # SwiGLU and the routing-weighted sums as one-pass Triton 
 # with FUSED_KERNELS, the expert LoRA's weight gradients as a Triton kernel (model/triton_expert_lora.py: 56 us a
 # call against grouped_mm's ~64 plus a mask and a scale in the 4K step, H100, session 5)
 TRITON_EXPERT_LORA = True
-# keep each projection's bias-augmented LoRA factors between steps and refresh only the LoRA columns (2 kernels
-# instead of 5 per projection per step; ~0.6 GB kept at the 20B shape): an experiment for the CUDA-graphed step,
-# whose every kernel costs a graph node; not yet measured, so off (bench --persistent-lora-factors)
-PERSISTENT_LORA_FACTORS = False
 DECODE_KERNELS = True  # inference with few rows reads the stored experts directly (model/triton_moe_decode.py)
 DECODE_MAX_ROWS = 256  # token-expert rows (tokens x top-k) up to which it does: decode steps up to batch 64 at k=4
 _LORA_PREFIX = {"gate_up_proj": "lora_gate_up", "down_proj": "lora_down"}
@@ -232,34 +228,6 @@ def _bias_augmented_lora(lora_A, lora_B, bias, scaling, d_in: int):
     return aug_A, aug_B, r
 
 
-class _AugmentedFactors:
-    """One projection's _bias_augmented_lora factors kept between steps (PERSISTENT_LORA_FACTORS). The zero pad
-    and the bias row are written when the factors are built; the LoRA columns are rewritten in place only when a
-    factor or the bias changed since (their storage and version counters: an optimizer step or a state-dict load
-    bumps them) or while a CUDA graph is being captured (each replay must redo it). Several forwards between two
-    optimizer steps (gradient accumulation, checkpoint recomputes, IPO's pair) therefore share untouched factors,
-    which autograd's saved-tensor version check would otherwise reject. A factor rewritten through `.data` keeps
-    its version counter and would go unseen: torch's optimizers and load_state_dict write the parameters."""
-
-    def __init__(self):
-        self.shape_key, self.value_key, self.factors = None, None, None
-
-    def get(self, lora_A, lora_B, bias, scaling: float, d_in: int):
-        shape_key = (None if lora_A is None else tuple(lora_A.shape), tuple(bias.shape), bias.dtype, bias.device, d_in)
-        value_key = (scaling, *((t.data_ptr(), t._version) for t in (lora_A, lora_B, bias) if t is not None))
-        capturing = bias.is_cuda and torch.cuda.is_current_stream_capturing()
-        if shape_key != self.shape_key:
-            self.factors = _bias_augmented_lora(lora_A, lora_B, bias, scaling, d_in)
-        elif capturing or value_key != self.value_key:
-            aug_A, aug_B, r = self.factors
-            if lora_A is not None:
-                aug_A[:, :, :r].copy_(lora_A)
-                torch.mul(lora_B, scaling, out=aug_B[:, :r])
-            aug_B[:, r].copy_(bias)
-        self.shape_key, self.value_key = shape_key, value_key
-        return self.factors
-
-
 class _GroupedLoraLinear(torch.autograd.Function):
     """y = x @ W_e + b_e + scaling * (x @ A_e) @ B_e on expert-sorted rows; W, b frozen.
 
@@ -272,14 +240,10 @@ class _GroupedLoraLinear(torch.autograd.Function):
     keep every layer's dense experts: build_model sets it only with checkpointing."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, bias, offs, expert_of_row, empty_groups, scaling, fmt, storage, keep_dense=False,
-                kept_factors: _AugmentedFactors | None = None):
+    def forward(ctx, x, lora_A, lora_B, bias, offs, expert_of_row, empty_groups, scaling, fmt, storage, keep_dense=False):
         weight = dense_expert_weight(fmt, storage, x.dtype)
         y = grouped_mm(x, weight, offs)
-        if kept_factors is not None:
-            aug_A, aug_B, r = kept_factors.get(lora_A, lora_B, bias.to(x.dtype), scaling, x.shape[-1])
-        else:
-            aug_A, aug_B, r = _bias_augmented_lora(lora_A, lora_B, bias.to(x.dtype), scaling, x.shape[-1])
+        aug_A, aug_B, r = _bias_augmented_lora(lora_A, lora_B, bias.to(x.dtype), scaling, x.shape[-1])
         xa = grouped_mm(x, aug_A, offs)  # [S, p]; columns past r are zero
         xa[:, r] = 1
         # the backward reads the factors as the forward used them: aug_A[..., :r] = A, aug_B[:, :r] = scaling * B in
@@ -316,7 +280,7 @@ class _GroupedLoraLinear(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 grad_B = per_expert_transposed_product(grad_y, xa[:, :r], offs, empty_groups, ctx.scaling,
                                                        transposed=True, out_dtype=ctx.lora_dtype)
-        return grad_x, grad_A, grad_B, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_A, grad_B, None, None, None, None, None, None, None, None
 
 
 def _fused(t: torch.Tensor) -> bool:
@@ -645,7 +609,6 @@ class GroupedExperts(nn.Module):
         self.lora_r, self.lora_scaling = 0, 0.0
         self.tile_tokens = 0  # > 0: sequences longer than this run in token tiles (_TokenTiledExperts)
         self.keep_dense_for_backward = False  # with checkpointing: one dequantisation fewer (_GroupedLoraLinear)
-        self._kept_factors: dict[str, _AugmentedFactors] = {}  # PERSISTENT_LORA_FACTORS' per-projection cache
 
     @property
     def dtype(self) -> torch.dtype:
@@ -752,10 +715,9 @@ class GroupedExperts(nn.Module):
         else:  # dequantised once by the caller and shared by its token tiles
             fmt, storage = "bf16", (dense[proj],)
         bias = getattr(self, f"{proj}_bias").detach()
-        kept = self._kept_factors.setdefault(proj, _AugmentedFactors()) if PERSISTENT_LORA_FACTORS else None
         return _GroupedLoraLinear.apply(
             x, lora_A, lora_B, bias, rows.offs, rows.expert_of_row, rows.empty_groups, self.lora_scaling, fmt, storage,
-            self.keep_dense_for_backward, kept,
+            self.keep_dense_for_backward,
         )
 
     def dense_weights(self) -> dict:

@@ -343,6 +343,8 @@ def stage_data(stage_cfg: CoreAgentConfig, tokenizer, train_convs=None, val_conv
 class CoreAgentTrainer(SFTTrainer):
     """SFTTrainer whose evaluation adds the format metrics of completions sampled on held-out prompts."""
 
+    stage_name = "core_agent"
+
     def __init__(self, *args, tokenizer, prompts: Sequence[EvalPrompt], stage_cfg: CoreAgentConfig, **kwargs):
         super().__init__(*args, **kwargs)
         self.tokenizer, self.prompts, self.stage_cfg = tokenizer, list(prompts), stage_cfg

@@ -1,23 +1,27 @@
-"""A training step -- forward, backward, optimizer step -- captured once as a CUDA graph and replayed.
+"""A training step -- forward, backward, clipping, optimizer step -- captured once as a CUDA graph and replayed.
 
 Why: at 4K tokens on the H100 the GPU work of a GPT-OSS-20B LoRA step is ~172 ms, but the host needs 140-290
 ms to issue its few thousand kernels one by one (bench/RESULTS.md, session 5), so the GPU waits on Python.
-A replayed graph issues all of them in one call: 4.96x transformers + PEFT at 4K against 4.5x eager (run 12,
-measured with this module's first form, which took one batch layout and the loss's valid rows; replay(batch)
-on new layouts is tested on a GPU by tests/test_graphed_step.py, not yet run).
-torch does the capture (`torch.cuda.graph`); this module is the plumbing a training step needs for it:
+A replayed graph issues all of them in one call: 4.96x transformers + PEFT at 4K against 4.5x eager (run 12).
+torch does the capture (`torch.cuda.graph`); this module is the plumbing a training step needs for it, used by
+bench/train_step.py (`--cuda-graph`) and by the SFT loop (`train.cuda_graph`, train/sft.py):
 
 - nothing in the step may wait for the host: the loss takes every token as a row (ignored ones weighted 0,
-  so no `nonzero` over the labels) and the attention masks are built outside the graph;
+  so no `nonzero` over the labels), the label count that normalises it is summed on the GPU, the attention
+  masks are built outside the graph, and gradient clipping uses torch's sync-free foreach norm;
+- the step's micro-batches (gradient accumulation) are all inside the one graph;
 - warm-up steps on a side stream first (torch's rule), which also compile flex attention and autotune the
-  Triton kernels -- nothing may compile or autotune during capture;
+  Triton kernels -- nothing may compile or autotune during capture. The warm-up steps are real optimizer
+  steps, so the trainable weights and the optimizer state are put back afterwards: training is the same as
+  without the graph;
 - autocast without its weight-cast cache (a cache entry made during capture would be freed after it);
-- the optimizer must be capturable (`torch.optim.AdamW(..., fused=True, capturable=True)`); gradients are set to
-  None before capture so the backward allocates them in the graph's pool and each replay overwrites them.
+- the optimizer must be capturable (`torch.optim.AdamW(..., fused=True, capturable=True)`), with the learning
+  rate as a GPU tensor where it changes between steps (filled before each replay); gradients are set to None
+  before capture so the backward allocates them in the graph's pool and each replay overwrites them.
 
-`replay(batch)` runs one step on any batch of the captured shape: it copies the token ids, positions, labels
-and document ids into the captured inputs, builds the batch's attention masks (as an eager step would) and
-copies their tensors into the captured masks, whose kernels read them by address. `replay()` reruns the
+`replay(batches)` runs one step on micro-batches of the captured shape: it copies the token ids, positions,
+labels and document ids into the captured inputs, builds the batches' attention masks (as an eager step would)
+and copies their tensors into the captured masks, whose kernels read them by address. `replay()` reruns the
 inputs as they are (benchmarks). Labels must lie in [0, vocab) or be -100: the eager path's range check
 needs the host, so the graph does not make it.
 """
@@ -32,34 +36,63 @@ INPUT_KEYS = ("input_ids", "position_ids", "labels", "doc_ids")
 
 
 class GraphedTrainStep:
-    """`step = GraphedTrainStep(model, optimizer, batch)`; then `loss = step.replay(batch)` per step (a tensor)."""
+    """`step = GraphedTrainStep(model, optimizer, batches)`; then `loss = step.replay(batches)` per step.
 
-    def __init__(self, model, optimizer, batch: dict, *, warmup_steps: int = 2, autocast_dtype=torch.bfloat16):
-        if not torch.cuda.is_available() or batch["input_ids"].device.type != "cuda":
+    batches: one batch or the step's list of micro-batches (gradient accumulation), each a dict of [B, T]
+    tensors on the GPU. The loss is the eager SFT loop's (train/sft.py): the cross-entropy summed over every
+    micro-batch divided by the step's label tokens, plus router_aux_loss_coef x the mean aux loss. After a
+    replay `ce_sum`, `aux_loss`, `n_tokens`, `grad_norm` (before clipping; None without max_grad_norm) and,
+    with keep_router_logits, `router_logits` (per micro-batch {layer: [N, E]}) hold that step's values until
+    the next replay overwrites them."""
+
+    def __init__(self, model, optimizer, batches: dict | list[dict], *, max_grad_norm: float | None = None,
+                 keep_router_logits: bool = False, warmup_steps: int = 2, autocast_dtype=torch.bfloat16):
+        batches = [batches] if isinstance(batches, dict) else list(batches)
+        if not torch.cuda.is_available() or any(b["input_ids"].device.type != "cuda" for b in batches):
             raise ValueError("GraphedTrainStep: CUDA graphs need the model and the batch on a CUDA device")
         if not all(group.get("capturable", False) for group in optimizer.param_groups):
             raise ValueError("GraphedTrainStep: the optimizer must be created with capturable=True")
         self.model, self.optimizer, self.autocast_dtype = model, optimizer, autocast_dtype
-        self.inputs = {k: batch[k].clone() for k in INPUT_KEYS}  # the graph reads these tensors
-        self.inputs["masks"] = model.attention_masks(self.inputs["doc_ids"])  # its mask_mod reads that tensor
-        self.inputs["rows"] = torch.arange(batch["labels"].numel(), device=batch["labels"].device)
+        self.max_grad_norm, self.keep_router_logits = max_grad_norm, keep_router_logits
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.inputs = [self._captured_inputs(b) for b in batches]  # the graph reads these tensors
+        saved = _training_state(self.params, optimizer)
         self._warm_up(warmup_steps)
+        _restore_training_state(self.params, optimizer, saved)
         self.graph = torch.cuda.CUDAGraph()
         optimizer.zero_grad(set_to_none=True)
         with torch.cuda.graph(self.graph):
-            self.loss = self._step()
+            self.loss, self.ce_sum, self.aux_loss, self.n_tokens, self.grad_norm, self.router_logits = self._step()
+
+    def _captured_inputs(self, batch: dict) -> dict:
+        inputs = {k: batch[k].clone() for k in INPUT_KEYS}
+        inputs["masks"] = self.model.attention_masks(inputs["doc_ids"])  # its mask_mod reads that tensor
+        inputs["rows"] = torch.arange(batch["labels"].numel(), device=batch["labels"].device)
+        return inputs
 
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
 
-    def _step(self) -> torch.Tensor:
-        with self._autocast():
-            out = self.model(**self.inputs)
-        out.loss.backward()
+    def _step(self):
+        pieces, coef = len(self.inputs), self.model.config.router_aux_loss_coef
+        n_tokens = torch.stack([(inp["labels"] != -100).sum() for inp in self.inputs]).sum()
+        scale = 1.0 / n_tokens.clamp(min=1)
+        ce_sum, aux_loss, kept = 0.0, 0.0, []
+        for inputs in self.inputs:
+            with self._autocast():
+                out = self.model(**inputs)
+            if self.keep_router_logits:  # a copy: the next micro-batch reuses the forward's memory
+                kept.append({layer: t.detach().clone() for layer, t in self.model.router_logits.items()})
+            (out.ce_sum * scale + coef * out.aux_loss / pieces).backward()
+            ce_sum = ce_sum + out.ce_sum.detach()
+            aux_loss = aux_loss + out.aux_loss.detach() / pieces
+        grad_norm = None
+        if self.max_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
-        return out.loss.detach()
+        return ce_sum * scale + coef * aux_loss, ce_sum, aux_loss, n_tokens, grad_norm, kept
 
     def _warm_up(self, steps: int) -> None:
         side = torch.cuda.Stream()
@@ -72,23 +105,50 @@ class GraphedTrainStep:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the eager steps' cached blocks go back for the graph's private pool
 
-    def replay(self, batch: dict | None = None) -> torch.Tensor:
-        """One training step on `batch` (the captured shape, any documents and labels), or on the inputs as
-        they are. Returns the step's loss, a tensor the next replay overwrites."""
-        if batch is not None:
-            self._copy_in(batch)
+    def replay(self, batches: dict | list[dict] | None = None) -> torch.Tensor:
+        """One training step on `batches` (the captured shapes, any documents and labels), or on the inputs
+        as they are. Returns the step's loss, a tensor the next replay overwrites."""
+        if batches is not None:
+            batches = [batches] if isinstance(batches, dict) else list(batches)
+            if len(batches) != len(self.inputs):
+                raise ValueError(f"GraphedTrainStep: {len(batches)} micro-batches, the captured step has "
+                                 f"{len(self.inputs)}: capture a step for that count")
+            for captured, batch in zip(self.inputs, batches):
+                self._copy_in(captured, batch)
         self.graph.replay()
         return self.loss
 
-    def _copy_in(self, batch: dict) -> None:
+    def _copy_in(self, captured: dict, batch: dict) -> None:
         for key in INPUT_KEYS:
-            if batch[key].shape != self.inputs[key].shape:
+            if batch[key].shape != captured[key].shape:
                 raise ValueError(f"GraphedTrainStep: batch[{key!r}] has shape {tuple(batch[key].shape)}, the "
-                                 f"captured one {tuple(self.inputs[key].shape)}: capture a step for that shape")
-            self.inputs[key].copy_(batch[key])
-        fresh = self.model.attention_masks(self.inputs["doc_ids"])
-        for layer_type, captured in self.inputs["masks"].items():
-            _copy_mask(captured, fresh[layer_type], layer_type)
+                                 f"captured one {tuple(captured[key].shape)}: capture a step for that shape")
+            captured[key].copy_(batch[key], non_blocking=True)
+        fresh = self.model.attention_masks(captured["doc_ids"])
+        for layer_type, mask in captured["masks"].items():
+            _copy_mask(mask, fresh[layer_type], layer_type)
+
+
+def _training_state(params: list[torch.Tensor], optimizer) -> tuple[list[torch.Tensor], list[dict]]:
+    """Copies of the trainable weights and their optimizer state (empty where the optimizer has none yet)."""
+    with torch.no_grad():
+        weights = [p.detach().clone() for p in params]
+        state = [{k: v.clone() for k, v in optimizer.state.get(p, {}).items() if torch.is_tensor(v)} for p in params]
+    return weights, state
+
+
+def _restore_training_state(params: list[torch.Tensor], optimizer, saved) -> None:
+    """Puts back what _training_state copied, in place (the graph will read these tensors by address); state the
+    warm-up created is zeroed, which is AdamW's fresh state (step 0, zero moments)."""
+    weights, state = saved
+    with torch.no_grad():
+        for p, w, before in zip(params, weights, state):
+            p.copy_(w)
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and key in before:
+                    value.copy_(before[key])
+                elif torch.is_tensor(value):
+                    value.zero_()
 
 
 def _copy_mask(captured, fresh, name: str) -> None:

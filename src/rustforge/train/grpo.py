@@ -319,6 +319,9 @@ class Round:
 class GrpoTrainer(SFTTrainer):
     """SFTTrainer's loop (checkpoints, exact resume, curriculum, expert monitor, logging) with GRPO steps."""
 
+    stage_name = "grpo"
+    graphable = False  # its own train_step (not SFT's)
+
     def __init__(self, *args, grpo_cfg: GrpoConfig, rollout_cfg: RolloutConfig, environment, tokenizer,
                  val_prompts: Sequence[Prompt], model_dir: str | None = None, **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)

@@ -206,6 +206,9 @@ def stage_data(cfg: IpoConfig, tokenizer, train_pairs=None, val_pairs=None) -> I
 class IpoTrainer(SFTTrainer):
     """SFTTrainer's loop (checkpoints, resume, curriculum, expert monitor) with the IPO objective."""
 
+    stage_name = "ipo"
+    graphable = False  # its own train_step (not SFT's)
+
     def __init__(self, *args, ipo_cfg: IpoConfig, **kwargs):
         super().__init__(*args, **kwargs)
         self.ipo = ipo_cfg

@@ -132,6 +132,9 @@ class QatTrainer(SFTTrainer):
     as is: the float32 expert masters (or the expert LoRA) are sharded parameters of the decoder layers,
     whole inside each layer's forward where QatExperts fake-quantises them."""
 
+    stage_name = "qat"
+    graphable = False  # the fake-quantised step is not graphed (untested)
+
     def _write_weights(self, directory: Path, full: dict[str, torch.Tensor] | None) -> None:
         directory.mkdir(parents=True)
         hf_names = {n.removeprefix("hf."): t.contiguous() for n, t in full.items()} if full else None

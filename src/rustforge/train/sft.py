@@ -93,6 +93,9 @@ def phase_of(step: int, cfg: TrainConfig) -> int:
 
 
 class SFTTrainer:
+    stage_name = "lang_rust"  # the config section of the stage (error messages)
+    graphable = True  # its step is SFT's train_step, so train.cuda_graph applies (ipo, grpo, qat: False)
+
     def __init__(
         self,
         model: RustforgeModel,
@@ -116,9 +119,15 @@ class SFTTrainer:
         # one fused kernel on a single GPU (the unfused loop measured 5.6 ms of a 274 ms 4K step on the
         # 20B shape); the plain loop elsewhere (CPU, FSDP2's DTensors)
         fused = device.type == "cuda" and not self.dist.enabled
+        if cfg.cuda_graph:
+            self._check_graphable(model)
+        # a captured optimizer step reads the learning rate from a GPU tensor, filled before each replay
+        lr = torch.tensor(cfg.lr, device=device) if cfg.cuda_graph else cfg.lr
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, foreach=False, fused=fused
+            self.params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, foreach=False, fused=fused,
+            capturable=cfg.cuda_graph,
         )
+        self.graphed = None  # (micro-batch shapes, GraphedTrainStep) while train.cuda_graph is on
         self.total_steps = sum(p.steps for p in cfg.phases)
         self.step = 0
         self.phase = -1
@@ -128,6 +137,21 @@ class SFTTrainer:
         if monitor_cfg is not None and monitor_cfg.every_steps > 0:
             history = self.stage_dir / "logs" / HISTORY_FILE
             self.monitor = ExpertMonitor.for_model(model.config, monitor_cfg, history)
+
+    def _check_graphable(self, model: RustforgeModel) -> None:
+        problems = []
+        if not self.graphable:
+            problems.append(f"the {self.stage_name} stage's step is not graphed (only lang_rust and core_agent)")
+        if self.device.type != "cuda":
+            problems.append("it needs a CUDA device")
+        if self.dist.enabled:
+            problems.append("it runs in one process only (not under torchrun)")
+        if model.cfg.gradient_checkpointing:
+            problems.append("model.gradient_checkpointing is on")
+        if model.cfg.offload_activations:
+            problems.append("model.offload_activations is on")
+        if problems:
+            raise ValueError(f"{self.stage_name}.cuda_graph: " + "; ".join(problems))
 
     # ------------------------------------------------------------------ state
     def _trainer_state(self, optimizer_state: dict) -> dict:
@@ -258,6 +282,8 @@ class SFTTrainer:
             self.source = self.data.train(phase, self.cfg.phases[phase].seq_len)
 
     def train_step(self) -> dict[str, float]:
+        if self.cfg.cuda_graph:
+            return self.graphed_train_step()
         t0, lr, batches = self.begin_step()
         n_total = self.step_label_tokens  # over the global step: every rank's micro-batches
         pieces = len(batches) * self.dist.world_size  # micro-batches (or row slices of them) in the global step
@@ -276,22 +302,57 @@ class SFTTrainer:
         ce_total, aux_total = self.dist.all_reduce_sum([ce_total, aux_total])
         return self.finish_step(batches, t0, lr, {"loss": ce_total / max(n_total, 1), "aux_loss": aux_total})
 
+    def graphed_train_step(self) -> dict[str, float]:
+        """train_step as one CUDA graph replay (train/graphed_step.py): the same loss, clipping and update."""
+        t0, lr, batches = self.begin_step()
+        step = self._graphed_step_for(batches)
+        step.replay(batches)
+        if self.monitor:
+            for router_logits, batch in zip(step.router_logits, batches):
+                self.monitor.update(router_logits, batch["doc_ids"] >= 0)
+        metrics = {"loss": float(step.ce_sum) / max(self.step_label_tokens, 1), "aux_loss": float(step.aux_loss)}
+        return self.finish_step(batches, t0, lr, metrics, grad_norm=float(step.grad_norm))
+
+    def _graphed_step_for(self, batches: list[Batch]):
+        """The captured step for these micro-batch shapes: captured anew when they change (a curriculum phase),
+        after the previous graph's memory is given back."""
+        from rustforge.train.graphed_step import GraphedTrainStep
+
+        shapes = tuple(tuple(b["input_ids"].shape) for b in batches)
+        if self.graphed is None or self.graphed[0] != shapes:
+            self.graphed = None
+            self.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            for group in self.optimizer.param_groups:  # a resumed optimizer state may hold it as a float
+                if not (torch.is_tensor(group["lr"]) and group["lr"].device.type == "cuda"):
+                    group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+            step = GraphedTrainStep(self.model, self.optimizer, batches, max_grad_norm=self.cfg.max_grad_norm,
+                                    keep_router_logits=self.monitor is not None)
+            self.graphed = (shapes, step)
+        return self.graphed[1]
+
     def begin_step(self) -> tuple[float, float, list[Batch]]:
         """Train mode, this step's learning rate set, and its grad_accum micro-batches on the device."""
         self.model.train()
         t0 = time.perf_counter()
         lr = lr_at(self.step, self.total_steps, self.cfg)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)  # in place: a captured optimizer step reads it by address
+            else:
+                group["lr"] = lr
         # every rank draws the whole global step in the same order and keeps its slice (train/distributed.py)
         step_batches = [self.source.next_batch() for _ in range(self.cfg.grad_accum)]
         self.step_batches = step_batches  # the global step (every rank's slices), for counts over all of it
         self.step_label_tokens = sum(int((b["labels"] != -100).sum()) for b in step_batches)
         return t0, lr, [self._to_device(b) for b in self.dist.shard_micro_batches(step_batches)]
 
-    def finish_step(self, batches: list[Batch], t0: float, lr: float, metrics: dict[str, float]) -> dict[str, float]:
-        """Clip, step the optimizer, and add the bookkeeping every stage logs to the stage's own metrics."""
-        grad_norm = self.clip_and_step()
+    def finish_step(self, batches: list[Batch], t0: float, lr: float, metrics: dict[str, float],
+                    grad_norm: float | None = None) -> dict[str, float]:
+        """Clip and step the optimizer (unless a graphed step did, giving grad_norm), and add the bookkeeping
+        every stage logs to the stage's own metrics."""
+        if grad_norm is None:
+            grad_norm = self.clip_and_step()
         elapsed = time.perf_counter() - t0
         tokens = sum(b["labels"].numel() for b in batches) * self.dist.world_size  # ranks hold equal slices
         return {
