@@ -118,9 +118,10 @@ def set_fused_kernels(on: bool) -> None:
     """The module switches of session 4's fused paths (their torch paths are the references): the Triton
     SwiGLU / routing-sum / RMSNorm / softmax kernels and the LoRA projection autograd (which also turns
     off PackedFlexAttention's fused q/k/v; RoPE then runs outside the compiled flex function)."""
-    from rustforge.model import lora, loss, moe, triton_rmsnorm
+    from rustforge.model import gptoss, lora, loss, moe, triton_rmsnorm
 
     moe.FUSED_KERNELS = loss.FUSED_SOFTMAX = triton_rmsnorm.FUSED_NORMS = lora.FUSED_PROJECTIONS = on
+    gptoss.FUSED_RESIDUAL_STREAM = on
 
 
 def use_session4_paths() -> None:
@@ -211,6 +212,11 @@ def run_case(args) -> None:
 
         moe.TRITON_DEQUANT = False
         record["dequant"] = "torch"
+    if args.transformers_layer_loop:
+        from rustforge.model import gptoss
+
+        gptoss.FUSED_RESIDUAL_STREAM = False
+        record["layer_loop"] = "transformers"
     if args.flex_options is not None:
         from rustforge.model import attention
 
@@ -624,6 +630,14 @@ PLANS = {
         "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 2 --iters 6 --cuda-graph",
     ],
     # session 6: where the step's small kernels go (the shapes of the copies and adds; run 14's profile)
+    # the residual adds fused with the norms (RustforgeModel.decoder_stack) against transformers' layer loop
+    "s6_ab3": [
+        "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 3",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --transformers-layer-loop",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6",
+        "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 2 --iters 6 --cuda-graph",
+    ],
     "s6_profile": [
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 2 --profile-seq 4096",
     ],
@@ -714,6 +728,8 @@ def main() -> None:
     p.add_argument("--torch-dequant", action="store_true", help="dequantise experts with the torch reference")
     p.add_argument("--session4-paths", action="store_true", help="session 5's changes off (use_session4_paths)")
     p.add_argument("--flex-options", default=None, help="JSON for attention.FLEX_KERNEL_OPTIONS (kernel options)")
+    p.add_argument("--transformers-layer-loop", action="store_true",
+                   help="ours: transformers' decoder loop (residual adds apart from the norms), for an A/B")
     p.add_argument("--cuda-graph", action="store_true", help="ours: the step as one CUDA graph (GraphedTrainStep)")
     p.add_argument("--gc-freeze", action="store_true", help="gc.collect(); gc.freeze() after the warmup steps")
     p.add_argument("--unfused", action="store_true",

@@ -115,3 +115,46 @@ def test_load_balancing_loss_equals_transformers():
     g_ref = torch.autograd.grad(ref, logits)
     for a, b in zip(g_ours, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+
+
+def test_own_layer_loop_equals_transformers_loop(monkeypatch):
+    """RustforgeModel.decoder_stack (each residual add fused with the next norm where the kernels run; on a CPU
+    the same adds and norms) against transformers' GptOssModel.forward: the same loss, router logits and LoRA
+    gradients, packed documents and the router aux loss on; with checkpointing the model keeps transformers'
+    loop (its per-layer checkpoint wraps the layer call)."""
+    from rustforge.model import gptoss
+
+    calls = []
+    real_stack = gptoss.RustforgeModel.decoder_stack
+    monkeypatch.setattr(gptoss.RustforgeModel, "decoder_stack",
+                        lambda self, *a: calls.append(1) or real_stack(self, *a))  # fmt: skip
+    results = []
+    for own in (True, False):
+        monkeypatch.setattr(gptoss, "FUSED_RESIDUAL_STREAM", own)
+        model = build_model(ModelConfig(preset="tiny", attention="eager", router_aux_loss_coef=0.01),
+                            LoraConfig(r=4, alpha=8), vocab_size=256)  # fmt: skip
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # nonzero B factors: every LoRA gradient is exercised
+            for name, p in model.named_parameters():
+                if name.endswith("_B") or "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        ids = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(0))
+        doc_ids = (torch.arange(96) >= 50).long()[None]
+        positions = torch.cat([torch.arange(50), torch.arange(46)])[None]
+        out = model(ids, positions, doc_ids, torch.roll(ids, -1, 1))
+        out.loss.backward()
+        logits = {layer: t.detach().clone() for layer, t in model.router_logits.items()}
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((out.loss.detach(), logits, grads))
+    assert len(calls) == 1  # the first model took our loop, the second transformers'
+    (loss0, logits0, grads0), (loss1, logits1, grads1) = results
+    torch.testing.assert_close(loss0, loss1, rtol=0, atol=0)
+    assert logits0.keys() == logits1.keys()
+    for layer in logits0:
+        torch.testing.assert_close(logits0[layer], logits1[layer], rtol=0, atol=0)
+    for name, g in grads1.items():
+        torch.testing.assert_close(grads0[name], g, rtol=1e-6, atol=1e-7 * g.abs().max().item(), msg=name)
+    monkeypatch.setattr(gptoss, "FUSED_RESIDUAL_STREAM", True)
+    checkpointed = build_model(ModelConfig(preset="tiny", attention="eager", gradient_checkpointing=True),
+                               LoraConfig(r=4, alpha=8), vocab_size=256)  # fmt: skip
+    assert not checkpointed.own_layer_loop

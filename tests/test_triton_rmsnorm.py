@@ -1,4 +1,5 @@
-"""FusedRMSNorm (model/triton_rmsnorm.py) against transformers' GptOssRMSNorm, forward and input gradient.
+"""FusedRMSNorm and add_rmsnorm (model/triton_rmsnorm.py) against transformers' GptOssRMSNorm (after torch's add),
+forward and input gradients.
 
 - CPU: the swap keeps the parameter object and names; CPU tensors and trainable weights run
   transformers' forward (identical results).
@@ -47,6 +48,45 @@ def check_rmsnorm(rows: int, hidden: int, dtype, device, tol: float) -> dict:
     return {"ok": ok, **errs}
 
 
+def check_add_rmsnorm(rows: int, hidden: int, dtype, device, tol: float) -> dict:
+    """add_rmsnorm's (h, norm(h)) and the gradients of residual and delta (= h's gradient + the norm's), against
+    float64: with both outputs' gradients, and with the norm's alone (h unused downstream)."""
+    g = torch.Generator().manual_seed(rows * 7 + hidden)
+    reference = GptOssRMSNorm(hidden, eps=1e-5)
+    with torch.no_grad():
+        reference.weight.copy_(torch.randn(hidden, generator=g) * 0.5 + 1)
+    norm = rn.FusedRMSNorm.from_module(reference.to(device=device, dtype=dtype).requires_grad_(False))
+    residual, delta, grad_h, grad_y = ((torch.randn(1, rows, hidden, generator=g) * 2).to(device=device, dtype=dtype)
+                                       for _ in range(4))
+    errs, took_kernel = {}, True
+    for with_grad_h in (True, False):
+        r64, d64 = (t.double().requires_grad_(True) for t in (residual, delta))
+        h64 = (r64 + d64).to(dtype).double()  # the stored sum's rounding, as torch's add in `dtype` makes it
+        y64 = GptOssRMSNorm.forward(reference.double(), h64)
+        (((h64 * grad_h.double()).sum() if with_grad_h else 0) + (y64 * grad_y.double()).sum()).backward()
+        rs, ds = (t.clone().requires_grad_(True) for t in (residual, delta))
+        h, y = rn.add_rmsnorm(rs, ds, norm)
+        (((h * grad_h).sum() if with_grad_h else 0) + (y * grad_y).sum()).backward()
+        took_kernel &= type(y.grad_fn).__name__ == "_AddRMSNormFunctionBackward"
+
+        def rel(a, b):
+            return float((a.detach().double() - b.detach().double()).abs().max() / b.detach().double().abs().max())
+
+        suffix = "" if with_grad_h else "_norm_only"
+        errs.update({f"h{suffix}": rel(h, h64), f"y{suffix}": rel(y, y64), f"grad_residual{suffix}": rel(rs.grad, r64.grad),
+                     f"grad_delta{suffix}": rel(ds.grad, d64.grad)})
+    ok = took_kernel and all(e <= tol for e in errs.values())
+    return {"ok": ok, **errs}
+
+
+def test_add_rmsnorm_on_cpu_is_the_add_and_the_norm():
+    norm = rn.FusedRMSNorm.from_module(GptOssRMSNorm(8))
+    residual, delta = torch.randn(3, 8), torch.randn(3, 8)
+    h, y = rn.add_rmsnorm(residual, delta, norm)
+    torch.testing.assert_close(h, residual + delta, rtol=0, atol=0)
+    torch.testing.assert_close(y, GptOssRMSNorm.forward(norm, residual + delta), rtol=0, atol=0)
+
+
 def test_swap_keeps_parameters_and_cpu_results():
     model = torch.nn.Sequential(GptOssRMSNorm(8), torch.nn.Sequential(GptOssRMSNorm(8)))
     weights = [m.weight for m in model.modules() if isinstance(m, GptOssRMSNorm)]
@@ -78,7 +118,16 @@ def test_gpu_bf16(rows, hidden):
     assert result["ok"], result
 
 
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("rows,hidden", [(1, 2880), (1000, 2880), (7, 100)])
+def test_add_rmsnorm_gpu_bf16(rows, hidden):
+    result = check_add_rmsnorm(rows, hidden, torch.bfloat16, "cuda", tol=1e-2)
+    assert result["ok"], result
+
+
 if __name__ == "__main__":  # the interpreter run (TRITON_INTERPRET=1 set by the caller)
-    results = [check_rmsnorm(5, 2880, torch.float32, "cpu", tol=1e-5), check_rmsnorm(3, 100, torch.float32, "cpu", tol=1e-5)]
+    results = [check_rmsnorm(5, 2880, torch.float32, "cpu", tol=1e-5), check_rmsnorm(3, 100, torch.float32, "cpu", tol=1e-5),
+               check_add_rmsnorm(5, 2880, torch.float32, "cpu", tol=1e-5), check_add_rmsnorm(3, 100, torch.float32, "cpu", tol=1e-5)]
     print(results)
     sys.exit(0 if all(r["ok"] for r in results) else 1)

@@ -240,6 +240,7 @@ def shard_model(model: nn.Module, ctx: DistContext, reshard_after_forward: bool 
     fully_shard = _fully_shard()
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     body = model.hf.model
+    model.own_layer_loop = False  # FSDP2 unshards in hooks on the layer and body calls: transformers' loop makes them
     for layer in body.layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(body, mesh=mesh, reshard_after_forward=reshard_after_forward)
