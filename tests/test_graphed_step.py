@@ -104,7 +104,7 @@ STEPS_PER_PHASE = 3
 
 def _trainer(tmp_path, device: str, cuda_graph: bool, trainer_class=None, train_cfg=None, trainer_kwargs=None,
              **model_settings):
-    """SFTTrainer on the tiny model with a fixed synthetic packed dataset: two phases (64 then 128 tokens),
+    """SFTTrainer on the tiny model with a fixed synthetic packed dataset: two phases (128 then 256 tokens),
     two micro-batches a step, the expert monitor every 2 steps."""
     from rustforge.config import CurriculumPhase, ExpertMonitorConfig, PackingConfig, TrainConfig
     from rustforge.data.packing import PackedDataset, collate, pack_documents
@@ -112,14 +112,14 @@ def _trainer(tmp_path, device: str, cuda_graph: bool, trainer_class=None, train_
 
     vocab = 256
     gen = torch.Generator().manual_seed(1234)
-    docs = [torch.randint(1, vocab, (int(n),), generator=gen).tolist() for n in torch.randint(8, 90, (64,), generator=gen)]
+    docs = [torch.randint(1, vocab, (int(n),), generator=gen).tolist() for n in torch.randint(8, 180, (64,), generator=gen)]
     model = build_model(ModelConfig(preset="tiny", dtype="float32", loss_chunk_size=64, router_aux_loss_coef=0.01,
                                     **model_settings),
                         LoraConfig(r=4, alpha=8), vocab_size=vocab, device=device)  # fmt: skip
     cfg = train_cfg or TrainConfig(
         lr=3e-3, warmup_steps=2, batch_size=2, grad_accum=2, max_grad_norm=0.5, eval_every=2, eval_batches=2,
         save_every=2, seed=0, cuda_graph=cuda_graph,
-        phases=[CurriculumPhase(64, STEPS_PER_PHASE), CurriculumPhase(128, STEPS_PER_PHASE)],
+        phases=[CurriculumPhase(128, STEPS_PER_PHASE), CurriculumPhase(256, STEPS_PER_PHASE)],
     )  # fmt: skip
 
     def train(phase: int, n: int):
