@@ -103,7 +103,7 @@ STEPS_PER_PHASE = 3
 
 
 def _trainer(tmp_path, device: str, cuda_graph: bool, trainer_class=None, train_cfg=None, trainer_kwargs=None,
-             **model_settings):
+             dtype="auto", **model_settings):
     """SFTTrainer on the tiny model with a fixed synthetic packed dataset: two phases (128 then 256 tokens),
     two micro-batches a step, the expert monitor every 2 steps."""
     from rustforge.config import CurriculumPhase, ExpertMonitorConfig, PackingConfig, TrainConfig
@@ -113,7 +113,7 @@ def _trainer(tmp_path, device: str, cuda_graph: bool, trainer_class=None, train_
     vocab = 256
     gen = torch.Generator().manual_seed(1234)
     docs = [torch.randint(1, vocab, (int(n),), generator=gen).tolist() for n in torch.randint(8, 180, (64,), generator=gen)]
-    model = build_model(ModelConfig(preset="tiny", dtype="float32", loss_chunk_size=64, router_aux_loss_coef=0.01,
+    model = build_model(ModelConfig(preset="tiny", dtype=dtype, loss_chunk_size=64, router_aux_loss_coef=0.01,
                                     **model_settings),
                         LoraConfig(r=4, alpha=8), vocab_size=vocab, device=device)  # fmt: skip
     cfg = train_cfg or TrainConfig(
@@ -143,6 +143,8 @@ def test_the_sft_option_refuses_what_it_cannot_graph(tmp_path):
         _trainer(tmp_path, "cpu", True)
     with pytest.raises(ValueError, match=r"model\.gradient_checkpointing is on"):
         _trainer(tmp_path, "cpu", True, gradient_checkpointing=True)
+    with pytest.raises(ValueError, match=r"model\.dtype must be bfloat16"):  # auto = float32 on a CPU
+        _trainer(tmp_path, "cpu", True)
     with pytest.raises(ValueError, match=r"ipo\.cuda_graph: the ipo stage's step is not graphed"):
         _trainer(tmp_path, "cpu", True, trainer_class=IpoTrainer, train_cfg=IpoConfig(cuda_graph=True),
                  trainer_kwargs={"ipo_cfg": IpoConfig()})

@@ -150,6 +150,9 @@ class SFTTrainer:
             problems.append("model.gradient_checkpointing is on")
         if model.cfg.offload_activations:
             problems.append("model.offload_activations is on")
+        if model.hf.model.embed_tokens.weight.dtype != torch.bfloat16:  # the native grouped GEMM takes bf16 only
+            problems.append("model.dtype must be bfloat16 (in float32 the experts' GEMMs loop per expert, which waits "
+                            "for the GPU)")
         if problems:
             raise ValueError(f"{self.stage_name}.cuda_graph: " + "; ".join(problems))
 
