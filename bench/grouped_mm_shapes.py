@@ -4,7 +4,10 @@ For the 4K step's token-expert rows (4096 tokens x top-4 = 16384 rows over 32 ex
 grouped GEMM the MoE layer issues (model/moe.py) with torch's grouped_mm, in both weight layouts
 ([E, in, out] as transformers stores bf16 experts, and the transposed view of [E, out, in] that the
 dequantisers write), with and without LoRA's A factor appended to the frozen weight as extra output
-columns (`+ext`: y and x @ A from one GEMM), and the LoRA-sized GEMMs on their own (on the GPU the weight gradients also
+columns (`+ext`: y and x @ A from one GEMM), with LoRA's B factor appended to it as extra *input* rows (`+kext`:
+x @ A appended to x as `--kpad` extra columns, so that one GEMM gives x @ W + (x @ A) @ B and its backward
+g @ [W; B]^T gives the LoRA gradient g @ B^T as extra output columns -- the in-place low-rank update and the
+skinny g @ B^T GEMM it would remove are timed too, `lora update ...`), and the LoRA-sized GEMMs on their own (on the GPU the weight gradients also
 with model/triton_expert_lora.py's kernel, the `... triton` cases). Group sizes come from
 a balanced and a skewed routing. Prints and appends one JSON line per case: ms and TFLOP/s.
 
@@ -23,6 +26,7 @@ from records import emit
 from rustforge.model.moe import grouped_mm
 from rustforge.model.triton_dequant import triton_kernels_available
 from rustforge.model.triton_expert_lora import expert_transposed_product
+from rustforge.model.triton_moe_train import low_rank_update_
 
 
 def group_offsets(rows: int, experts: int, skew: float, device) -> torch.Tensor:
@@ -84,6 +88,28 @@ def cases(args, device, dtype):
                        lambda: grouped_mm(g_up_ext, w_up.transpose(1, 2), offs))
                 yield (dict(tag, case=f"down_bwd {name}", flops=2 * S * (I2 // 2) * (H + ext)),
                        lambda: grouped_mm(g_down_ext, w_down.transpose(1, 2), offs))
+        kp = args.kpad  # session 6's proposal: K padded to a multiple of 64 (2880 + 64 = 2944 = 23 x 128)
+        for layout in ("in_out", "out_in"):
+            w_up = weight(E, H + kp, I2, layout, device, dtype)
+            w_down = weight(E, I2 // 2 + kp, H, layout, device, dtype)
+            x_k, h_k = torch.randn(S, H + kp, device=device, dtype=dtype), torch.randn(S, I2 // 2 + kp, device=device, dtype=dtype)
+            name = f"{layout}+kext"
+            yield dict(tag, case=f"gate_up_fwd {name}", flops=2 * S * (H + kp) * I2), lambda: grouped_mm(x_k, w_up, offs)
+            yield dict(tag, case=f"down_fwd {name}", flops=2 * S * (I2 // 2 + kp) * H), lambda: grouped_mm(h_k, w_down, offs)
+            yield (dict(tag, case=f"gate_up_bwd {name}", flops=2 * S * (H + kp) * I2),
+                   lambda: grouped_mm(g_up, w_up.transpose(1, 2), offs))
+            yield (dict(tag, case=f"down_bwd {name}", flops=2 * S * (I2 // 2 + kp) * H),
+                   lambda: grouped_mm(g_down, w_down.transpose(1, 2), offs))
+        if triton_kernels_available(x):  # what +kext would remove: the in-place updates of y (forward)
+            expert_of_row = torch.repeat_interleave(torch.arange(E, device=device, dtype=torch.int32),
+                                                    torch.diff(offs, prepend=offs.new_zeros(1)).long())
+            u = torch.randn(S, r, device=device, dtype=dtype)
+            y_up, y_down = torch.randn(S, I2, device=device, dtype=dtype), torch.randn(S, H, device=device, dtype=dtype)
+            b_up_r, b_down_r = (torch.randn(E, r, n, device=device, dtype=dtype) * 0.01 for n in (I2, H))
+            yield (dict(tag, case="lora update y += u @ B (gate_up)", flops=2 * S * r * I2),
+                   lambda: low_rank_update_(y_up, u, b_up_r, expert_of_row))
+            yield (dict(tag, case="lora update y += u @ B (down)", flops=2 * S * r * H),
+                   lambda: low_rank_update_(y_down, u, b_down_r, expert_of_row))
         a_up = torch.randn(E, H, r, device=device, dtype=dtype)
         b_up = torch.randn(E, r, I2, device=device, dtype=dtype)
         xa = torch.randn(S, r, device=device, dtype=dtype)
@@ -105,6 +131,7 @@ def main() -> None:
     p.add_argument("--inter", type=int, default=2880)
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--pad-rank", type=int, default=24, help="LoRA rank + bias column, padded (moe._padded_rank(16))")
+    p.add_argument("--kpad", type=int, default=64, help="extra input rows/columns of the +kext cases")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default="grouped_mm.jsonl")

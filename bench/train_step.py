@@ -212,11 +212,6 @@ def run_case(args) -> None:
 
         moe.TRITON_DEQUANT = False
         record["dequant"] = "torch"
-    if args.qkv_heads_first:
-        from rustforge.model import attention
-
-        attention.QKV_ROWS_INTO_FLEX = False
-        record["qkv_into_flex"] = "heads_first"
     if args.transformers_layer_loop:
         from rustforge.model import gptoss
 
@@ -643,12 +638,12 @@ PLANS = {
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6",
         "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 2 --iters 6 --cuda-graph",
     ],
-    # the session's last call: q/k/v in the projections' layout into flex against session 5's [B, H, T, D] views
+    # the 4K comparison as it stands (session 6): baseline, ours graphed in bf16 and MXFP4, eager bf16
     "s6_final": [
         "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 3",
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph",
-        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --qkv-heads-first",
         "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 2 --iters 6 --cuda-graph",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6",
     ],
     "s6_profile": [
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 2 --profile-seq 4096",
@@ -740,8 +735,6 @@ def main() -> None:
     p.add_argument("--torch-dequant", action="store_true", help="dequantise experts with the torch reference")
     p.add_argument("--session4-paths", action="store_true", help="session 5's changes off (use_session4_paths)")
     p.add_argument("--flex-options", default=None, help="JSON for attention.FLEX_KERNEL_OPTIONS (kernel options)")
-    p.add_argument("--qkv-heads-first", action="store_true",
-                   help="ours: q/k/v enter the compiled attention as [B, H, T, D] views (session 5), for an A/B")
     p.add_argument("--transformers-layer-loop", action="store_true",
                    help="ours: transformers' decoder loop (residual adds apart from the norms), for an A/B")
     p.add_argument("--cuda-graph", action="store_true", help="ours: the step as one CUDA graph (GraphedTrainStep)")
