@@ -212,6 +212,11 @@ def run_case(args) -> None:
 
         moe.TRITON_DEQUANT = False
         record["dequant"] = "torch"
+    if args.lora_in_gemm_k:
+        from rustforge.model import moe
+
+        moe.LORA_IN_GEMM_K = True
+        record["lora_in_gemm_k"] = True
     if args.transformers_layer_loop:
         from rustforge.model import gptoss
 
@@ -645,6 +650,13 @@ PLANS = {
         "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 2 --iters 6 --cuda-graph",
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 6",
     ],
+    # for session 7: moe.LORA_IN_GEMM_K against the default expert LoRA path, graphed, beside the baseline
+    "s7_lora_k": [
+        "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 3",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --lora-in-gemm-k",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph",
+    ],
     "s6_profile": [
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 2 --profile-seq 4096",
     ],
@@ -735,6 +747,8 @@ def main() -> None:
     p.add_argument("--torch-dequant", action="store_true", help="dequantise experts with the torch reference")
     p.add_argument("--session4-paths", action="store_true", help="session 5's changes off (use_session4_paths)")
     p.add_argument("--flex-options", default=None, help="JSON for attention.FLEX_KERNEL_OPTIONS (kernel options)")
+    p.add_argument("--lora-in-gemm-k", action="store_true",
+                   help="ours: moe.LORA_IN_GEMM_K on (bf16 experts: LoRA inside the frozen GEMM as extra K; experiment)")
     p.add_argument("--transformers-layer-loop", action="store_true",
                    help="ours: transformers' decoder loop (residual adds apart from the norms), for an A/B")
     p.add_argument("--cuda-graph", action="store_true", help="ours: the step as one CUDA graph (GraphedTrainStep)")

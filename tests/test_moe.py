@@ -487,3 +487,41 @@ def test_token_tiles_bound_what_the_backward_keeps():
             assert rows >= n * TOP_K * 2 * I  # the untiled path saves gate_up rows for all tokens
         else:
             assert rows <= limit, f"tiled path saved a tensor of {rows} elements"
+
+
+def test_lora_in_gemm_k_equals_the_default_path(monkeypatch):
+    """moe.LORA_IN_GEMM_K (the LoRA term and the bias inside the frozen grouped GEMM as extra K): the outputs and
+    every gradient of the default path -- on a first step, after an optimizer step and a state-dict load (the
+    B rows it keeps in the weight buffer follow the factors), and with two forwards before one backward; the
+    frozen weight keeps its values and state-dict name while it lives in the wider buffer."""
+    from rustforge.model import moe
+
+    x = torch.randn(23, H, generator=torch.Generator().manual_seed(5))
+    idx, w = _routing(23)
+    g = torch.randn(23, H, generator=torch.Generator().manual_seed(6))
+    runs, modules, calls = {}, {}, []
+    real = moe._GroupedLoraLinearInK.apply
+    monkeypatch.setattr(moe._GroupedLoraLinearInK, "apply", lambda *a: calls.append(1) or real(*a))
+    for in_k in (False, True):
+        monkeypatch.setattr(moe, "LORA_IN_GEMM_K", in_k)
+        calls.clear()
+        _, grouped = _lora_pair()
+        weight_before = grouped.gate_up_proj.detach().clone()
+        opt = torch.optim.SGD([getattr(grouped, n) for n in LORA_NAMES], lr=1e-3)  # a step that keeps the scale
+        results = [_run(grouped, x, idx, w, g)]
+        opt.step()
+        results.append(_run(grouped, x, idx, w, g))
+        grouped.load_state_dict({n: getattr(grouped, n) * 1.5 for n in LORA_NAMES}, strict=False)
+        results.append(_run(grouped, x, idx, w, g))
+        for p in grouped.parameters():
+            p.grad = None
+        twice = grouped(x, idx, w) + grouped(x * 0.5, idx, w)  # two forwards, one backward
+        (twice * g).sum().backward()
+        results.append({n: getattr(grouped, n).grad.clone() for n in LORA_NAMES})
+        runs[in_k], modules[in_k] = results, grouped
+        assert len(calls) == (10 if in_k else 0)  # both projections of 5 forwards took the K path, or none did
+        torch.testing.assert_close(grouped.gate_up_proj.detach(), weight_before, rtol=0, atol=0)
+    assert not modules[True].gate_up_proj.is_contiguous()  # the first rows of the [E, H + P, 2I] buffer
+    assert modules[True].state_dict().keys() == modules[False].state_dict().keys()
+    for got, want in zip(runs[True], runs[False]):  # float32; the K path sums in another order
+        _assert_close(got, want, rtol=1e-4, atol_frac=1e-5)

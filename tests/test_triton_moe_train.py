@@ -79,20 +79,32 @@ def _counting(module, names):
 
 
 # --------------------------------------------------------------------------------- the checks
-def check_swiglu(S: int, I: int, dtype, device, tol: float) -> dict:
+def check_swiglu(S: int, I: int, dtype, device, tol: float, pad: int = 0) -> dict:
+    """pad > 0: the output written into the first I columns of an [S, I + pad] buffer and the incoming gradient
+    read from such a buffer (moe.LORA_IN_GEMM_K's wide rows); the pad columns are left alone."""
     gate_up, grad_out = _swiglu_inputs(S, I, dtype, device, seed=S + I)
     leaf = gate_up.double().requires_grad_(True)
     want = moe.swiglu_reference(leaf, ALPHA, LIMIT)
     want.backward(grad_out.double())
-    got = tk.swiglu_forward(gate_up, ALPHA, LIMIT)
-    got_grad = tk.swiglu_backward(gate_up, grad_out, ALPHA, LIMIT)
+    if pad:
+        wide = torch.full((S, I + pad), 7.0, dtype=dtype, device=device)
+        got = tk.swiglu_forward(gate_up, ALPHA, LIMIT, out=wide[:, :I])
+        grad_wide = torch.full((S, I + pad), float("nan"), dtype=dtype, device=device)
+        grad_wide[:, :I] = grad_out
+        got_grad = tk.swiglu_backward(gate_up, grad_wide[:, :I], ALPHA, LIMIT)
+        if not bool((wide[:, I:] == 7.0).all()):
+            return {"ok": False, "pad_columns": "overwritten"}
+    else:
+        got = tk.swiglu_forward(gate_up, ALPHA, LIMIT)
+        got_grad = tk.swiglu_backward(gate_up, grad_out, ALPHA, LIMIT)
     errs = {"forward": _rel_err(got, want), "grad": _rel_err(got_grad, leaf.grad)}
     ok = got.dtype == dtype and got_grad.dtype == dtype and all(e <= tol for e in errs.values())
     return {"ok": ok, **errs}
 
 
-def check_combine(n_tokens: int, top_k: int, hidden: int, dtype, device, tol: float) -> dict:
-    """combine_rows (with and without weights) and its backward against autograd of the torch expression."""
+def check_combine(n_tokens: int, top_k: int, hidden: int, dtype, device, tol: float, pad: int = 0) -> dict:
+    """combine_rows (with and without weights) and its backward against autograd of the torch expression; pad > 0:
+    combine_rows reads the rows as the first columns of a wider buffer (a row stride)."""
     indices, weights = _routing(n_tokens, top_k, 8, device, seed=n_tokens)
     rows_info = moe.sort_by_expert(indices, 8)
     assert torch.equal(rows_info.expert_of_row.long(), indices.reshape(-1)[rows_info.perm])
@@ -103,8 +115,12 @@ def check_combine(n_tokens: int, top_k: int, hidden: int, dtype, device, tol: fl
     weighted = rows64 * w64.reshape(-1)[rows_info.perm].unsqueeze(-1)
     want = weighted.index_select(0, rows_info.inverse).view(n_tokens, top_k, hidden).sum(1)
     want.backward(grad.double())
-    got = tk.combine_rows(rows, rows_info.inverse, top_k, torch.float32, weights=weights)
-    unweighted = tk.combine_rows(rows, rows_info.inverse, top_k, dtype)
+    rows_in = rows
+    if pad:
+        rows_in = torch.full((rows.shape[0], hidden + pad), float("nan"), dtype=dtype, device=device)[:, :hidden]
+        rows_in.copy_(rows)
+    got = tk.combine_rows(rows_in, rows_info.inverse, top_k, torch.float32, weights=weights)
+    unweighted = tk.combine_rows(rows_in, rows_info.inverse, top_k, dtype)
     want_unweighted = rows.double().index_select(0, rows_info.inverse).view(n_tokens, top_k, hidden).sum(1)
     grad_rows, grad_w = tk.combine_rows_backward(grad, rows, weights, rows_info.perm, top_k)
     errs = {
@@ -164,17 +180,57 @@ def check_grouped_experts(fmt: str, dtype, device, tol: float, n_tokens: int = 3
     return {"ok": took_paths and all(e <= tol for e in errs.values()), "kernel_calls": calls[True], **errs}
 
 
+def check_lora_in_gemm_k(dtype, device, tol: float, n_tokens: int = 37) -> dict:
+    """GroupedExperts (bf16 storage, LoRA on both projections, fused kernels) with moe.LORA_IN_GEMM_K == without:
+    the output and every gradient; the K path must have run (the wide rows through the fused kernels)."""
+    E, H, I = 6, 64, 96
+    g = torch.Generator().manual_seed(0)
+    module = moe.GroupedExperts.from_dense(torch.randn(E, H, 2 * I, generator=g) * 0.3, torch.randn(E, 2 * I, generator=g) * 0.5,
+                                           torch.randn(E, I, H, generator=g) * 0.1, torch.randn(E, H, generator=g) * 0.5,
+                                           fmt="bf16", alpha=ALPHA, limit=LIMIT)
+    moe.add_expert_lora(module, r=4, alpha=8, targets=moe.EXPERT_TARGETS)
+    with torch.no_grad():
+        for p in module.lora_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    module = module.to(device=device, dtype=dtype)
+    indices, weights = _routing(n_tokens, 2, module.num_experts, device, seed=5)
+    x = torch.randn(n_tokens, module.hidden_size, generator=torch.Generator().manual_seed(6)).to(device)
+    grad_out = torch.randn_like(x)
+    results, widths = {}, []
+    real = moe._GroupedLoraLinearInK.apply
+    moe._GroupedLoraLinearInK.apply = lambda *a: widths.append(a[0].shape[1]) or real(*a)
+    try:
+        for in_k in (False, True):
+            moe.LORA_IN_GEMM_K = in_k
+            xs, ws = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+            for p in module.lora_parameters():
+                p.grad = None
+            out = module(xs, indices, ws)
+            out.backward(grad_out)
+            results[in_k] = {"out": out.detach(), "x": xs.grad, "w": ws.grad,
+                             **{f"lora{i}": p.grad.clone() for i, p in enumerate(module.lora_parameters())}}
+    finally:
+        moe.LORA_IN_GEMM_K = False
+        moe._GroupedLoraLinearInK.apply = real
+    errs = {k: _rel_err(results[True][k], results[False][k]) for k in results[False]}
+    took_path = widths == [H + moe._k_pad(4), I + moe._k_pad(4)]
+    return {"ok": took_path and all(e <= tol for e in errs.values()), "widths": widths, **errs}
+
+
 def interpreter_cases():
     """(name, thunk -> result dict) pairs run on CPU under TRITON_INTERPRET=1 (small: the interpreter is numpy)."""
     f32 = torch.float32
     return [
         ("swiglu", lambda: check_swiglu(5, 700, f32, "cpu", tol=1e-5)),  # 3500 outputs: a partial last block
+        ("swiglu-wide-rows", lambda: check_swiglu(5, 700, f32, "cpu", tol=1e-5, pad=64)),
         ("combine-k4", lambda: check_combine(13, 4, 1100, f32, "cpu", tol=1e-5)),  # 2 column blocks, the 2nd partial
         ("combine-k1", lambda: check_combine(3, 1, 64, f32, "cpu", tol=1e-5)),
+        ("combine-row-stride", lambda: check_combine(13, 4, 1100, f32, "cpu", tol=1e-5, pad=64)),
         ("low-rank", lambda: check_low_rank_update(150, 200, 24, 5, f32, "cpu", tol=1e-5, transposed_b=False)),
         ("low-rank-strided", lambda: check_low_rank_update(70, 40, 16, 3, f32, "cpu", tol=1e-5, transposed_b=True)),
         ("grouped-bf16-weights", lambda: check_grouped_experts("bf16", f32, "cpu", tol=1e-5)),
         ("grouped-mxfp4", lambda: check_grouped_experts("mxfp4", f32, "cpu", tol=1e-5)),
+        ("grouped-lora-in-gemm-k", lambda: check_lora_in_gemm_k(f32, "cpu", tol=1e-5)),
     ]
 
 
@@ -227,6 +283,21 @@ def test_gpu_combine_bf16(n_tokens, top_k, hidden):
 @pytest.mark.parametrize("S,N,P,E,transposed", [(16384, 5760, 24, 32, False), (1000, 2880, 16, 32, True), (5, 7, 3, 2, False)])
 def test_gpu_low_rank_update_bf16(S, N, P, E, transposed):
     result = check_low_rank_update(S, N, P, E, torch.bfloat16, "cuda", tol=1e-2, transposed_b=transposed)
+    assert result["ok"], result
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_lora_in_gemm_k_equals_the_default_path():
+    result = check_lora_in_gemm_k(torch.bfloat16, "cuda", tol=3e-2, n_tokens=300)
+    assert result["ok"], result
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("S,I", [(333, 2880)])
+def test_gpu_swiglu_wide_rows_bf16(S, I):
+    result = check_swiglu(S, I, torch.bfloat16, "cuda", tol=1e-2, pad=64)
     assert result["ok"], result
 
 

@@ -65,6 +65,12 @@ FUSED_KERNELS = True  # SwiGLU and the routing-weighted sums as one-pass Triton 
 # with FUSED_KERNELS, the expert LoRA's weight gradients as a Triton kernel (model/triton_expert_lora.py: 56 us a
 # call against grouped_mm's ~64 plus a mask and a scale in the 4K step, H100, session 5)
 TRITON_EXPERT_LORA = True
+# bf16 experts with LoRA: the LoRA term inside the frozen grouped GEMM as extra K -- x @ A (and the bias's column of
+# ones) appended to x, the scaled B (and the bias row) to W -- instead of an in-place low-rank update of y, and the
+# backward's g @ B^T as extra output columns of g @ [W; B]^T (_GroupedLoraLinearInK). An experiment for the 4K step,
+# off until measured on the GPU (bench/grouped_mm_shapes.py's +kext cases, then bench/train_step.py
+# --lora-in-gemm-k); CPU-tested against the default path
+LORA_IN_GEMM_K = False
 DECODE_KERNELS = True  # inference with few rows reads the stored experts directly (model/triton_moe_decode.py)
 DECODE_MAX_ROWS = 256  # token-expert rows (tokens x top-k) up to which it does: decode steps up to batch 64 at k=4
 _LORA_PREFIX = {"gate_up_proj": "lora_gate_up", "down_proj": "lora_down"}
@@ -205,6 +211,12 @@ def _storage_names(fmt: str, proj: str) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------- autograd pieces
+def _k_pad(r: int) -> int:
+    """Extra K of _GroupedLoraLinearInK: the rank plus the bias column, rounded up to 64 (K = 2880 + 64 = 23 x 128
+    on the 20B shape: whole GEMM tiles)."""
+    return (r + 1 + 63) // 64 * 64
+
+
 def _padded_rank(r: int) -> int:
     # LoRA rank + one column of ones for the bias, rounded up to 8 elements (16-byte grouped_mm strides)
     return (r + 1 + 7) // 8 * 8
@@ -283,6 +295,62 @@ class _GroupedLoraLinear(torch.autograd.Function):
         return grad_x, grad_A, grad_B, None, None, None, None, None, None, None, None
 
 
+class _GroupedLoraLinearInK(torch.autograd.Function):
+    """_GroupedLoraLinear's y = x @ W_e + b_e + scaling * (x @ A_e) @ B_e as ONE grouped GEMM over K + P:
+    [x | x @ A' ] @ [W; B'] with A' = [A | 0], column r of x @ A' set to 1, B' = [scaling * B; b; 0]
+    (LORA_IN_GEMM_K). `x_wide` [S, K + P] holds x in its first K columns (written by the producer, _GatherSorted
+    or _ClampedSwiGLU); this function writes x @ A' into the other P. `w_aug` [E, K + P, out] is the frozen W in
+    its first K rows (GroupedExperts keeps the bf16 weight there) and this function writes B' into the rest: both
+    tails belong to this function, and their values depend only on the LoRA factors and the bias, so repeated
+    forwards before a backward (accumulation, checkpoint recomputes) write the same values.
+    Backward: g @ [W; B']^T gives g @ W^T and, in its extra columns, g @ (scaling B)^T = d loss / d (x @ A); the
+    skinny GEMM and the forward's in-place low-rank update of y are gone, the GEMMs are 64 / 2880 longer in K."""
+
+    @staticmethod
+    def forward(ctx, x_wide, lora_A, lora_B, bias, offs, expert_of_row, empty_groups, scaling, w_aug, K):
+        E, P = w_aug.shape[0], x_wide.shape[1] - K
+        r = 0 if lora_A is None else lora_A.shape[-1]
+        x = x_wide[:, :K]
+        if r:
+            aug_A = x.new_zeros(E, K, P)
+            aug_A[:, :, :r].copy_(lora_A)
+            x_wide[:, K:].copy_(grouped_mm(x, aug_A, offs))
+            torch.mul(lora_B, scaling, out=w_aug[:, K : K + r])
+        else:
+            aug_A = None
+            x_wide[:, K:].zero_()
+        x_wide[:, K + r] = 1
+        w_aug[:, K + r].copy_(bias)
+        w_aug[:, K + r + 1 :].zero_()
+        y = grouped_mm(x_wide, w_aug, offs)
+        ctx.save_for_backward(x_wide, offs, expert_of_row, empty_groups, *(() if aug_A is None else (aug_A,)))
+        ctx.w_aug, ctx.K, ctx.rank, ctx.scaling = w_aug, K, r, scaling  # w_aug frozen: held by reference
+        ctx.lora_dtype = None if lora_A is None else lora_A.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_wide, offs, expert_of_row, empty_groups, *aug = ctx.saved_tensors
+        K, r = ctx.K, ctx.rank
+        grad_y = grad_y.contiguous()
+        grad_wide = grouped_mm(grad_y, ctx.w_aug.transpose(1, 2), offs)  # [S, K + P]
+        grad_x, grad_xa = grad_wide[:, :K], grad_wide[:, K : K + r]
+        grad_A = grad_B = None
+        if r:
+            lora_A_t = aug[0][:, :, :r].transpose(1, 2)
+            if ctx.needs_input_grad[1]:
+                grad_A = per_expert_transposed_product(x_wide[:, :K], grad_xa, offs, empty_groups, out_dtype=ctx.lora_dtype)
+            if ctx.needs_input_grad[2]:
+                grad_B = per_expert_transposed_product(grad_y, x_wide[:, K : K + r], offs, empty_groups, ctx.scaling,
+                                                       transposed=True, out_dtype=ctx.lora_dtype)
+            if _fused(grad_x):
+                low_rank_update_(grad_x, grad_xa, lora_A_t, expert_of_row)
+            else:
+                grad_x.add_(grouped_mm(grad_xa, lora_A_t, offs))
+        grad_wide[:, K:].zero_()  # x_wide's tail is this function's own: no gradient to the producer
+        return grad_wide, grad_A, grad_B, None, None, None, None, None, None, None
+
+
 def _fused(t: torch.Tensor) -> bool:
     return FUSED_KERNELS and triton_kernels_available(t)
 
@@ -292,18 +360,25 @@ class _GatherSorted(torch.autograd.Function):
     (no scatter-add: deterministic, no atomics)."""
 
     @staticmethod
-    def forward(ctx, hidden, token_of_row, inverse, top_k):
+    def forward(ctx, hidden, token_of_row, inverse, top_k, pad=0):
+        """pad > 0: the rows land in the first columns of [N*k, H + pad]; the last `pad` columns are left for the
+        projection to fill (_GroupedLoraLinearInK) and carry no gradient back."""
         ctx.save_for_backward(inverse)
-        ctx.top_k = top_k
-        return hidden.index_select(0, token_of_row)
+        ctx.top_k, ctx.hidden = top_k, hidden.shape[1]
+        if not pad:
+            return hidden.index_select(0, token_of_row)
+        wide = hidden.new_empty(token_of_row.shape[0], hidden.shape[1] + pad)
+        torch.index_select(hidden, 0, token_of_row, out=wide[:, : hidden.shape[1]])
+        return wide
 
     @staticmethod
     def backward(ctx, grad_rows):
         (inverse,) = ctx.saved_tensors
+        grad_rows = grad_rows[:, : ctx.hidden]  # a view: the kernel reads any row stride
         if _fused(grad_rows):
-            return combine_rows(grad_rows, inverse, ctx.top_k, grad_rows.dtype), None, None, None
+            return combine_rows(grad_rows, inverse, ctx.top_k, grad_rows.dtype), None, None, None, None
         grad = grad_rows.index_select(0, inverse)
-        return grad.view(-1, ctx.top_k, grad.shape[-1]).sum(dim=1), None, None, None
+        return grad.view(-1, ctx.top_k, grad.shape[-1]).sum(dim=1), None, None, None, None
 
 
 class _WeightedSumUnsorted(torch.autograd.Function):
@@ -367,24 +442,32 @@ class _ClampedSwiGLU(torch.autograd.Function):
     the backward runs over row chunks so its temporaries stay small."""
 
     @staticmethod
-    def forward(ctx, gate_up, alpha, limit):
+    def forward(ctx, gate_up, alpha, limit, pad=0):
+        """pad > 0: the output lands in the first columns of [S, I + pad] (as _GatherSorted's)."""
         ctx.save_for_backward(gate_up)
         ctx.alpha, ctx.limit = alpha, limit
+        n_out = gate_up.shape[1] // 2
+        out = gate_up.new_empty(gate_up.shape[0], n_out + pad) if pad else None
+        if not pad:
+            return swiglu_forward(gate_up, alpha, limit) if _fused(gate_up) else swiglu_reference(gate_up, alpha, limit)
         if _fused(gate_up):
-            return swiglu_forward(gate_up, alpha, limit)
-        return swiglu_reference(gate_up, alpha, limit)
+            swiglu_forward(gate_up, alpha, limit, out=out[:, :n_out])
+        else:
+            out[:, :n_out] = swiglu_reference(gate_up, alpha, limit)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         (gate_up,) = ctx.saved_tensors
+        grad_out = grad_out[:, : gate_up.shape[1] // 2]  # the padded columns carry no gradient back
         if _fused(gate_up):
-            return swiglu_backward(gate_up, grad_out, ctx.alpha, ctx.limit), None, None
+            return swiglu_backward(gate_up, grad_out, ctx.alpha, ctx.limit), None, None, None
         grad = torch.empty_like(gate_up)
         rows = max(1, _SWIGLU_CHUNK_ELEMENTS // max(1, grad_out.shape[-1]))
         for lo in range(0, gate_up.shape[0], rows):
             hi = lo + rows
             _swiglu_grad(gate_up[lo:hi], grad_out[lo:hi], ctx.alpha, ctx.limit, grad[lo:hi])
-        return grad, None, None
+        return grad, None, None, None
 
 
 # ------------------------------------------------------------------------------ expert-sorted rows
@@ -417,17 +500,19 @@ def sort_by_expert(router_indices: torch.Tensor, num_experts: int) -> ExpertRows
     return ExpertRows(offs, perm, inverse, perm // top_k, top_k, sorted_ids.to(torch.int32), empty)
 
 
-def experts_on_sorted_rows(hidden_states, router_indices, routing_weights, num_experts, dtype, alpha, limit, project):
+def experts_on_sorted_rows(hidden_states, router_indices, routing_weights, num_experts, dtype, alpha, limit, project,
+                           input_pad: int = 0):
     """transformers' expert math over expert-sorted rows, computed in `dtype`: gather, gate_up projection,
     clamped SwiGLU, down projection, routing weights, sum per token. `project(proj, x, rows)` applies one
     projection (bias included) to sorted rows [S, in] -> [S, out]; GroupedExperts and QAT's grouped experts
-    (model/qat_moe.py) differ only there."""
+    (model/qat_moe.py) differ only there. input_pad > 0: each projection's input rows come `input_pad` columns wider,
+    for the projection to fill (_GroupedLoraLinearInK)."""
     rows = sort_by_expert(router_indices, num_experts)
     # compute in the model dtype whatever the residual stream carries: an fp32 input here would
     # send every expert GEMM down the fp32 per-expert loop (seen on the H100, 2026-11-25)
-    x = _GatherSorted.apply(hidden_states.to(dtype), rows.token_of_row, rows.inverse, rows.top_k)
+    x = _GatherSorted.apply(hidden_states.to(dtype), rows.token_of_row, rows.inverse, rows.top_k, input_pad)
     gate_up = project("gate_up_proj", x, rows)
-    gated = _ClampedSwiGLU.apply(gate_up, alpha, limit)
+    gated = _ClampedSwiGLU.apply(gate_up, alpha, limit, input_pad)
     del gate_up  # saved by _ClampedSwiGLU when it is needed; the tiled path's peak is lower without it
     out = project("down_proj", gated, rows)
     return _WeightedSumUnsorted.apply(out, routing_weights, rows, hidden_states.dtype)
@@ -609,6 +694,7 @@ class GroupedExperts(nn.Module):
         self.lora_r, self.lora_scaling = 0, 0.0
         self.tile_tokens = 0  # > 0: sequences longer than this run in token tiles (_TokenTiledExperts)
         self.keep_dense_for_backward = False  # with checkpointing: one dequantisation fewer (_GroupedLoraLinear)
+        self._aug_weights: dict[str, torch.Tensor] = {}  # LORA_IN_GEMM_K: [E, K + P, out] holding the bf16 weight
 
     @property
     def dtype(self) -> torch.dtype:
@@ -710,6 +796,12 @@ class GroupedExperts(nn.Module):
 
     def _project(self, proj: str, x, rows: ExpertRows, dense: dict | None = None):
         lora_A, lora_B = self._lora(proj)
+        d_in = self.hidden_size if proj == "gate_up_proj" else self.intermediate_size
+        if x.shape[1] > d_in:  # wide rows (forward_rows' input_pad): the LoRA term inside the GEMM
+            w_aug = self._augmented_weight(proj, x.shape[1] - d_in)
+            bias = getattr(self, f"{proj}_bias").detach().to(x.dtype)
+            return _GroupedLoraLinearInK.apply(x, lora_A, lora_B, bias, rows.offs, rows.expert_of_row,
+                                               rows.empty_groups, self.lora_scaling, w_aug, d_in)
         if dense is None:
             fmt, storage = self.fmt, tuple(t.detach() for t in self.storage(proj))
         else:  # dequantised once by the caller and shared by its token tiles
@@ -719,6 +811,24 @@ class GroupedExperts(nn.Module):
             x, lora_A, lora_B, bias, rows.offs, rows.expert_of_row, rows.empty_groups, self.lora_scaling, fmt, storage,
             self.keep_dense_for_backward,
         )
+
+    def _lora_in_k_pad(self) -> int:
+        """The input_pad of forward_rows: _k_pad(r) when LORA_IN_GEMM_K applies (bf16 storage, LoRA on), else 0."""
+        return _k_pad(self.lora_r) if LORA_IN_GEMM_K and self.fmt == "bf16" and self.lora_r > 0 else 0
+
+    def _augmented_weight(self, proj: str, pad: int) -> torch.Tensor:
+        """[E, K + pad, out] whose first K rows ARE the bf16 weight parameter (moved there once: the parameter
+        becomes a view, its values and state-dict name unchanged); _GroupedLoraLinearInK writes the other rows."""
+        param = getattr(self, proj)
+        aug = self._aug_weights.get(proj)
+        E, K, N = param.shape
+        if aug is None or aug.shape[1] != K + pad or aug.data_ptr() != param.data_ptr() or aug.dtype != param.dtype:
+            with torch.no_grad():
+                aug = param.new_empty(E, K + pad, N)
+                aug[:, :K].copy_(param)
+                param.data = aug[:, :K]
+            self._aug_weights[proj] = aug
+        return aug
 
     def dense_weights(self) -> dict:
         """Both projections' frozen weights dequantised in the model dtype (what the token tiles share)."""
@@ -743,6 +853,7 @@ class GroupedExperts(nn.Module):
         return experts_on_sorted_rows(
             hidden_states, router_indices, routing_weights, self.num_experts, self.dtype, self.alpha, self.limit,
             lambda proj, x, rows: self._project(proj, x, rows, dense),
+            input_pad=self._lora_in_k_pad() if dense is None else 0,
         )  # fmt: skip
 
     # ---- decode (inference with few rows)

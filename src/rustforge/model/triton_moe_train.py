@@ -63,18 +63,21 @@ if triton is not None:
         return grad_gate, grad_up
 
     @triton.jit
-    def _swiglu_forward_kernel(gate_up_ptr, out_ptr, n_out, alpha, limit, BLOCK: tl.constexpr):
-        # contiguous [S, 2I] interleaved gate/up: output element e reads gate at 2e and up at 2e + 1
+    def _swiglu_forward_kernel(gate_up_ptr, out_ptr, n_out, n_cols, out_stride, alpha, limit, BLOCK: tl.constexpr):
+        # contiguous [S, 2I] interleaved gate/up: output element e reads gate at 2e and up at 2e + 1; the output's
+        # rows may be wider than I (out_stride: a wide buffer whose extra columns another kernel fills)
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_out
         pair_offs = 2 * pid * BLOCK + tl.arange(0, 2 * BLOCK)
         pair = tl.load(gate_up_ptr + pair_offs, mask=pair_offs < 2 * n_out, other=0.0)
         gate, up = tl.split(tl.reshape(pair.to(tl.float32), (BLOCK, 2)))
-        tl.store(out_ptr + offs, _swiglu_values(gate, up, alpha, limit).to(out_ptr.dtype.element_ty), mask=mask)
+        out_offs = (offs // n_cols) * out_stride + offs % n_cols
+        tl.store(out_ptr + out_offs, _swiglu_values(gate, up, alpha, limit).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _swiglu_backward_kernel(gate_up_ptr, grad_out_ptr, grad_ptr, n_out, alpha, limit, BLOCK: tl.constexpr):
+    def _swiglu_backward_kernel(gate_up_ptr, grad_out_ptr, grad_ptr, n_out, n_cols, grad_out_stride, alpha, limit,
+                                BLOCK: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_out
@@ -82,7 +85,8 @@ if triton is not None:
         pair_mask = pair_offs < 2 * n_out
         pair = tl.load(gate_up_ptr + pair_offs, mask=pair_mask, other=0.0)
         gate, up = tl.split(tl.reshape(pair.to(tl.float32), (BLOCK, 2)))
-        grad_out = tl.load(grad_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        grad_offs = (offs // n_cols) * grad_out_stride + offs % n_cols
+        grad_out = tl.load(grad_out_ptr + grad_offs, mask=mask, other=0.0).to(tl.float32)
         grad_gate, grad_up = _swiglu_grads(gate, up, grad_out, alpha, limit)
         tl.store(grad_ptr + pair_offs, tl.interleave(grad_gate, grad_up).to(grad_ptr.dtype.element_ty), mask=pair_mask)
 
@@ -115,15 +119,15 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _combine_rows_kernel(rows_ptr, weights_ptr, inverse_ptr, out_ptr, hidden: tl.constexpr, TOP_K: tl.constexpr,
-                             HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):
+    def _combine_rows_kernel(rows_ptr, weights_ptr, inverse_ptr, out_ptr, stride_rows, hidden: tl.constexpr,
+                             TOP_K: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < hidden
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for j in tl.static_range(TOP_K):
             row = tl.load(inverse_ptr + token * TOP_K + j).to(tl.int64)
-            values = tl.load(rows_ptr + row * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+            values = tl.load(rows_ptr + row * stride_rows + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_WEIGHTS:
                 values = values * tl.load(weights_ptr + token * TOP_K + j).to(tl.float32)
             acc += values
@@ -183,15 +187,20 @@ def _check_pairs(gate_up: torch.Tensor) -> None:
         raise ValueError(f"swiglu: expected interleaved gate/up [S, 2I], got {tuple(gate_up.shape)}")
 
 
-def swiglu_forward(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """[S, 2I] interleaved gate/up -> [S, I] = moe.swiglu_reference, computed in float32, stored in the input dtype."""
+def swiglu_forward(gate_up: torch.Tensor, alpha: float, limit: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[S, 2I] interleaved gate/up -> [S, I] = moe.swiglu_reference, computed in float32, stored in the input dtype
+    (into `out` if given: [S, I] with unit column stride, any row stride -- the first columns of a wider buffer)."""
     _check_pairs(gate_up)
     gate_up = gate_up.contiguous()
-    out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+    shape = (gate_up.shape[0], gate_up.shape[1] // 2)
+    if out is None:
+        out = gate_up.new_empty(shape)
+    elif tuple(out.shape) != shape or (shape[0] > 1 and out.stride(1) != 1):
+        raise ValueError(f"swiglu_forward: out {tuple(out.shape)} (strides {out.stride()}) does not fit {shape}")
     n = out.numel()
     if n:
-        _swiglu_forward_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](gate_up, out, n, float(alpha), float(limit),
-                                                                 BLOCK=_SWIGLU_BLOCK)
+        _swiglu_forward_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](gate_up, out, n, shape[1], out.stride(0), float(alpha),
+                                                                 float(limit), BLOCK=_SWIGLU_BLOCK)
     return out
 
 
@@ -200,28 +209,33 @@ def swiglu_backward(gate_up: torch.Tensor, grad_out: torch.Tensor, alpha: float,
     _check_pairs(gate_up)
     if grad_out.shape != (gate_up.shape[0], gate_up.shape[1] // 2):
         raise ValueError(f"swiglu_backward: grad {tuple(grad_out.shape)} does not fit gate_up {tuple(gate_up.shape)}")
-    gate_up, grad_out = gate_up.contiguous(), grad_out.contiguous()
+    gate_up = gate_up.contiguous()
+    if grad_out.shape[1] > 1 and grad_out.stride(1) != 1:  # any row stride is read in place
+        grad_out = grad_out.contiguous()
     grad = torch.empty_like(gate_up)
     n = grad_out.numel()
     if n:
-        _swiglu_backward_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](gate_up, grad_out, grad, n, float(alpha),
-                                                                  float(limit), BLOCK=_SWIGLU_BLOCK)
+        _swiglu_backward_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](gate_up, grad_out, grad, n, grad_out.shape[1],
+                                                                  grad_out.stride(0), float(alpha), float(limit),
+                                                                  BLOCK=_SWIGLU_BLOCK)
     return grad
 
 
 def combine_rows(rows: torch.Tensor, inverse: torch.Tensor, top_k: int, out_dtype: torch.dtype,
                  weights: torch.Tensor | None = None) -> torch.Tensor:
-    """rows [S, H] in expert order -> [S // top_k, H]: out[t] = sum_j w[t*k+j] * rows[inverse[t*k+j]]
-    (w = 1 without weights), summed in float32, stored in out_dtype."""
-    rows = rows.contiguous()
+    """rows [S, H] in expert order (unit column stride, any row stride) -> [S // top_k, H]: out[t] = sum_j w[t*k+j]
+    * rows[inverse[t*k+j]] (w = 1 without weights), summed in float32, stored in out_dtype."""
+    if rows.shape[1] > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
     n_tokens, hidden = rows.shape[0] // top_k, rows.shape[1]
     out = torch.empty(n_tokens, hidden, dtype=out_dtype, device=rows.device)
     if weights is not None:
         weights = weights.reshape(-1).contiguous()
     if out.numel():
         grid = (n_tokens, triton.cdiv(hidden, _ROW_BLOCK))
-        _combine_rows_kernel[grid](rows, weights if weights is not None else rows, inverse.contiguous(), out, hidden,
-                                   TOP_K=top_k, HAS_WEIGHTS=weights is not None, BLOCK=_ROW_BLOCK)
+        _combine_rows_kernel[grid](rows, weights if weights is not None else rows, inverse.contiguous(), out,
+                                   rows.stride(0), hidden, TOP_K=top_k, HAS_WEIGHTS=weights is not None,
+                                   BLOCK=_ROW_BLOCK)
     return out
 
 
