@@ -241,8 +241,9 @@ class TrainConfig:
     log_every: int = 1
     seed: int = 0
     # the whole step (micro-batches, clipping, AdamW) as one CUDA graph, captured per curriculum phase
-    # (train/graphed_step.py): one GPU, no gradient checkpointing or offload, lang_rust and core_agent only;
-    # at 4K on the H100 a graphed step was 4.96x transformers + PEFT against 4.5x eager (bench/RESULTS.md)
+    # (train/graphed_step.py): one GPU, a bf16 model, no gradient checkpointing or offload, lang_rust and
+    # core_agent only; at 4K on the H100 graphed steps ran 4.93-4.98x transformers + PEFT, eager ones ~4.5x
+    # (host-bound; bench/RESULTS.md)
     cuda_graph: bool = False
 
 

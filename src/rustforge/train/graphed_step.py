@@ -4,7 +4,7 @@ Why: at 4K tokens on the H100 the GPU work of a GPT-OSS-20B LoRA step is ~172 ms
 ms to issue its few thousand kernels one by one (bench/RESULTS.md, session 5), so the GPU waits on Python.
 A replayed graph issues all of them in one call: 4.96x transformers + PEFT at 4K against 4.5x eager (run 12).
 torch does the capture (`torch.cuda.graph`); this module is the plumbing a training step needs for it, used by
-bench/train_step.py (`--cuda-graph`) and by the SFT loop (`train.cuda_graph`, train/sft.py):
+bench/train_step.py (`--cuda-graph`) and by the SFT loop (TrainConfig.cuda_graph, e.g. `lang_rust.cuda_graph: true`; train/sft.py):
 
 - nothing in the step may wait for the host: the loss takes every token as a row (ignored ones weighted 0,
   so no `nonzero` over the labels), the label count that normalises it is summed on the GPU, the attention

@@ -94,7 +94,7 @@ def phase_of(step: int, cfg: TrainConfig) -> int:
 
 class SFTTrainer:
     stage_name = "lang_rust"  # the config section of the stage (error messages)
-    graphable = True  # its step is SFT's train_step, so train.cuda_graph applies (ipo, grpo, qat: False)
+    graphable = True  # its step is SFT's train_step, so TrainConfig.cuda_graph applies (ipo, grpo, qat: False)
 
     def __init__(
         self,
@@ -127,7 +127,7 @@ class SFTTrainer:
             self.params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, foreach=False, fused=fused,
             capturable=cfg.cuda_graph,
         )
-        self.graphed = None  # (micro-batch shapes, GraphedTrainStep) while train.cuda_graph is on
+        self.graphed = None  # (micro-batch shapes, GraphedTrainStep) while cuda_graph is on
         self.total_steps = sum(p.steps for p in cfg.phases)
         self.step = 0
         self.phase = -1
