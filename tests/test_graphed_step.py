@@ -151,6 +151,25 @@ def test_the_sft_option_refuses_what_it_cannot_graph(tmp_path):
     _trainer(tmp_path, "cpu", False)  # the default builds
 
 
+def test_make_capturable_readies_an_optimizer_state_saved_without_a_graph():
+    """A run resumed with cuda_graph on from a checkpoint written without it: load_state_dict brings back
+    capturable False and a float learning rate; make_capturable turns it into what a captured step needs."""
+    from rustforge.train.graphed_step import make_capturable
+
+    params = [torch.nn.Parameter(torch.randn(3, 2))]
+    eager = torch.optim.AdamW(params, lr=1e-3)
+    params[0].grad = torch.ones_like(params[0])
+    eager.step()
+    resumed = torch.optim.AdamW(params, lr=torch.tensor(1e-3), capturable=True)
+    resumed.load_state_dict(eager.state_dict())
+    assert not resumed.param_groups[0]["capturable"] and not torch.is_tensor(resumed.param_groups[0]["lr"])
+    make_capturable(resumed, torch.device("cpu"))
+    group = resumed.param_groups[0]
+    assert group["capturable"] and torch.is_tensor(group["lr"]) and float(group["lr"]) == pytest.approx(1e-3)
+    step = resumed.state[params[0]]["step"]
+    assert step.dtype == torch.float32 and step.device == params[0].device and float(step) == 1.0
+
+
 def _logged(stage_dir, split: str = "train") -> dict[int, dict]:
     from rustforge.train.metrics import read_metrics
 

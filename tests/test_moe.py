@@ -492,7 +492,8 @@ def test_token_tiles_bound_what_the_backward_keeps():
 def test_lora_in_gemm_k_equals_the_default_path(monkeypatch):
     """moe.LORA_IN_GEMM_K (the LoRA term and the bias inside the frozen grouped GEMM as extra K): the outputs and
     every gradient of the default path -- on a first step, after an optimizer step and a state-dict load (the
-    B rows it keeps in the weight buffer follow the factors), and with two forwards before one backward; the
+    B rows it keeps in the weight buffer follow the factors), with two forwards before one backward, and with a
+    no-grad forward of another LoRA scaling between a forward and its backward; the
     frozen weight keeps its values and state-dict name while it lives in the wider buffer."""
     from rustforge.model import moe
 
@@ -518,8 +519,17 @@ def test_lora_in_gemm_k_equals_the_default_path(monkeypatch):
         twice = grouped(x, idx, w) + grouped(x * 0.5, idx, w)  # two forwards, one backward
         (twice * g).sum().backward()
         results.append({n: getattr(grouped, n).grad.clone() for n in LORA_NAMES})
+        for p in grouped.parameters():
+            p.grad = None
+        out = grouped(x, idx, w)
+        scaling, grouped.lora_scaling = grouped.lora_scaling, 0.0
+        with torch.no_grad():  # another forward writes other LoRA rows before the first one's backward
+            grouped(x, idx, w)
+        grouped.lora_scaling = scaling
+        (out * g).sum().backward()
+        results.append({n: getattr(grouped, n).grad.clone() for n in LORA_NAMES})
         runs[in_k], modules[in_k] = results, grouped
-        assert len(calls) == (10 if in_k else 0)  # both projections of 5 forwards took the K path, or none did
+        assert len(calls) == (14 if in_k else 0)  # both projections of 7 forwards took the K path, or none did
         torch.testing.assert_close(grouped.gate_up_proj.detach(), weight_before, rtol=0, atol=0)
     assert not modules[True].gate_up_proj.is_contiguous()  # the first rows of the [E, H + P, 2I] buffer
     assert modules[True].state_dict().keys() == modules[False].state_dict().keys()

@@ -297,47 +297,48 @@ class _GroupedLoraLinear(torch.autograd.Function):
 
 class _GroupedLoraLinearInK(torch.autograd.Function):
     """_GroupedLoraLinear's y = x @ W_e + b_e + scaling * (x @ A_e) @ B_e as ONE grouped GEMM over K + P:
-    [x | x @ A' ] @ [W; B'] with A' = [A | 0], column r of x @ A' set to 1, B' = [scaling * B; b; 0]
-    (LORA_IN_GEMM_K). `x_wide` [S, K + P] holds x in its first K columns (written by the producer, _GatherSorted
-    or _ClampedSwiGLU); this function writes x @ A' into the other P. `w_aug` [E, K + P, out] is the frozen W in
-    its first K rows (GroupedExperts keeps the bf16 weight there) and this function writes B' into the rest: both
-    tails belong to this function, and their values depend only on the LoRA factors and the bias, so repeated
-    forwards before a backward (accumulation, checkpoint recomputes) write the same values.
-    Backward: g @ [W; B']^T gives g @ W^T and, in its extra columns, g @ (scaling B)^T = d loss / d (x @ A); the
-    skinny GEMM and the forward's in-place low-rank update of y are gone, the GEMMs are 64 / 2880 longer in K."""
+    [x | x @ A, 1, 0] @ [W; scaling * B; b; 0] (LORA_IN_GEMM_K). `x_wide` [S, K + P] holds x in its first K columns
+    (written by the producer, _GatherSorted or _ClampedSwiGLU); this function writes the other P. `w_aug`
+    [E, K + P, out] is the frozen W in its first K rows (GroupedExperts keeps the bf16 weight there) and this
+    function writes the rest: both tails belong to this function. The weight's tail is shared by every forward of
+    the module, so a backward whose forward was not the last writer (two forwards before a backward, a no-grad or
+    LoRA-disabled forward in between) writes its own rows back first (`w_aug._lora_rows_writer`).
+    Backward: g @ [W; scaling B; b]^T gives g @ W^T and, in its extra columns, g @ (scaling B)^T = d loss / d (x @ A):
+    the skinny GEMM and the forward's in-place low-rank update of y are gone, the GEMMs are 64 / 2880 longer in K."""
 
     @staticmethod
     def forward(ctx, x_wide, lora_A, lora_B, bias, offs, expert_of_row, empty_groups, scaling, w_aug, K):
-        E, P = w_aug.shape[0], x_wide.shape[1] - K
         r = 0 if lora_A is None else lora_A.shape[-1]
         x = x_wide[:, :K]
+        lora_A_c = scaled_B = None
         if r:
-            aug_A = x.new_zeros(E, K, P)
-            aug_A[:, :, :r].copy_(lora_A)
-            x_wide[:, K:].copy_(grouped_mm(x, aug_A, offs))
-            torch.mul(lora_B, scaling, out=w_aug[:, K : K + r])
-        else:
-            aug_A = None
-            x_wide[:, K:].zero_()
+            r8 = (r + 7) // 8 * 8  # grouped_mm's 16-byte strides
+            lora_A_c = lora_A.to(x.dtype) if r8 == r else torch.nn.functional.pad(lora_A.to(x.dtype), (0, r8 - r))
+            x_wide[:, K : K + r].copy_(grouped_mm(x, lora_A_c, offs)[:, :r])
+            scaled_B = (lora_B * scaling).to(x.dtype)
         x_wide[:, K + r] = 1
-        w_aug[:, K + r].copy_(bias)
-        w_aug[:, K + r + 1 :].zero_()
+        x_wide[:, K + r + 1 :].zero_()
+        ctx.rows_token = object()  # this forward's mark on the weight's LoRA rows (not ctx: no reference cycle)
+        _write_lora_rows(w_aug, K, scaled_B, bias, ctx.rows_token)
         y = grouped_mm(x_wide, w_aug, offs)
-        ctx.save_for_backward(x_wide, offs, expert_of_row, empty_groups, *(() if aug_A is None else (aug_A,)))
+        saved = () if lora_A_c is None else (lora_A_c, scaled_B)
+        ctx.save_for_backward(x_wide, offs, expert_of_row, empty_groups, bias, *saved)
         ctx.w_aug, ctx.K, ctx.rank, ctx.scaling = w_aug, K, r, scaling  # w_aug frozen: held by reference
         ctx.lora_dtype = None if lora_A is None else lora_A.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_wide, offs, expert_of_row, empty_groups, *aug = ctx.saved_tensors
-        K, r = ctx.K, ctx.rank
+        x_wide, offs, expert_of_row, empty_groups, bias, *factors = ctx.saved_tensors
+        K, r, w_aug = ctx.K, ctx.rank, ctx.w_aug
+        if getattr(w_aug, "_lora_rows_writer", None) is not ctx.rows_token:
+            _write_lora_rows(w_aug, K, factors[1] if r else None, bias, ctx.rows_token)
         grad_y = grad_y.contiguous()
-        grad_wide = grouped_mm(grad_y, ctx.w_aug.transpose(1, 2), offs)  # [S, K + P]
+        grad_wide = grouped_mm(grad_y, w_aug.transpose(1, 2), offs)  # [S, K + P]
         grad_x, grad_xa = grad_wide[:, :K], grad_wide[:, K : K + r]
         grad_A = grad_B = None
         if r:
-            lora_A_t = aug[0][:, :, :r].transpose(1, 2)
+            lora_A_t = factors[0][:, :, :r].transpose(1, 2)
             if ctx.needs_input_grad[1]:
                 grad_A = per_expert_transposed_product(x_wide[:, :K], grad_xa, offs, empty_groups, out_dtype=ctx.lora_dtype)
             if ctx.needs_input_grad[2]:
@@ -349,6 +350,16 @@ class _GroupedLoraLinearInK(torch.autograd.Function):
                 grad_x.add_(grouped_mm(grad_xa, lora_A_t, offs))
         grad_wide[:, K:].zero_()  # x_wide's tail is this function's own: no gradient to the producer
         return grad_wide, grad_A, grad_B, None, None, None, None, None, None, None
+
+
+def _write_lora_rows(w_aug: torch.Tensor, K: int, scaled_B: torch.Tensor | None, bias: torch.Tensor, writer) -> None:
+    """w_aug's rows past K: scaling * B, the bias, zeros; `writer` (a forward's token) noted as their author."""
+    r = 0 if scaled_B is None else scaled_B.shape[1]
+    if r:
+        w_aug[:, K : K + r].copy_(scaled_B)
+    w_aug[:, K + r].copy_(bias)
+    w_aug[:, K + r + 1 :].zero_()
+    w_aug._lora_rows_writer = writer
 
 
 def _fused(t: torch.Tensor) -> bool:
@@ -695,6 +706,9 @@ class GroupedExperts(nn.Module):
         self.tile_tokens = 0  # > 0: sequences longer than this run in token tiles (_TokenTiledExperts)
         self.keep_dense_for_backward = False  # with checkpointing: one dequantisation fewer (_GroupedLoraLinear)
         self._aug_weights: dict[str, torch.Tensor] = {}  # LORA_IN_GEMM_K: [E, K + P, out] holding the bf16 weight
+        # FSDP2 all-gathers the weight into its own storage each forward: a wider copy would defeat the sharding
+        # (train/distributed.shard_model turns this off)
+        self.lora_in_gemm_k_allowed = True
 
     @property
     def dtype(self) -> torch.dtype:
@@ -814,7 +828,8 @@ class GroupedExperts(nn.Module):
 
     def _lora_in_k_pad(self) -> int:
         """The input_pad of forward_rows: _k_pad(r) when LORA_IN_GEMM_K applies (bf16 storage, LoRA on), else 0."""
-        return _k_pad(self.lora_r) if LORA_IN_GEMM_K and self.fmt == "bf16" and self.lora_r > 0 else 0
+        applies = LORA_IN_GEMM_K and self.lora_in_gemm_k_allowed and self.fmt == "bf16" and self.lora_r > 0
+        return _k_pad(self.lora_r) if applies else 0
 
     def _augmented_weight(self, proj: str, pad: int) -> torch.Tensor:
         """[E, K + pad, out] whose first K rows ARE the bf16 weight parameter (moved there once: the parameter
@@ -829,6 +844,11 @@ class GroupedExperts(nn.Module):
                 param.data = aug[:, :K]
             self._aug_weights[proj] = aug
         return aug
+
+    def _apply(self, fn, *args, **kwargs):
+        """module.to(...) and friends move the parameters, not the wider buffers: drop those (rebuilt when used)."""
+        self._aug_weights.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     def dense_weights(self) -> dict:
         """Both projections' frozen weights dequantised in the model dtype (what the token tiles share)."""

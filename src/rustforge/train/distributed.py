@@ -241,6 +241,9 @@ def shard_model(model: nn.Module, ctx: DistContext, reshard_after_forward: bool 
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     body = model.hf.model
     model.own_layer_loop = False  # FSDP2 unshards in hooks on the layer and body calls: transformers' loop makes them
+    for module in model.modules():  # and all-gathers the experts' weights: no wider copies of them (moe.py)
+        if hasattr(module, "lora_in_gemm_k_allowed"):
+            module.lora_in_gemm_k_allowed = False
     for layer in body.layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(body, mesh=mesh, reshard_after_forward=reshard_after_forward)

@@ -12,8 +12,8 @@ bench/train_step.py (`--cuda-graph`) and by the SFT loop (TrainConfig.cuda_graph
 - the step's micro-batches (gradient accumulation) are all inside the one graph;
 - warm-up steps on a side stream first (torch's rule), which also compile flex attention and autotune the
   Triton kernels -- nothing may compile or autotune during capture. The warm-up steps are real optimizer
-  steps, so the trainable weights and the optimizer state are put back afterwards: training is the same as
-  without the graph;
+  steps, so the trainable weights, the optimizer state and the RNG state are put back afterwards: training is
+  the same as without the graph;
 - autocast without its weight-cast cache (a cache entry made during capture would be freed after it);
 - the optimizer must be capturable (`torch.optim.AdamW(..., fused=True, capturable=True)`), with the learning
   rate as a GPU tensor where it changes between steps (filled before each replay); gradients are set to None
@@ -57,8 +57,11 @@ class GraphedTrainStep:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.inputs = [self._captured_inputs(b) for b in batches]  # the graph reads these tensors
         saved = _training_state(self.params, optimizer)
+        rng = torch.random.get_rng_state(), torch.cuda.get_rng_state()
         self._warm_up(warmup_steps)
         _restore_training_state(self.params, optimizer, saved)
+        torch.random.set_rng_state(rng[0])  # LoRA dropout draws as if the warm-up had not run
+        torch.cuda.set_rng_state(rng[1])
         self.graph = torch.cuda.CUDAGraph()
         optimizer.zero_grad(set_to_none=True)
         with torch.cuda.graph(self.graph):
@@ -127,6 +130,21 @@ class GraphedTrainStep:
         fresh = self.model.attention_masks(captured["doc_ids"])
         for layer_type, mask in captured["masks"].items():
             _copy_mask(mask, fresh[layer_type], layer_type)
+
+
+def make_capturable(optimizer, device: torch.device) -> None:
+    """An AdamW made ready for capture on `device`: capturable (fused on a GPU), the learning rate a tensor there,
+    the step counts float32 tensors beside their parameters. For an optimizer whose state_dict came from a run
+    without a graph (load_state_dict restores the groups as saved -- capturable False, lr a float -- and a CPU
+    run's step counts stay on the CPU)."""
+    for group in optimizer.param_groups:
+        group["capturable"], group["fused"], group["foreach"] = True, device.type == "cuda", False
+        if not (torch.is_tensor(group["lr"]) and group["lr"].device.type == device.type):
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if torch.is_tensor(state.get("step")) and (state["step"].device != p.device or state["step"].dtype != torch.float32):
+                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
 
 
 def _training_state(params: list[torch.Tensor], optimizer) -> tuple[list[torch.Tensor], list[dict]]:

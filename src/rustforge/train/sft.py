@@ -319,16 +319,14 @@ class SFTTrainer:
     def _graphed_step_for(self, batches: list[Batch]):
         """The captured step for these micro-batch shapes: captured anew when they change (a curriculum phase),
         after the previous graph's memory is given back."""
-        from rustforge.train.graphed_step import GraphedTrainStep
+        from rustforge.train.graphed_step import GraphedTrainStep, make_capturable
 
         shapes = tuple(tuple(b["input_ids"].shape) for b in batches)
         if self.graphed is None or self.graphed[0] != shapes:
             self.graphed = None
             self.optimizer.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
-            for group in self.optimizer.param_groups:  # a resumed optimizer state may hold it as a float
-                if not (torch.is_tensor(group["lr"]) and group["lr"].device.type == "cuda"):
-                    group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+            make_capturable(self.optimizer, self.device)  # a resumed state may come from a run without the graph
             step = GraphedTrainStep(self.model, self.optimizer, batches, max_grad_norm=self.cfg.max_grad_norm,
                                     keep_router_logits=self.monitor is not None)
             self.graphed = (shapes, step)
