@@ -833,7 +833,9 @@ class GroupedExperts(nn.Module):
 
     def _augmented_weight(self, proj: str, pad: int) -> torch.Tensor:
         """[E, K + pad, out] whose first K rows ARE the bf16 weight parameter (moved there once: the parameter
-        becomes a view, its values and state-dict name unchanged); _GroupedLoraLinearInK writes the other rows."""
+        becomes a view, its values and state-dict name unchanged); _GroupedLoraLinearInK writes the other rows.
+        The state dict then holds a non-contiguous view: torch.save writes the wider storage, safetensors wants
+        .contiguous() (as the loader's writer and the export take it)."""
         param = getattr(self, proj)
         aug = self._aug_weights.get(proj)
         E, K, N = param.shape
