@@ -6,6 +6,22 @@ from rustforge.config import LoraConfig, ModelConfig
 from rustforge.model.gptoss import build_model
 
 
+def _packed_step_with_nonzero_lora(model):
+    """One forward + backward on two packed documents (96 tokens), the LoRA B factors made nonzero first (they
+    start at zero) so that every LoRA gradient is exercised; returns the output and the trainable gradients."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_B") or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    ids = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(0))
+    doc_ids = (torch.arange(96) >= 50).long()[None]
+    positions = torch.cat([torch.arange(50), torch.arange(46)])[None]
+    out = model(ids, positions, doc_ids, torch.roll(ids, -1, 1))
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def test_checkpoint_recompute_keeps_the_forward_router_logits():
     # If the backward's recompute replaced them, the kept tensors' graphs would hold every recomputed
     # layer alive until the next step: the long-context OOM found on the H100.
@@ -34,17 +50,7 @@ def test_token_tiled_experts_give_the_same_loss_and_gradients_in_the_model():
             vocab_size=256,
         )  # fmt: skip
         model.train()
-        gen = torch.Generator().manual_seed(1)
-        with torch.no_grad():  # B factors start at zero; make them nonzero so every gradient is exercised
-            for name, p in model.named_parameters():
-                if name.endswith("_B") or "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-        ids = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(0))
-        doc_ids = (torch.arange(96) >= 50).long()[None]
-        positions = torch.cat([torch.arange(50), torch.arange(46)])[None]
-        out = model(ids, positions, doc_ids, torch.roll(ids, -1, 1))
-        out.loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        out, grads = _packed_step_with_nonzero_lora(model)
         results.append((out.loss.detach(), grads))
     (loss0, grads0), (loss1, grads1) = results
     torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-6)
@@ -133,18 +139,8 @@ def test_own_layer_loop_equals_transformers_loop(monkeypatch):
         monkeypatch.setattr(gptoss, "FUSED_RESIDUAL_STREAM", own)
         model = build_model(ModelConfig(preset="tiny", attention="eager", router_aux_loss_coef=0.01),
                             LoraConfig(r=4, alpha=8), vocab_size=256)  # fmt: skip
-        gen = torch.Generator().manual_seed(1)
-        with torch.no_grad():  # nonzero B factors: every LoRA gradient is exercised
-            for name, p in model.named_parameters():
-                if name.endswith("_B") or "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-        ids = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(0))
-        doc_ids = (torch.arange(96) >= 50).long()[None]
-        positions = torch.cat([torch.arange(50), torch.arange(46)])[None]
-        out = model(ids, positions, doc_ids, torch.roll(ids, -1, 1))
-        out.loss.backward()
+        out, grads = _packed_step_with_nonzero_lora(model)
         logits = {layer: t.detach().clone() for layer, t in model.router_logits.items()}
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((out.loss.detach(), logits, grads))
     assert len(calls) == 1  # the first model took our loop, the second transformers'
     (loss0, logits0, grads0), (loss1, logits1, grads1) = results

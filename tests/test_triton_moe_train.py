@@ -146,9 +146,12 @@ def check_low_rank_update(S: int, N: int, P: int, E: int, dtype, device, tol: fl
     return {"ok": err <= tol, "err": err}
 
 
-def check_grouped_experts(fmt: str, dtype, device, tol: float, n_tokens: int = 37) -> dict:
-    """GroupedExperts forward and every gradient (hidden, router weights, LoRA) with the fused kernels == without."""
-    E, H, I = 6, 64, 96
+EXPERT_DIMS = (6, 64, 96)  # E, H, I of the GroupedExperts checks
+
+
+def _experts_case(fmt: str, dtype, device, n_tokens: int):
+    """A GroupedExperts with random weights and LoRA on both projections, routing, input and output gradient."""
+    E, H, I = EXPERT_DIMS
     g = torch.Generator().manual_seed(0)
     # std 0.3 puts some gate/up pre-activations past the clamp limit, so its gradient is covered
     module = moe.GroupedExperts.from_dense(torch.randn(E, H, 2 * I, generator=g) * 0.3, torch.randn(E, 2 * I, generator=g) * 0.5,
@@ -161,18 +164,28 @@ def check_grouped_experts(fmt: str, dtype, device, tol: float, n_tokens: int = 3
     module = module.to(device=device, dtype=dtype)
     indices, weights = _routing(n_tokens, 2, module.num_experts, device, seed=5)
     x = torch.randn(n_tokens, module.hidden_size, generator=torch.Generator().manual_seed(6)).to(device)
-    grad_out = torch.randn_like(x)
+    return module, indices, weights, x, torch.randn_like(x)
+
+
+def _experts_step(module, indices, weights, x, grad_out) -> dict:
+    """The output and every gradient (hidden, router weights, LoRA) of one forward + backward."""
+    xs, ws = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+    for p in module.lora_parameters():
+        p.grad = None
+    out = module(xs, indices, ws)
+    out.backward(grad_out)
+    return {"out": out.detach(), "x": xs.grad, "w": ws.grad,
+            **{f"lora{i}": p.grad.clone() for i, p in enumerate(module.lora_parameters())}}
+
+
+def check_grouped_experts(fmt: str, dtype, device, tol: float, n_tokens: int = 37) -> dict:
+    """GroupedExperts forward and every gradient (hidden, router weights, LoRA) with the fused kernels == without."""
+    case = _experts_case(fmt, dtype, device, n_tokens)
     results, calls = {}, {}
     for fused in (False, True):
         moe.FUSED_KERNELS = fused
-        xs, ws = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
-        for p in module.lora_parameters():
-            p.grad = None
         with _counting(moe, KERNEL_ENTRY_POINTS) as calls[fused]:
-            out = module(xs, indices, ws)
-            out.backward(grad_out)
-        results[fused] = {"out": out.detach(), "x": xs.grad, "w": ws.grad,
-                          **{f"lora{i}": p.grad.clone() for i, p in enumerate(module.lora_parameters())}}
+            results[fused] = _experts_step(*case)
     moe.FUSED_KERNELS = True
     errs = {k: _rel_err(results[True][k], results[False][k]) for k in results[False]}
     # the comparison means something only if the fused run took every kernel and the other took none
@@ -183,36 +196,19 @@ def check_grouped_experts(fmt: str, dtype, device, tol: float, n_tokens: int = 3
 def check_lora_in_gemm_k(dtype, device, tol: float, n_tokens: int = 37) -> dict:
     """GroupedExperts (bf16 storage, LoRA on both projections, fused kernels) with moe.LORA_IN_GEMM_K == without:
     the output and every gradient; the K path must have run (the wide rows through the fused kernels)."""
-    E, H, I = 6, 64, 96
-    g = torch.Generator().manual_seed(0)
-    module = moe.GroupedExperts.from_dense(torch.randn(E, H, 2 * I, generator=g) * 0.3, torch.randn(E, 2 * I, generator=g) * 0.5,
-                                           torch.randn(E, I, H, generator=g) * 0.1, torch.randn(E, H, generator=g) * 0.5,
-                                           fmt="bf16", alpha=ALPHA, limit=LIMIT)
-    moe.add_expert_lora(module, r=4, alpha=8, targets=moe.EXPERT_TARGETS)
-    with torch.no_grad():
-        for p in module.lora_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    module = module.to(device=device, dtype=dtype)
-    indices, weights = _routing(n_tokens, 2, module.num_experts, device, seed=5)
-    x = torch.randn(n_tokens, module.hidden_size, generator=torch.Generator().manual_seed(6)).to(device)
-    grad_out = torch.randn_like(x)
+    case = _experts_case("bf16", dtype, device, n_tokens)
     results, widths = {}, []
     real = moe._GroupedLoraLinearInK.apply
     moe._GroupedLoraLinearInK.apply = lambda *a: widths.append(a[0].shape[1]) or real(*a)
     try:
         for in_k in (False, True):
             moe.LORA_IN_GEMM_K = in_k
-            xs, ws = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
-            for p in module.lora_parameters():
-                p.grad = None
-            out = module(xs, indices, ws)
-            out.backward(grad_out)
-            results[in_k] = {"out": out.detach(), "x": xs.grad, "w": ws.grad,
-                             **{f"lora{i}": p.grad.clone() for i, p in enumerate(module.lora_parameters())}}
+            results[in_k] = _experts_step(*case)
     finally:
         moe.LORA_IN_GEMM_K = False
         moe._GroupedLoraLinearInK.apply = real
     errs = {k: _rel_err(results[True][k], results[False][k]) for k in results[False]}
+    _, H, I = EXPERT_DIMS
     took_path = widths == [H + moe._k_pad(4), I + moe._k_pad(4)]
     return {"ok": took_path and all(e <= tol for e in errs.values()), "widths": widths, **errs}
 

@@ -112,17 +112,10 @@ def test_kernels_under_the_triton_interpreter():
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("check", [check_rmsnorm, check_add_rmsnorm])
 @pytest.mark.parametrize("rows,hidden", [(1, 2880), (1000, 2880), (7, 100)])
-def test_gpu_bf16(rows, hidden):
-    result = check_rmsnorm(rows, hidden, torch.bfloat16, "cuda", tol=1e-2)
-    assert result["ok"], result
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("rows,hidden", [(1, 2880), (1000, 2880), (7, 100)])
-def test_add_rmsnorm_gpu_bf16(rows, hidden):
-    result = check_add_rmsnorm(rows, hidden, torch.bfloat16, "cuda", tol=1e-2)
+def test_gpu_bf16(check, rows, hidden):
+    result = check(rows, hidden, torch.bfloat16, "cuda", tol=1e-2)
     assert result["ok"], result
 
 

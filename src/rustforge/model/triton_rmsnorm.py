@@ -40,19 +40,27 @@ def rmsnorm_kernels_available(t: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _rmsnorm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, eps, HIDDEN: tl.constexpr, BLOCK: tl.constexpr):
+    def _rmsnorm_forward_kernel(x_ptr, d_ptr, w_ptr, h_ptr, y_ptr, rstd_ptr, eps, HIDDEN: tl.constexpr,
+                                HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+        """y = w * x * rstd(x); HAS_DELTA: x = x + d first, rounded to h's dtype and stored as h (add_rmsnorm)."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < HIDDEN
         x = tl.load(x_ptr + row * HIDDEN + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DELTA:
+            d = tl.load(d_ptr + row * HIDDEN + cols, mask=mask, other=0.0).to(tl.float32)
+            h = (x + d).to(h_ptr.dtype.element_ty)  # rounded as a stored sum would be; the norm reads that
+            tl.store(h_ptr + row * HIDDEN + cols, h, mask=mask)
+            x = h.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / HIDDEN + eps)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * HIDDEN + cols, (w * (x * rstd)).to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(rstd_ptr + row, rstd)
 
     @triton.jit
-    def _rmsnorm_backward_kernel(x_ptr, w_ptr, rstd_ptr, grad_y_ptr, grad_x_ptr, HIDDEN: tl.constexpr,
-                                 BLOCK: tl.constexpr):
+    def _rmsnorm_backward_kernel(x_ptr, w_ptr, rstd_ptr, grad_y_ptr, grad_h_ptr, grad_x_ptr, HIDDEN: tl.constexpr,
+                                 HAS_GRAD_H: tl.constexpr, BLOCK: tl.constexpr):
+        """d y / d x * grad_y; HAS_GRAD_H: plus the gradient of x itself (add_rmsnorm's h, the residual stream)."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < HIDDEN
@@ -64,41 +72,9 @@ if triton is not None:
         grad_x_hat = grad_y * w
         # d/dx of x * rstd(x): rstd * (g - x_hat * mean(g * x_hat))
         grad_x = rstd * (grad_x_hat - x_hat * (tl.sum(grad_x_hat * x_hat, axis=0) / HIDDEN))
+        if HAS_GRAD_H:
+            grad_x += tl.load(grad_h_ptr + row * HIDDEN + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(grad_x_ptr + row * HIDDEN + cols, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
-
-
-    @triton.jit
-    def _add_rmsnorm_forward_kernel(r_ptr, d_ptr, w_ptr, h_ptr, y_ptr, rstd_ptr, eps, HIDDEN: tl.constexpr,
-                                    BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < HIDDEN
-        r = tl.load(r_ptr + row * HIDDEN + cols, mask=mask, other=0.0).to(tl.float32)
-        d = tl.load(d_ptr + row * HIDDEN + cols, mask=mask, other=0.0).to(tl.float32)
-        h = (r + d).to(h_ptr.dtype.element_ty)  # rounded as a stored sum would be; the norm reads that
-        tl.store(h_ptr + row * HIDDEN + cols, h, mask=mask)
-        x = h.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / HIDDEN + eps)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * HIDDEN + cols, (w * (x * rstd)).to(y_ptr.dtype.element_ty), mask=mask)
-        tl.store(rstd_ptr + row, rstd)
-
-    @triton.jit
-    def _add_rmsnorm_backward_kernel(h_ptr, w_ptr, rstd_ptr, grad_y_ptr, grad_h_ptr, grad_ptr, HIDDEN: tl.constexpr,
-                                     HAS_GRAD_H: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < HIDDEN
-        x = tl.load(h_ptr + row * HIDDEN + cols, mask=mask, other=0.0).to(tl.float32)
-        grad_y = tl.load(grad_y_ptr + row * HIDDEN + cols, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + row)
-        x_hat = x * rstd
-        grad_x_hat = grad_y * w
-        grad = rstd * (grad_x_hat - x_hat * (tl.sum(grad_x_hat * x_hat, axis=0) / HIDDEN))
-        if HAS_GRAD_H:  # h's own gradient (the residual stream past the norm) joins the norm's
-            grad += tl.load(grad_h_ptr + row * HIDDEN + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(grad_ptr + row * HIDDEN + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 class _AddRMSNormFunction(torch.autograd.Function):
@@ -113,8 +89,8 @@ class _AddRMSNormFunction(torch.autograd.Function):
         h, y = torch.empty_like(r), torch.empty_like(r)
         rstd = torch.empty(r.shape[0], dtype=torch.float32, device=r.device)
         if r.numel():
-            _add_rmsnorm_forward_kernel[(r.shape[0],)](r, d, weight, h, y, rstd, float(eps), HIDDEN=hidden,
-                                                       BLOCK=triton.next_power_of_2(hidden))
+            _rmsnorm_forward_kernel[(r.shape[0],)](r, d, weight, h, y, rstd, float(eps), HIDDEN=hidden, HAS_DELTA=True,
+                                                   BLOCK=triton.next_power_of_2(hidden))
         ctx.save_for_backward(h, weight, rstd)
         ctx.shape = residual.shape
         return h.view(residual.shape), y.view(residual.shape)
@@ -128,9 +104,9 @@ class _AddRMSNormFunction(torch.autograd.Function):
             grad_h = grad_h.reshape(-1, hidden).contiguous()
         grad = torch.empty_like(h)
         if h.numel():
-            _add_rmsnorm_backward_kernel[(h.shape[0],)](h, weight, rstd, grad_y, grad_h if grad_h is not None else h,
-                                                        grad, HIDDEN=hidden, HAS_GRAD_H=grad_h is not None,
-                                                        BLOCK=triton.next_power_of_2(hidden))
+            _rmsnorm_backward_kernel[(h.shape[0],)](h, weight, rstd, grad_y, grad_h if grad_h is not None else h, grad,
+                                                    HIDDEN=hidden, HAS_GRAD_H=grad_h is not None,
+                                                    BLOCK=triton.next_power_of_2(hidden))
         grad = grad.view(ctx.shape)
         return grad, grad, None, None
 
@@ -155,8 +131,8 @@ class _RMSNormFunction(torch.autograd.Function):
         y = torch.empty_like(rows)
         rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
         if rows.numel():
-            _rmsnorm_forward_kernel[(rows.shape[0],)](rows, weight, y, rstd, float(eps), HIDDEN=hidden,
-                                                      BLOCK=triton.next_power_of_2(hidden))
+            _rmsnorm_forward_kernel[(rows.shape[0],)](rows, rows, weight, y, y, rstd, float(eps), HIDDEN=hidden,
+                                                      HAS_DELTA=False, BLOCK=triton.next_power_of_2(hidden))
         ctx.save_for_backward(rows, weight, rstd)
         return y.view(x.shape)
 
@@ -167,8 +143,8 @@ class _RMSNormFunction(torch.autograd.Function):
         grad_rows = grad_y.reshape(-1, hidden).contiguous()
         grad_x = torch.empty_like(rows)
         if rows.numel():
-            _rmsnorm_backward_kernel[(rows.shape[0],)](rows, weight, rstd, grad_rows, grad_x, HIDDEN=hidden,
-                                                       BLOCK=triton.next_power_of_2(hidden))
+            _rmsnorm_backward_kernel[(rows.shape[0],)](rows, weight, rstd, grad_rows, grad_rows, grad_x, HIDDEN=hidden,
+                                                       HAS_GRAD_H=False, BLOCK=triton.next_power_of_2(hidden))
         return grad_x.view(grad_y.shape), None, None
 
 
