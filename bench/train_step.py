@@ -96,7 +96,7 @@ def build_ours(args, device):
 
     mcfg = ModelConfig(
         preset=args.shape,
-        attention="flex" if device.type == "cuda" else "eager",
+        attention=args.attention if device.type == "cuda" else "eager",
         experts="grouped",
         expert_format=args.fmt,
         dtype="bfloat16" if device.type == "cuda" else "float32",
@@ -205,7 +205,7 @@ def run_case(args) -> None:
     record = {"case": args.case, "fmt": args.fmt, "hf_attn": args.hf_attn, "hf_experts": args.hf_experts,
               "ckpt": not args.no_ckpt, "offload": args.offload, "pageable": args.pageable, "moe_tile": args.moe_tile, "shape": args.shape,
               "paths": "session3" if args.unfused else "session4" if args.session4_paths else "current",
-              "gc_freeze": args.gc_freeze}
+              "gc_freeze": args.gc_freeze, "attention": args.attention if args.case == "ours" else None}
     t0 = time.perf_counter()
     if args.torch_dequant:
         from rustforge.model import moe
@@ -663,6 +663,14 @@ PLANS = {
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --lora-in-gemm-k",
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph",
     ],
+    # session 7: model/triton_attention.py's kernels against flex in the graphed step, beside the baseline
+    "s7_attn": [
+        "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 3",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --attention triton",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --lora-in-gemm-k",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --lora-in-gemm-k --attention triton",
+    ],
     "s6_profile": [
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 2 --profile-seq 4096",
     ],
@@ -752,6 +760,8 @@ def main() -> None:
     p.add_argument("--peak-census-seq", type=int, default=0, help="list what is live at the peak of a step")
     p.add_argument("--torch-dequant", action="store_true", help="dequantise experts with the torch reference")
     p.add_argument("--session4-paths", action="store_true", help="session 5's changes off (use_session4_paths)")
+    p.add_argument("--attention", default="flex", choices=("flex", "triton"),
+                   help="ours: model.attention on the GPU (flex, or model/triton_attention.py's kernels)")
     p.add_argument("--flex-options", default=None, help="JSON for attention.FLEX_KERNEL_OPTIONS (kernel options)")
     p.add_argument("--lora-in-gemm-k", action="store_true",
                    help="ours: moe.LORA_IN_GEMM_K on (bf16 experts: LoRA inside the frozen GEMM as extra K; experiment)")

@@ -265,14 +265,17 @@ def max_errors(q, k, v, sinks, out, against):
 @gpu
 @pytest.mark.parametrize("window", [None, 5, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_flex_forward_and_backward_on_cuda_match_reference(window, dtype):
+@pytest.mark.parametrize("impl", ["flex", "triton"])
+def test_flex_forward_and_backward_on_cuda_match_reference(window, dtype, impl):
+    """rustforge_flex_attention with a flex BlockMask or with DocumentSpans (model/triton_attention.py's kernels,
+    here on transformers' [B, H, T, D] tensors)."""
     doc_ids = GPU_DOC_IDS.cuda()
     q, k, v, sinks = gpu_inputs(dtype)
     exact = [t.detach().double().requires_grad_() for t in (q, k, v, sinks)]
     ref = reference_attention(*exact[:4], doc_ids, window, 64**-0.5)
     truth = [ref.detach(), *grads(ref, exact)]
 
-    masks = build_attention_masks(doc_ids, window or 1, "flex", dtype)
+    masks = build_attention_masks(doc_ids, window or 1, impl, dtype)
     flex_out, _ = rustforge_flex_attention(
         None, q, k, v, masks["sliding_attention" if window else "full_attention"], scaling=64**-0.5, s_aux=sinks
     )
@@ -403,12 +406,13 @@ def test_packed_flex_attention_equals_transformers_forward_on_cpu(monkeypatch):
 
 @pytest.mark.gpu
 @gpu
-def test_packed_flex_attention_equals_transformers_forward_on_cuda_with_gradients(monkeypatch):
+@pytest.mark.parametrize("impl", ["flex", "triton"])
+def test_packed_flex_attention_equals_transformers_forward_on_cuda_with_gradients(monkeypatch, impl):
     plain, packed = _lora_pair("cuda")
     calls = _count_qkv_calls(monkeypatch)
     doc_ids = GPU_DOC_IDS.cuda()
     input_ids = torch.randint(0, 512, doc_ids.shape, generator=torch.Generator().manual_seed(3)).cuda()
-    masks = build_attention_masks(doc_ids, plain.config.sliding_window, "flex")
+    masks = build_attention_masks(doc_ids, plain.config.sliding_window, impl)
     results = []
     for model in (plain, packed):
         logits = model(input_ids=input_ids, attention_mask=masks).logits

@@ -35,10 +35,24 @@ def _batch(seq: int, docs: int, vocab: int, device, seed: int) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _model(device):
-    model = build_model(ModelConfig(preset="tiny"), LoraConfig(r=4, alpha=8), vocab_size=512, device=device)
+def _model(device, attention: str = "auto"):
+    model = build_model(ModelConfig(preset="tiny", attention=attention), LoraConfig(r=4, alpha=8), vocab_size=512,
+                        device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params
+
+
+def _eager_losses(model, params, batches) -> list[float]:
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    losses = []
+    for b in batches:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**b).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses
 
 
 def test_refuses_without_cuda():
@@ -48,21 +62,23 @@ def test_refuses_without_cuda():
         GraphedTrainStep(model, opt, _batch(64, 2, 512, "cpu", 0))
 
 
+@pytest.fixture
+def lora_in_gemm_k(request, monkeypatch):
+    from rustforge.model import moe
+
+    monkeypatch.setattr(moe, "LORA_IN_GEMM_K", request.param)
+    return request.param
+
+
 @pytest.mark.gpu
 @gpu
-def test_replays_equal_eager_steps():
+@pytest.mark.parametrize("attention", ["flex", "triton"])
+@pytest.mark.parametrize("lora_in_gemm_k", [False, True], indirect=True)
+def test_replays_equal_eager_steps(attention, lora_in_gemm_k):
     batch, other, moved = _batch(256, 2, 512, "cuda", 0), _batch(256, 2, 512, "cuda", 1), _batch(256, 4, 512, "cuda", 2)
-    eager_model, eager_params = _model("cuda")
-    eager_opt = torch.optim.AdamW(eager_params, lr=1e-3, fused=True)
-    eager = []
-    for b in (batch, batch, batch, other, moved):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = eager_model(**b).loss
-        loss.backward()
-        eager_opt.step()
-        eager_opt.zero_grad(set_to_none=True)
-        eager.append(float(loss.detach()))
-    model, params = _model("cuda")
+    eager_model, eager_params = _model("cuda", attention)
+    eager = _eager_losses(eager_model, eager_params, (batch, batch, batch, other, moved))
+    model, params = _model("cuda", attention)
     with pytest.raises(ValueError, match="capturable"):
         GraphedTrainStep(model, torch.optim.AdamW(params, lr=1e-3, fused=True), batch)
     opt = torch.optim.AdamW(params, lr=1e-3, fused=True, capturable=True)
@@ -74,6 +90,26 @@ def test_replays_equal_eager_steps():
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
     with pytest.raises(ValueError, match="shape"):
         step.replay(_batch(128, 2, 512, "cuda", 3))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("variant", ["triton_attention", "lora_in_gemm_k"])
+def test_the_fast_variants_train_like_the_default_path(variant, monkeypatch):
+    """Eager AdamW steps with model/triton_attention.py's kernels (against flex) or moe.LORA_IN_GEMM_K (against the
+    default expert LoRA): the same losses and LoRA weights, step by step, up to bf16 rounding."""
+    from rustforge.model import moe
+
+    batches = [_batch(256, 2, 512, "cuda", 0)] * 3 + [_batch(256, 4, 512, "cuda", 1)] * 2
+    runs = []
+    for fast in (False, True):
+        monkeypatch.setattr(moe, "LORA_IN_GEMM_K", fast and variant == "lora_in_gemm_k")
+        model, params = _model("cuda", "triton" if fast and variant == "triton_attention" else "flex")
+        runs.append((_eager_losses(model, params, batches), params))
+    (want, want_params), (got, got_params) = runs
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=2e-3, atol=2e-3)
+    for a, b in zip(got_params, want_params):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
 
 
 def test_a_new_layouts_masks_are_copied_into_the_captured_ones():
@@ -96,6 +132,20 @@ def test_a_new_layouts_masks_are_copied_into_the_captured_ones():
     longer = build_attention_masks(torch.zeros(1, 1024, dtype=torch.long), 128, "flex")["full_attention"]
     with pytest.raises(ValueError, match="changed shape"):
         _copy_mask(captured, longer, "full_attention")
+
+
+def test_a_new_layouts_document_spans_are_copied_in_place():
+    from rustforge.model.attention import build_attention_masks
+    from rustforge.train.graphed_step import _copy_mask
+
+    captured = build_attention_masks(torch.zeros(1, 64, dtype=torch.long), 8, "triton")
+    fresh = build_attention_masks((torch.arange(64) // 16)[None], 8, "triton")
+    starts = captured["sliding_attention"].starts
+    for layer_type in captured:
+        _copy_mask(captured[layer_type], fresh[layer_type], layer_type)
+    assert captured["sliding_attention"].starts is starts and captured["full_attention"].starts is starts
+    assert torch.equal(starts, fresh["full_attention"].starts)
+    assert torch.equal(captured["full_attention"].ends, fresh["full_attention"].ends)
 
 
 # ------------------------------------------------------------------------------------ the SFT loop's option

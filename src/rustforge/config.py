@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     preset: str = "tiny"  # "tiny" | "gpt-oss-20b" (see rustforge.model.presets)
     path: str | None = None  # a local gpt-oss directory; overrides the preset's architecture
-    attention: str = "auto"  # "eager" (reference, any device) | "flex" (GPU) | "auto"
+    attention: str = "auto"  # "eager" (reference, any device) | "flex" | "triton" (GPU: model/triton_attention) | "auto"
     experts: str = "auto"  # "reference" (transformers' loop) | "grouped" (split-LoRA grouped GEMM) | "auto"
     expert_format: str = "bf16"  # frozen expert storage: "bf16" | "fp8" | "mxfp4"
     dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on GPU; "float16" is refused for training

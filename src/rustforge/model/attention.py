@@ -22,6 +22,7 @@ with lse the natural-log logsumexp of the (masked, scaled) scores, which flex at
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -29,7 +30,7 @@ from torch import Tensor
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssAttention
 
 FLEX_IMPLEMENTATION_NAME = "rustforge_flex"
-MASK_IMPLS = ("eager", "flex")
+MASK_IMPLS = ("eager", "flex", "triton")
 
 try:  # torch >= 2.9 asks for the logsumexp through return_aux; older torch through return_lse
     from torch.nn.attention.flex_attention import AuxRequest as _AuxRequest
@@ -87,6 +88,17 @@ def document_mask_mod(doc_ids: Tensor, sliding_window: int | None) -> Callable:
     return document_causal_window
 
 
+@dataclass(frozen=True)
+class DocumentSpans:
+    """The mask of model/triton_attention's kernels for one layer type: per token (flattened B * T) the flat
+    index where its document starts and one past where it ends (`triton_attention.document_spans`), and the
+    window (None: full causal). Documents are runs of equal ids; a padding token attends nothing."""
+
+    starts: Tensor
+    ends: Tensor
+    window: int | None
+
+
 _compiled_create_block_mask = None
 
 
@@ -113,6 +125,7 @@ def build_attention_masks(
     doc_ids: [B, T] document id per token, -1 for padding. impl "eager": additive float masks
     [B, 1, T, T] of `dtype` (0 allowed, finfo(dtype).min masked), as transformers' eager path builds.
     impl "flex": flex-attention BlockMasks (one per layer type, built once per batch) on doc_ids' device.
+    impl "triton": DocumentSpans (model/triton_attention.py), the two layer types sharing one spans pair.
     """
     _check_doc_ids(doc_ids, sliding_window)
     if impl == "eager":
@@ -129,6 +142,12 @@ def build_attention_masks(
             "full_attention": _block_mask(doc_ids, None),
             "sliding_attention": _block_mask(doc_ids, sliding_window),
         }
+    if impl == "triton":
+        from rustforge.model.triton_attention import document_spans
+
+        starts, ends = document_spans(doc_ids)
+        return {"full_attention": DocumentSpans(starts, ends, None),
+                "sliding_attention": DocumentSpans(starts, ends, sliding_window)}
     raise ValueError(f"attention impl: expected one of {MASK_IMPLS}, got {impl!r}")
 
 
@@ -209,6 +228,24 @@ def flex_attention_with_rope_and_sinks(
                                      sinks, scale)
 
 
+def rope_qk(query: Tensor, key: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """RoPE on q/k in the projections' layout [B, T, H, D] (cos/sin [B, T, D/2]); one fused kernel each way when
+    compiled (`_compiled_on_gpu`)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return rotate_half_pairs(query, cos, sin), rotate_half_pairs(key, cos, sin)
+
+
+def triton_attention_with_rope_and_sinks(
+    query: Tensor, key: Tensor, value: Tensor, cos: Tensor, sin: Tensor, spans: "DocumentSpans", sinks: Tensor | None,
+    scale: float
+) -> Tensor:
+    """RoPE (compiled), then model/triton_attention's kernels on the [B, T, H, D] tensors; returns [B, T, Hq, D]."""
+    from rustforge.model.triton_attention import packed_sink_attention
+
+    query, key = _compiled_on_gpu(rope_qk, query.device)(query, key, cos, sin)
+    return packed_sink_attention(query, key, value, sinks, spans.starts, spans.ends, spans.window, scale)
+
+
 def rustforge_flex_attention(
     module: torch.nn.Module,
     query: Tensor,
@@ -223,15 +260,17 @@ def rustforge_flex_attention(
 ) -> tuple[Tensor, None]:
     """transformers attention function: q [B, Hq, T, D], k/v [B, Hkv, T, D] -> ([B, T, Hq, D], None).
 
-    `attention_mask` must be a BlockMask from `build_attention_masks(..., impl="flex")`; it already
-    carries the causal, document and (for sliding layers) window rule, so `sliding_window` is unused.
+    `attention_mask` must be a BlockMask or DocumentSpans from `build_attention_masks(..., impl="flex" or
+    "triton")`; it already carries the causal, document and (for sliding layers) window rule, so
+    `sliding_window` is unused.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
-    if not isinstance(attention_mask, BlockMask):
+    if not isinstance(attention_mask, (BlockMask, DocumentSpans)):
         raise TypeError(
-            f"{FLEX_IMPLEMENTATION_NAME}: attention_mask must be a flex BlockMask from "
-            f"rustforge.model.attention.build_attention_masks(impl='flex'), got {type(attention_mask).__name__}"
+            f"{FLEX_IMPLEMENTATION_NAME}: attention_mask must be a flex BlockMask or DocumentSpans from "
+            f"rustforge.model.attention.build_attention_masks(impl='flex' or 'triton'), got "
+            f"{type(attention_mask).__name__}"
         )
     if dropout:
         raise ValueError(f"{FLEX_IMPLEMENTATION_NAME}: attention dropout is not supported (got {dropout})")
@@ -241,6 +280,12 @@ def rustforge_flex_attention(
             "attention implementation for CPU training"
         )
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    if isinstance(attention_mask, DocumentSpans):  # the kernels take [B, T, H, D]: transposed views, no copy
+        from rustforge.model.triton_attention import packed_sink_attention
+
+        out = packed_sink_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), s_aux,
+                                    attention_mask.starts, attention_mask.ends, attention_mask.window, scale)
+        return out, None
     attend = _compiled_on_gpu(flex_attention_with_sinks, query.device)
     return attend(query, key, value, attention_mask, s_aux, scale), None
 
@@ -273,10 +318,10 @@ def _fusable_projection(module: torch.nn.Module) -> bool:
 
 class PackedFlexAttention(GptOssAttention):
     """transformers' GptOssAttention (same parameters and submodules) whose training forward -- a flex
-    BlockMask from build_attention_masks and no KV cache -- computes q, k and v with one LoRA projection
-    call (model/lora.lora_projections: one GEMM for the three LoRA A factors, LoRA accumulated inside
-    the base GEMMs) and RoPE inside the compiled flex-attention function. Anything else (a cache, dense
-    masks, another attention implementation, LoRA dropout) runs transformers' forward."""
+    BlockMask or DocumentSpans from build_attention_masks and no KV cache -- computes q, k and v with one LoRA
+    projection call (model/lora.lora_projections: one GEMM for the three LoRA A factors, LoRA accumulated inside
+    the base GEMMs) and RoPE compiled with the attention (flex) or before it (the Triton kernels). Anything else
+    (a cache, dense masks, another attention implementation, LoRA dropout) runs transformers' forward."""
 
     def forward(self, hidden_states, position_embeddings, attention_mask, **kwargs):
         from torch.nn.attention.flex_attention import BlockMask
@@ -287,7 +332,7 @@ class PackedFlexAttention(GptOssAttention):
         if (
             kwargs.get("cache") is not None  # transformers >= 5.2x
             or kwargs.get("past_key_values") is not None  # its name before (the device has 5.17)
-            or not isinstance(attention_mask, BlockMask)
+            or not isinstance(attention_mask, (BlockMask, DocumentSpans))
             or self.config._attn_implementation != FLEX_IMPLEMENTATION_NAME
             or not all(_fusable_projection(p) for p in projections)
             or (hidden_states.device.type == "cpu" and torch.is_grad_enabled())
@@ -297,8 +342,12 @@ class PackedFlexAttention(GptOssAttention):
         hidden_shape = (*input_shape, -1, self.head_dim)
         query, key, value = (t.view(hidden_shape) for t in lora_projections(hidden_states, projections))  # [B, T, H, D]
         cos, sin = position_embeddings
-        attend = _compiled_on_gpu(flex_attention_with_rope_and_sinks, query.device)
-        out = attend(query, key, value, cos, sin, attention_mask, self.sinks, self.scaling)
+        if isinstance(attention_mask, DocumentSpans):
+            out = triton_attention_with_rope_and_sinks(query, key, value, cos, sin, attention_mask, self.sinks,
+                                                       self.scaling)
+        else:
+            attend = _compiled_on_gpu(flex_attention_with_rope_and_sinks, query.device)
+            out = attend(query, key, value, cos, sin, attention_mask, self.sinks, self.scaling)
         return self.o_proj(out.reshape(*input_shape, -1)), None
 
 

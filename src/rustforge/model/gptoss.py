@@ -68,8 +68,10 @@ def resolve_attention(cfg: ModelConfig, device: torch.device) -> str:
     impl = cfg.attention
     if impl == "auto":
         impl = "flex" if device.type == "cuda" else "eager"
-    if impl not in ("eager", "flex"):
-        raise ValueError(f"model.attention: unknown implementation {impl!r}; use auto, eager or flex")
+    if impl not in ("eager", "flex", "triton"):
+        raise ValueError(f"model.attention: unknown implementation {impl!r}; use auto, eager, flex or triton")
+    if impl == "triton" and device.type != "cuda":
+        raise ValueError(f"model.attention: triton needs a CUDA GPU; use eager or auto on {device.type}")
     return impl
 
 
@@ -94,7 +96,8 @@ class RustforgeModel(nn.Module):
         # decoder_stack calls the layers' submodules itself: not under gradient checkpointing (which wraps the
         # layer call) nor FSDP2 (whose hooks unshard at the layer and body calls; shard_model turns it off)
         self.own_layer_loop = not cfg.gradient_checkpointing
-        hf.config._attn_implementation = register_flex_attention() if attention == "flex" else "eager"
+        # flex and triton share one registered attention function (it dispatches on the mask's type)
+        hf.config._attn_implementation = register_flex_attention() if attention != "eager" else "eager"
         for i, layer in enumerate(hf.model.layers):
             layer.mlp.router.register_forward_hook(self._keep_router_logits(i))
         if cfg.gradient_checkpointing:
@@ -249,8 +252,8 @@ def build_model(
     if lora_cfg is not None:
         torch.manual_seed(model_cfg.seed)  # the adapter's init depends on the seed alone, not on what ran before
         apply_lora(hf, lora_cfg)
-    if attention == "flex":
-        install_packed_flex_attention(hf)  # q/k/v in one LoRA call, RoPE compiled with flex
+    if attention in ("flex", "triton"):
+        install_packed_flex_attention(hf)  # q/k/v in one LoRA call, RoPE compiled with the attention
     return RustforgeModel(hf.to(device), model_cfg, attention)
 
 

@@ -170,9 +170,16 @@ def _restore_training_state(params: list[torch.Tensor], optimizer, saved) -> Non
 
 
 def _copy_mask(captured, fresh, name: str) -> None:
-    """Copies a batch's mask (a flex BlockMask or a dense tensor) into the captured one of the same shapes."""
+    """Copies a batch's mask (a flex BlockMask, DocumentSpans or a dense tensor) into the captured one of the same
+    shapes."""
+    from rustforge.model.attention import DocumentSpans
+
     if isinstance(captured, torch.Tensor):
         captured.copy_(fresh)
+        return
+    if isinstance(captured, DocumentSpans):  # both layer types share the tensors: copying twice is harmless
+        captured.starts.copy_(fresh.starts)
+        captured.ends.copy_(fresh.ends)
         return
     old, new = captured.as_tuple(), fresh.as_tuple()
     for a, b in zip(old, new, strict=True):

@@ -1,0 +1,184 @@
+"""model/triton_attention.py (packed attention with sinks, causal + sliding-window, document spans) against
+attention.reference_attention in float64: outputs and the gradients of q, k, v and the sinks.
+
+- CPU: document_spans on hand-made rows.
+- With Triton importable, the kernels run on CPU under TRITON_INTERPRET=1 in a subprocess
+  (`python tests/test_triton_attention.py`), float32 inputs, small blocks so rows cross block edges.
+- GPU (`-m gpu`): bf16 on the 20B head shape (64 query heads, 8 kv heads, head dim 64) with the default blocks.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from triton_interpreter import needs_triton, run_interpreter_cases, run_under_interpreter
+
+from rustforge.model import triton_attention as ta
+from rustforge.model.attention import build_attention_masks, reference_attention
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def _doc_ids(seq_len: int, lengths: list[int]) -> list[int]:
+    """A row of documents of these lengths (a negative length is that much padding), padded to seq_len."""
+    row = []
+    for doc, length in enumerate(lengths):
+        row += [-1] * -length if length < 0 else [doc] * length
+    return (row + [-1] * seq_len)[:seq_len]
+
+
+def dense_reference(q, k, v, sinks, doc_ids, window, scale):
+    """transformers' eager GPT-OSS attention (eager_attention_forward: sink column, max subtraction) with the
+    additive document mask, one kv head's query group at a time (the [H, T, T] scores of 5K tokens would not
+    fit at once); q [B, Hq, T, D] -> [B, T, Hq, D]. For the GPU test, where the float64 loop is too slow."""
+    from types import SimpleNamespace
+
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    mask = build_attention_masks(doc_ids, window or doc_ids.shape[1], "eager", q.dtype)
+    mask = mask["sliding_attention" if window else "full_attention"]
+    group = q.shape[1] // k.shape[1]
+    outs = []
+    for kv_head in range(k.shape[1]):
+        heads = slice(kv_head * group, (kv_head + 1) * group)
+        module = SimpleNamespace(num_key_value_groups=group, sinks=sinks[heads], training=False)
+        out, _ = eager_attention_forward(module, q[:, heads], k[:, kv_head : kv_head + 1], v[:, kv_head : kv_head + 1],
+                                         mask, scale)
+        outs.append(out)
+    return torch.cat(outs, dim=2)
+
+
+def check_attention(rows: list[list[int]], seq_len: int, q_heads: int, kv_heads: int, head_dim: int, window,
+                    with_sinks: bool, dtype, device, tol: float, blocks=None, seed: int = 0, dense: bool = False,
+                    layout: str = "bthd") -> dict:
+    """`layout`: how the kernel gets q/k/v -- "bthd" the projections' [B, T, H, D], "bhtd" transposed views of
+    [B, H, T, D] tensors (transformers' attention interface), "fused" head slices of one [B, T, Hq + 2 Hkv, D]."""
+    g = torch.Generator().manual_seed(seed)
+    doc_ids = torch.tensor([_doc_ids(seq_len, lengths) for lengths in rows], device=device)
+    batch = doc_ids.shape[0]
+    q, k, v, grad_out = (torch.randn(batch, seq_len, heads, head_dim, generator=g)
+                         for heads in (q_heads, kv_heads, kv_heads, q_heads))
+    sinks = torch.randn(q_heads, generator=g) if with_sinks else None
+    scale = head_dim ** -0.5
+    # the reference, float64 on the CPU (float32 on the device with `dense`), [B, H, T, D]
+    ref_device, ref_dtype = (device, torch.float32) if dense else ("cpu", torch.float64)
+    ref_in = [t.to(ref_device, ref_dtype).requires_grad_(True) for t in (q, k, v)]
+    ref_sinks = sinks.to(ref_device, ref_dtype).requires_grad_(True) if with_sinks else None
+    reference = dense_reference if dense else reference_attention
+    want = reference(*(t.transpose(1, 2) for t in ref_in), ref_sinks, doc_ids.to(ref_device), window, scale)
+    want.backward(grad_out.to(ref_device, ref_dtype))
+    # the kernels
+    ours, grads = _kernel_inputs([t.to(device=device, dtype=dtype) for t in (q, k, v)], layout)
+    our_sinks = sinks.to(device).requires_grad_(True) if with_sinks else None  # float32, as the checkpoint's
+    starts, ends = ta.document_spans(doc_ids)
+    kwargs = {"blocks": blocks} if blocks else {}
+    got = ta.packed_sink_attention(*ours, our_sinks, starts, ends, window, scale, **kwargs)
+    got.backward(grad_out.to(device=device, dtype=dtype))
+
+    def rel(a, b):
+        a, b = a.detach().double(), b.detach().to(a.device).double()
+        return float((a - b).abs().max() / b.abs().max())
+
+    grad_q, grad_k, grad_v = grads()
+    errs = {"out": rel(got, want), "grad_q": rel(grad_q, ref_in[0].grad), "grad_k": rel(grad_k, ref_in[1].grad),
+            "grad_v": rel(grad_v, ref_in[2].grad)}
+    if with_sinks:
+        errs["grad_sinks"] = rel(our_sinks.grad, ref_sinks.grad)
+    padding = doc_ids.reshape(-1) < 0
+    pad_out = float(got.detach().reshape(-1, q_heads * head_dim)[padding].abs().max()) if padding.any() else 0.0
+    ok = got.dtype == dtype and pad_out == 0.0 and all(e <= tol for e in errs.values())
+    return {"ok": ok, "padding_out": pad_out, **errs}
+
+
+def _kernel_inputs(qkv: list, layout: str):
+    """(q, k, v in `layout` from leaf tensors, a thunk giving the leaves' gradients in [B, T, H, D])."""
+    if layout == "bthd":
+        leaves = [t.requires_grad_(True) for t in qkv]
+        return leaves, lambda: [t.grad for t in leaves]
+    if layout == "bhtd":
+        leaves = [t.transpose(1, 2).contiguous().requires_grad_(True) for t in qkv]
+        return [t.transpose(1, 2) for t in leaves], lambda: [t.grad.transpose(1, 2) for t in leaves]
+    if layout == "fused":
+        widths = [t.shape[2] for t in qkv]
+        fused = torch.cat(qkv, dim=2).requires_grad_(True)
+        return list(fused.split(widths, dim=2)), lambda: list(fused.grad.split(widths, dim=2))
+    raise ValueError(layout)
+
+
+SMALL_BLOCKS = ((16, 16, 4, 1), (16, 16, 4, 1))
+# (rows of document lengths, seq_len, window, sinks, layout): documents crossing block edges, padding inside and at the
+# end, a window shorter than a block and one longer, two batch rows
+INTERPRETER_CASES = [
+    ([[20, 7, -3, 15]], 45, None, True, "bthd"),
+    ([[20, 7, -3, 15], [45]], 45, 5, True, "bhtd"),
+    ([[30, -2, 13], [9, 9, 9]], 45, 24, False, "fused"),
+    ([[45]], 45, None, False, "bthd"),
+]
+
+
+def test_document_spans():
+    doc_ids = torch.tensor([_doc_ids(8, [3, -2, 2]), _doc_ids(8, [8])])
+    starts, ends = ta.document_spans(doc_ids)
+    assert starts.tolist() == [0, 0, 0, 4, 5, 5, 5, 8] + [8] * 8
+    assert ends.tolist() == [3, 3, 3, 3, 4, 7, 7, 7] + [16] * 8
+    assert starts.dtype == ends.dtype == torch.int32
+
+
+def test_dense_reference_is_the_loop_reference():
+    g = torch.Generator().manual_seed(3)
+    doc_ids = torch.tensor([_doc_ids(12, [5, -2, 4])])
+    q, k, v = (torch.randn(1, heads, 12, 8, generator=g, dtype=torch.float64) for heads in (4, 2, 2))
+    sinks = torch.randn(4, generator=g, dtype=torch.float64)
+    for window in (None, 3):
+        torch.testing.assert_close(dense_reference(q, k, v, sinks, doc_ids, window, 0.3),
+                                   reference_attention(q, k, v, sinks, doc_ids, window, 0.3))
+
+
+def test_rejects_odd_head_dim_and_a_cpu_without_the_interpreter():
+    spans = ta.document_spans(torch.zeros(1, 4, dtype=torch.long))
+    x = torch.zeros(1, 4, 2, 24)
+    with pytest.raises(ValueError, match="head dim"):
+        ta.packed_sink_attention(x, x, x, None, *spans, None)
+    if not ta.triton_attention_available(x[..., :16]):
+        with pytest.raises(RuntimeError, match="model.attention: eager"):
+            ta.packed_sink_attention(x[..., :16], x[..., :16], x[..., :16], None, *spans, None)
+
+
+def test_the_model_option_refuses_a_cpu():
+    from rustforge.config import ModelConfig
+    from rustforge.model.gptoss import resolve_attention
+
+    with pytest.raises(ValueError, match="model.attention: triton needs a CUDA GPU"):
+        resolve_attention(ModelConfig(attention="triton"), torch.device("cpu"))
+
+
+@needs_triton
+def test_kernels_under_the_triton_interpreter():
+    run_under_interpreter(__file__)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("window", [None, 128])
+@pytest.mark.parametrize("rows", [[[1024, 1024, 1024, 1024]], [[700, -20, 1500, 1000, 300, -500, 1076]]])
+def test_gpu_bf16_20b_heads(rows, window):
+    result = check_attention(rows, 4096 if len(rows[0]) == 4 else 5096, 64, 8, 64, window, True, torch.bfloat16,
+                             "cuda", tol=2e-2, dense=True)
+    assert result["ok"], result
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_small_shapes_without_sinks():
+    result = check_attention([[50, -3, 80], [133]], 133, 8, 2, 32, 40, False, torch.bfloat16, "cuda", tol=2e-2,
+                             layout="fused")
+    assert result["ok"], result
+
+
+if __name__ == "__main__":  # the interpreter run (TRITON_INTERPRET=1 set by the caller)
+    cases = [(f"case{i}", lambda c=c, i=i: check_attention(c[0], c[1], 4, 2, 16, c[2], c[3], torch.float32, "cpu",
+                                                           tol=1e-4, blocks=SMALL_BLOCKS, seed=i, layout=c[4]))
+             for i, c in enumerate(INTERPRETER_CASES)]
+    sys.exit(run_interpreter_cases(cases))
