@@ -3,8 +3,8 @@
 against model/triton_attention.py (attention.triton_attention_with_rope_and_sinks) with candidate block
 configurations, for both layer types (full causal, the 128-token window).
 
-Each case's forward and forward + backward are captured as CUDA graphs of `--iters` calls and replayed, so the
-figures are GPU time, not the host's launch time (flex_tune.py's were host-bound). Every Triton candidate's
+Each case's forward and forward + backward are timed as the profiler's GPU kernel time over `--iters` calls, not
+the host's launch time (flex_tune.py's were host-bound). Every Triton candidate's
 output and gradients are compared with flex's (max abs difference; bf16 rounding expected, ~1e-2).
 
     PYTHONPATH=$PWD/src python bench/attention_kernels.py --seq 4096 --docs 4 --out $OUT/attention_kernels.jsonl
@@ -50,34 +50,27 @@ def make_inputs(seq: int, docs: int, device):
     return (q, k, v, sinks), cos, sin, doc_ids, grad
 
 
-def graph_ms(thunk, iters: int, replays: int = 3) -> float:
-    """Mean GPU time of one `thunk()` call: `iters` calls captured in one CUDA graph, replayed."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            thunk()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+def kernel_ms(thunk, iters: int) -> tuple[float, dict]:
+    """GPU kernel time of one `thunk()` call (the profiler's device time over `iters` calls, / iters) and the
+    largest kernels' shares: the host's launch time does not count (flex_tune.py's wall-clock figures were
+    host-bound; a CUDA graph of autograd.grad did not capture here, run 19)."""
+    thunk()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
         for _ in range(iters):
             thunk()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (replays * iters)
+        torch.cuda.synchronize()
+    kernels = {e.key: e.self_device_time_total / iters / 1e3 for e in prof.key_averages() if e.self_device_time_total > 0}
+    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:5])
+    return sum(kernels.values()), {k[:80]: round(v, 4) for k, v in top.items()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--docs", type=int, default=4)
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--iters", type=int, default=10)
     p.add_argument("--only", nargs="*", default=list(CANDIDATES))
     p.add_argument("--out", default="attention_kernels.jsonl")
     args = p.parse_args()
@@ -120,8 +113,9 @@ def main() -> None:
                 rec["max_diff_vs_flex"] = [round(float((a.float() - b.float()).abs().max()), 5)
                                            for a, b in zip(result, reference[layer_type])]
             with torch.no_grad():
-                rec["fwd_ms"] = graph_ms(lambda: fn(*leaves[:3], cos, sin, leaves[3], 0.125), args.iters)
-            rec["fwd_bwd_ms"] = graph_ms(
+                rec["fwd_ms"], rec["fwd_kernels"] = kernel_ms(lambda: fn(*leaves[:3], cos, sin, leaves[3], 0.125),
+                                                              args.iters)
+            rec["fwd_bwd_ms"], rec["fwd_bwd_kernels"] = kernel_ms(
                 lambda: torch.autograd.grad(fn(*leaves[:3], cos, sin, leaves[3], 0.125), leaves, grad), args.iters)
             rec["fwd_tflops"] = round(flop_fwd[layer_type] / rec["fwd_ms"] / 1e9, 1)
             rec["bwd_tflops"] = round(2.5 * flop_fwd[layer_type] / (rec["fwd_bwd_ms"] - rec["fwd_ms"]) / 1e9, 1)

@@ -671,6 +671,20 @@ PLANS = {
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --lora-in-gemm-k",
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --lora-in-gemm-k --attention triton",
     ],
+    # is moe.LORA_IN_GEMM_K's lower loss after 14 graphed steps (runs 18-19) numerics or a bug? eager, against the
+    # default path and session 3's torch paths, the same 6 steps each
+    "s7_kdiag": [
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 4",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 4 --lora-in-gemm-k",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 4 --unfused",
+    ],
+    # session 7's closing comparison: the baseline, then the graphed step with both session-7 paths
+    "s7_final": [
+        "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 3",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --lora-in-gemm-k --attention triton",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --attention triton",
+        "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 2 --iters 6 --cuda-graph --attention triton",
+    ],
     "s6_profile": [
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 2 --profile-seq 4096",
     ],

@@ -97,7 +97,9 @@ def test_replays_equal_eager_steps(attention, lora_in_gemm_k):
 @pytest.mark.parametrize("variant", ["triton_attention", "lora_in_gemm_k"])
 def test_the_fast_variants_train_like_the_default_path(variant, monkeypatch):
     """Eager AdamW steps with model/triton_attention.py's kernels (against flex) or moe.LORA_IN_GEMM_K (against the
-    default expert LoRA): the same losses and LoRA weights, step by step, up to bf16 rounding."""
+    default expert LoRA): the same losses step by step up to bf16 rounding, and LoRA weights within what AdamW's
+    sign-like steps make of that rounding (a parameter whose gradient is near zero may step either way each step:
+    up to 2 x lr x steps = 0.01 apart; measured 0.004-0.006 on an H100, run 19)."""
     from rustforge.model import moe
 
     batches = [_batch(256, 2, 512, "cuda", 0)] * 3 + [_batch(256, 4, 512, "cuda", 1)] * 2
@@ -109,7 +111,7 @@ def test_the_fast_variants_train_like_the_default_path(variant, monkeypatch):
     (want, want_params), (got, got_params) = runs
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=2e-3, atol=2e-3)
     for a, b in zip(got_params, want_params):
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-2)
 
 
 def test_a_new_layouts_masks_are_copied_into_the_captured_ones():

@@ -54,7 +54,8 @@ def check_attention(rows: list[list[int]], seq_len: int, q_heads: int, kv_heads:
                     with_sinks: bool, dtype, device, tol: float, blocks=None, seed: int = 0, dense: bool = False,
                     layout: str = "bthd") -> dict:
     """`layout`: how the kernel gets q/k/v -- "bthd" the projections' [B, T, H, D], "bhtd" transposed views of
-    [B, H, T, D] tensors (transformers' attention interface), "fused" head slices of one [B, T, Hq + 2 Hkv, D]."""
+    [B, H, T, D] tensors, "mixed" q/k so and v in rows (transformers' attention interface after its RoPE), "fused"
+    head slices of one [B, T, Hq + 2 Hkv, D]."""
     g = torch.Generator().manual_seed(seed)
     doc_ids = torch.tensor([_doc_ids(seq_len, lengths) for lengths in rows], device=device)
     batch = doc_ids.shape[0]
@@ -100,6 +101,10 @@ def _kernel_inputs(qkv: list, layout: str):
     if layout == "bhtd":
         leaves = [t.transpose(1, 2).contiguous().requires_grad_(True) for t in qkv]
         return [t.transpose(1, 2) for t in leaves], lambda: [t.grad.transpose(1, 2) for t in leaves]
+    if layout == "mixed":  # transformers' path: q, k rotated into new [B, H, T, D] tensors, v a projection view
+        leaves = [t.requires_grad_(True) for t in qkv]
+        q, k = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in leaves[:2])
+        return [q, k, leaves[2]], lambda: [t.grad for t in leaves]
     if layout == "fused":
         widths = [t.shape[2] for t in qkv]
         fused = torch.cat(qkv, dim=2).requires_grad_(True)
@@ -115,6 +120,7 @@ INTERPRETER_CASES = [
     ([[20, 7, -3, 15], [45]], 45, 5, True, "bhtd"),
     ([[30, -2, 13], [9, 9, 9]], 45, 24, False, "fused"),
     ([[45]], 45, None, False, "bthd"),
+    ([[12, 33]], 45, 7, True, "mixed"),
 ]
 
 

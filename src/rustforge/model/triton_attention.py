@@ -78,8 +78,8 @@ if triton is not None:
                 + heads * stride_h + dims)
 
     @triton.jit
-    def _attention_forward_kernel(Q, K, V, Sinks, Out, Lse, Starts, n_tokens, seq_len, q_sb, q_st, q_sh, kv_sb, kv_st,
-                                  kv_sh, o_sb, o_st, o_sh, qk_scale, window, GROUP: tl.constexpr,
+    def _attention_forward_kernel(Q, K, V, Sinks, Out, Lse, Starts, n_tokens, seq_len, q_sb, q_st, q_sh, k_sb, k_st,
+                                  k_sh, v_sb, v_st, v_sh, o_sb, o_st, o_sh, qk_scale, window, GROUP: tl.constexpr,
                                   HEAD_DIM: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_WINDOW: tl.constexpr,
                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
         """One block of BLOCK_M queries of one head: online softmax (log2 domain) over its documents' keys.
@@ -107,7 +107,7 @@ if triton is not None:
         for key0 in range((first_key // BLOCK_N) * BLOCK_N, last_key, BLOCK_N):
             keys = key0 + tl.arange(0, BLOCK_N)
             key_ok = keys < n_tokens
-            k_t = tl.load(K + _offsets(keys[None, :], kv_head, seq_len, kv_sb, kv_st, kv_sh, dims[:, None]),
+            k_t = tl.load(K + _offsets(keys[None, :], kv_head, seq_len, k_sb, k_st, k_sh, dims[:, None]),
                           mask=key_ok[None, :], other=0.0)  # [D, BLOCK_N]
             s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
             allowed = (keys[None, :] <= rows[:, None]) & (keys[None, :] >= starts[:, None])
@@ -118,7 +118,7 @@ if triton is not None:
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing yet (no sink)
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
-            v = tl.load(V + _offsets(keys[:, None], kv_head, seq_len, kv_sb, kv_st, kv_sh, dims[None, :]),
+            v = tl.load(V + _offsets(keys[:, None], kv_head, seq_len, v_sb, v_st, v_sh, dims[None, :]),
                         mask=key_ok[:, None], other=0.0)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -145,7 +145,8 @@ if triton is not None:
 
     @triton.jit
     def _attention_dkdv_kernel(Q, K, V, GradOut, Lse, Delta, Starts, Ends, GradK, GradV, n_tokens, seq_len, q_sb, q_st,
-                               q_sh, kv_sb, kv_st, kv_sh, o_sb, o_st, o_sh, g_sb, g_st, g_sh, qk_scale, sm_scale, window,
+                               q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, o_sb, o_st, o_sh, g_sb, g_st, g_sh, qk_scale, sm_scale,
+                               window,
                                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
         """dK, dV of one block of BLOCK_N keys of one kv head: every query head of the group, every query block
@@ -154,9 +155,10 @@ if triton is not None:
         keys = block * BLOCK_N + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, HEAD_DIM)
         key_ok = keys < n_tokens
-        kv_offsets = _offsets(keys[:, None], kv_head, seq_len, kv_sb, kv_st, kv_sh, dims[None, :])
-        k = tl.load(K + kv_offsets, mask=key_ok[:, None], other=0.0)
-        v = tl.load(V + kv_offsets, mask=key_ok[:, None], other=0.0)
+        k = tl.load(K + _offsets(keys[:, None], kv_head, seq_len, k_sb, k_st, k_sh, dims[None, :]), mask=key_ok[:, None],
+                    other=0.0)
+        v = tl.load(V + _offsets(keys[:, None], kv_head, seq_len, v_sb, v_st, v_sh, dims[None, :]), mask=key_ok[:, None],
+                    other=0.0)
         ends = tl.load(Ends + keys, mask=key_ok, other=0)
         first_row = block * BLOCK_N
         last_row = tl.minimum(tl.max(ends, axis=0), n_tokens)  # exclusive
@@ -190,8 +192,8 @@ if triton is not None:
         tl.store(GradV + grad_offsets, grad_v.to(GradV.dtype.element_ty), mask=key_ok[:, None])
 
     @triton.jit
-    def _attention_dq_kernel(Q, K, V, GradOut, Lse, Delta, Starts, GradQ, n_tokens, seq_len, q_sb, q_st, q_sh, kv_sb,
-                             kv_st, kv_sh, o_sb, o_st, o_sh, g_sb, g_st, g_sh, qk_scale, sm_scale, window,
+    def _attention_dq_kernel(Q, K, V, GradOut, Lse, Delta, Starts, GradQ, n_tokens, seq_len, q_sb, q_st, q_sh, k_sb,
+                             k_st, k_sh, v_sb, v_st, v_sh, o_sb, o_st, o_sh, g_sb, g_st, g_sh, qk_scale, sm_scale, window,
                              GROUP: tl.constexpr,
                              HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
@@ -216,9 +218,10 @@ if triton is not None:
         for key0 in range((first_key // BLOCK_N) * BLOCK_N, last_key, BLOCK_N):
             keys = key0 + tl.arange(0, BLOCK_N)
             key_ok = keys < n_tokens
-            kv_offsets_t = _offsets(keys[None, :], kv_head, seq_len, kv_sb, kv_st, kv_sh, dims[:, None])
-            k_t = tl.load(K + kv_offsets_t, mask=key_ok[None, :], other=0.0)  # [D, BLOCK_N]
-            v_t = tl.load(V + kv_offsets_t, mask=key_ok[None, :], other=0.0)
+            k_t = tl.load(K + _offsets(keys[None, :], kv_head, seq_len, k_sb, k_st, k_sh, dims[:, None]),
+                          mask=key_ok[None, :], other=0.0)  # [D, BLOCK_N]
+            v_t = tl.load(V + _offsets(keys[None, :], kv_head, seq_len, v_sb, v_st, v_sh, dims[:, None]),
+                          mask=key_ok[None, :], other=0.0)
             s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
             allowed = (keys[None, :] <= rows[:, None]) & (keys[None, :] >= starts[:, None])
             if HAS_WINDOW:
@@ -248,14 +251,13 @@ class _PackedSinkAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, starts, ends, window, scale, blocks):
         batch, seq_len, q_heads, head_dim = q.shape
-        if v.stride() != k.stride():
-            raise ValueError(f"triton attention: v's strides {v.stride()} differ from k's {k.stride()}")
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(q_heads, batch * seq_len, dtype=torch.float32, device=q.device)
         block_m, block_n, warps, stages = blocks[0]
         _attention_forward_kernel[(triton.cdiv(batch * seq_len, block_m), q_heads)](
             q, k, v, sinks if sinks is not None else q, out, lse, starts, batch * seq_len, seq_len,
-            *_strides(q, "q"), *_strides(k, "k"), *_strides(out, "out"), scale * LOG2E, window,
+            *_strides(q, "q"), *_strides(k, "k"), *_strides(v, "v"), *_strides(out, "out"), scale * LOG2E,
+            window,
             GROUP=q_heads // k.shape[2], HEAD_DIM=head_dim, HAS_SINKS=sinks is not None, HAS_WINDOW=window > 0,
             BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q), num_warps=warps, num_stages=stages)
         ctx.save_for_backward(q, k, v, sinks, starts, ends, out, lse)
@@ -269,10 +271,10 @@ class _PackedSinkAttention(torch.autograd.Function):
         n_tokens, kv_heads = batch * seq_len, k.shape[2]
         if grad_out.stride() != out.stride():
             grad_out = grad_out.contiguous()
-        strides = (*_strides(q, "q"), *_strides(k, "k"), *_strides(out, "out"))
+        strides = (*_strides(q, "q"), *_strides(k, "k"), *_strides(v, "v"), *_strides(out, "out"))
         delta = torch.empty_like(lse)
         _attention_delta_kernel[(triton.cdiv(n_tokens, 64), q_heads)](
-            out, grad_out, delta, n_tokens, seq_len, *strides[6:], HEAD_DIM=head_dim, BLOCK_M=64)
+            out, grad_out, delta, n_tokens, seq_len, *strides[9:], HEAD_DIM=head_dim, BLOCK_M=64)
         # gradients [B, T, H, D] contiguous whatever the inputs' strides (q/k/v may be slices of one fused row)
         grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         grad_k, grad_v = (torch.empty(k.shape, dtype=k.dtype, device=k.device) for _ in range(2))
