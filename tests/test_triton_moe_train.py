@@ -149,20 +149,23 @@ def check_low_rank_update(S: int, N: int, P: int, E: int, dtype, device, tol: fl
 EXPERT_DIMS = (6, 64, 96)  # E, H, I of the GroupedExperts checks
 
 
-def _experts_case(fmt: str, dtype, device, n_tokens: int):
-    """A GroupedExperts with random weights and LoRA on both projections, routing, input and output gradient."""
-    E, H, I = EXPERT_DIMS
+def _experts_case(fmt: str, dtype, device, n_tokens: int, dims=EXPERT_DIMS, top_k: int = 2, rank: int = 4):
+    """A GroupedExperts with random weights and LoRA on both projections, routing, input and output gradient.
+    Weights shrink with 1/sqrt(hidden) from the (H = 64) scale, so wide shapes keep the clamp partly hit."""
+    E, H, I = dims
+    shrink = (64 / H) ** 0.5
     g = torch.Generator().manual_seed(0)
     # std 0.3 puts some gate/up pre-activations past the clamp limit, so its gradient is covered
-    module = moe.GroupedExperts.from_dense(torch.randn(E, H, 2 * I, generator=g) * 0.3, torch.randn(E, 2 * I, generator=g) * 0.5,
-                                           torch.randn(E, I, H, generator=g) * 0.1, torch.randn(E, H, generator=g) * 0.5,
-                                           fmt=fmt, alpha=ALPHA, limit=LIMIT)
-    moe.add_expert_lora(module, r=4, alpha=8, targets=moe.EXPERT_TARGETS)
+    module = moe.GroupedExperts.from_dense(torch.randn(E, H, 2 * I, generator=g) * 0.3 * shrink,
+                                           torch.randn(E, 2 * I, generator=g) * 0.5,
+                                           torch.randn(E, I, H, generator=g) * 0.1 * shrink,
+                                           torch.randn(E, H, generator=g) * 0.5, fmt=fmt, alpha=ALPHA, limit=LIMIT)
+    moe.add_expert_lora(module, r=rank, alpha=2 * rank, targets=moe.EXPERT_TARGETS)
     with torch.no_grad():
         for p in module.lora_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1 * shrink)
     module = module.to(device=device, dtype=dtype)
-    indices, weights = _routing(n_tokens, 2, module.num_experts, device, seed=5)
+    indices, weights = _routing(n_tokens, top_k, module.num_experts, device, seed=5)
     x = torch.randn(n_tokens, module.hidden_size, generator=torch.Generator().manual_seed(6)).to(device)
     return module, indices, weights, x, torch.randn_like(x)
 
@@ -178,9 +181,9 @@ def _experts_step(module, indices, weights, x, grad_out) -> dict:
             **{f"lora{i}": p.grad.clone() for i, p in enumerate(module.lora_parameters())}}
 
 
-def check_grouped_experts(fmt: str, dtype, device, tol: float, n_tokens: int = 37) -> dict:
+def check_grouped_experts(fmt: str, dtype, device, tol: float, n_tokens: int = 37, **shape) -> dict:
     """GroupedExperts forward and every gradient (hidden, router weights, LoRA) with the fused kernels == without."""
-    case = _experts_case(fmt, dtype, device, n_tokens)
+    case = _experts_case(fmt, dtype, device, n_tokens, **shape)
     results, calls = {}, {}
     for fused in (False, True):
         moe.FUSED_KERNELS = fused
@@ -193,10 +196,11 @@ def check_grouped_experts(fmt: str, dtype, device, tol: float, n_tokens: int = 3
     return {"ok": took_paths and all(e <= tol for e in errs.values()), "kernel_calls": calls[True], **errs}
 
 
-def check_lora_in_gemm_k(dtype, device, tol: float, n_tokens: int = 37) -> dict:
+def check_lora_in_gemm_k(dtype, device, tol: float, n_tokens: int = 37, **shape) -> dict:
     """GroupedExperts (bf16 storage, LoRA on both projections, fused kernels) with moe.LORA_IN_GEMM_K == without:
     the output and every gradient; the K path must have run (the wide rows through the fused kernels)."""
-    case = _experts_case("bf16", dtype, device, n_tokens)
+    case = _experts_case("bf16", dtype, device, n_tokens, **shape)
+    rank = shape.get("rank", 4)
     results, widths = {}, []
     real = moe._GroupedLoraLinearInK.apply
     moe._GroupedLoraLinearInK.apply = lambda *a: widths.append(a[0].shape[1]) or real(*a)
@@ -208,8 +212,8 @@ def check_lora_in_gemm_k(dtype, device, tol: float, n_tokens: int = 37) -> dict:
         moe.LORA_IN_GEMM_K = False
         moe._GroupedLoraLinearInK.apply = real
     errs = {k: _rel_err(results[True][k], results[False][k]) for k in results[False]}
-    _, H, I = EXPERT_DIMS
-    took_path = widths == [H + moe._k_pad(4), I + moe._k_pad(4)]
+    _, H, I = shape.get("dims", EXPERT_DIMS)
+    took_path = widths == [H + moe._k_pad(rank), I + moe._k_pad(rank)]
     return {"ok": took_path and all(e <= tol for e in errs.values()), "widths": widths, **errs}
 
 
@@ -303,6 +307,20 @@ def test_gpu_swiglu_wide_rows_bf16(S, I):
 def test_gpu_grouped_experts_fused_equals_unfused(fmt):
     result = check_grouped_experts(fmt, torch.bfloat16, "cuda", tol=3e-2, n_tokens=300)
 
+    assert result["ok"], result
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("check", ["fused", "lora_in_gemm_k"])
+def test_gpu_20b_expert_shape(check):
+    """The same comparisons at GPT-OSS-20B's expert shape (32 experts, 2880 x 2880, top-4, LoRA r16, 4096 tokens):
+    shape-dependent bugs (block edges, strides, the 64 extra K) would hide at the small shape."""
+    shape = {"dims": (32, 2880, 2880), "top_k": 4, "rank": 16}
+    if check == "fused":
+        result = check_grouped_experts("bf16", torch.bfloat16, "cuda", tol=3e-2, n_tokens=4096, **shape)
+    else:
+        result = check_lora_in_gemm_k(torch.bfloat16, "cuda", tol=3e-2, n_tokens=4096, **shape)
     assert result["ok"], result
 
 

@@ -4,11 +4,12 @@
 Why our own kernel: the flex-attention kernels (model/attention.py) spend ~3.4x their forward's time in the
 backward on the 20B shape (run 14's profile: 478 us a layer against 139), the sinks go through an lse
 epilogue with its own gradient, and the document structure is rediscovered from a block mask per layer type.
-Here a packed row is described by one int32 per token -- the flat index where its document starts
-(`document_starts`) -- and both layer types use it (the window is a kernel argument):
+Here a packed row is described by two int32 per token -- the flat index where its document starts and one past
+where it ends (`document_spans`) -- and both layer types use them (the window is a kernel argument):
     query i attends key j  iff  start[i] <= j <= i  (and i - j < window on sliding layers)
 which is attention.py's rule for contiguous documents (a padding token's start is i + 1: it attends nothing).
-The kernels read q/k/v in the projections' layout [B, T, H, D] (rows of H * D), so no transposes exist.
+The kernels read q/k/v as [B, T, H, D] with any strides (the projections' rows on our path, transposed
+[B, H, T, D] tensors on transformers'), so no transposes are copied.
 
 The sink is one more softmax column with no value: the forward starts each row's online softmax at
 (max = sink, sum = 1), so out = sum_j exp(s_j) v_j / (sum_j exp(s_j) + exp(sink)) and the stored logsumexp
