@@ -212,11 +212,11 @@ def run_case(args) -> None:
 
         moe.TRITON_DEQUANT = False
         record["dequant"] = "torch"
-    if args.lora_in_gemm_k:
-        from rustforge.model import moe
+    from rustforge.model import moe
 
-        moe.LORA_IN_GEMM_K = True
-        record["lora_in_gemm_k"] = True
+    if args.no_lora_in_gemm_k:
+        moe.LORA_IN_GEMM_K = False
+    record["lora_in_gemm_k"] = moe.LORA_IN_GEMM_K
     if args.transformers_layer_loop:
         from rustforge.model import gptoss
 
@@ -659,31 +659,39 @@ PLANS = {
     # for session 7: moe.LORA_IN_GEMM_K against the default expert LoRA path, graphed, beside the baseline
     "s7_lora_k": [
         "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 3",
-        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --no-lora-in-gemm-k",
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --lora-in-gemm-k",
-        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --no-lora-in-gemm-k",
     ],
     # session 7: model/triton_attention.py's kernels against flex in the graphed step, beside the baseline
     "s7_attn": [
         "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 3",
-        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph",
-        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --attention triton",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --no-lora-in-gemm-k",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --attention triton --no-lora-in-gemm-k",
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --lora-in-gemm-k",
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --lora-in-gemm-k --attention triton",
     ],
     # is moe.LORA_IN_GEMM_K's lower loss after 14 graphed steps (runs 18-19) numerics or a bug? eager, against the
     # default path and session 3's torch paths, the same 6 steps each
     "s7_kdiag": [
-        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 4",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 4 --no-lora-in-gemm-k",
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 4 --lora-in-gemm-k",
-        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 4 --unfused",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 4 --unfused --no-lora-in-gemm-k",
     ],
     # session 7's closing comparison: the baseline, then the graphed step with both session-7 paths
     "s7_final": [
         "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 3",
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --lora-in-gemm-k --attention triton",
-        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --attention triton",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --attention triton --no-lora-in-gemm-k",
         "--case ours --fmt mxfp4 --no-ckpt --seqs 4096 --warmup 2 --iters 6 --cuda-graph --attention triton",
+    ],
+    # the defaults as they stand after session 7 (LORA_IN_GEMM_K on, `model.attention: triton` chosen), and flex
+    # against triton at 64K with checkpointing (full layers dominate there; ours is 5% slower per full layer at 4K)
+    "s7_last": [
+        "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 3",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --attention triton",
+        "--case ours --fmt mxfp4 --seqs 65536 --warmup 1 --iters 1 --attention flex",
+        "--case ours --fmt mxfp4 --seqs 65536 --warmup 1 --iters 1 --attention triton",
     ],
     "s6_profile": [
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 2 --profile-seq 4096",
@@ -707,6 +715,10 @@ PLANS = {
         "--case ours --fmt mxfp4 --no-ckpt --seqs 4096,8192 --profile-seq 4096 --warmup 1 --iters 2",
     ],
 }
+
+
+# Plans before session 7 ran with moe.LORA_IN_GEMM_K off (it was off by default then): add --no-lora-in-gemm-k to a
+# case of theirs to run it as it ran.
 
 
 def run_plan(args) -> None:
@@ -778,7 +790,9 @@ def main() -> None:
                    help="ours: model.attention on the GPU (flex, or model/triton_attention.py's kernels)")
     p.add_argument("--flex-options", default=None, help="JSON for attention.FLEX_KERNEL_OPTIONS (kernel options)")
     p.add_argument("--lora-in-gemm-k", action="store_true",
-                   help="ours: moe.LORA_IN_GEMM_K on (bf16 experts: LoRA inside the frozen GEMM as extra K; experiment)")
+                   help="ours: moe.LORA_IN_GEMM_K on (the default since session 7; kept so older plans still run)")
+    p.add_argument("--no-lora-in-gemm-k", action="store_true",
+                   help="ours: moe.LORA_IN_GEMM_K off (the in-place LoRA update of bf16 expert outputs, the reference)")
     p.add_argument("--transformers-layer-loop", action="store_true",
                    help="ours: transformers' decoder loop (residual adds apart from the norms), for an A/B")
     p.add_argument("--cuda-graph", action="store_true", help="ours: the step as one CUDA graph (GraphedTrainStep)")

@@ -503,6 +503,7 @@ def test_lora_in_gemm_k_equals_the_default_path(monkeypatch):
     runs, modules, calls = {}, {}, []
     real = moe._GroupedLoraLinearInK.apply
     monkeypatch.setattr(moe._GroupedLoraLinearInK, "apply", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(moe, "LORA_IN_GEMM_K_DTYPES", (torch.float32,))  # float32 here: the path is bf16's by default
     for in_k in (False, True):
         monkeypatch.setattr(moe, "LORA_IN_GEMM_K", in_k)
         calls.clear()

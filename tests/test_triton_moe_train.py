@@ -193,11 +193,14 @@ def check_grouped_experts(fmt: str, dtype, device, tol: float, n_tokens: int = 3
     """GroupedExperts forward and every gradient (hidden, router weights, LoRA) with the fused kernels == without."""
     case = _experts_case(fmt, dtype, device, n_tokens, **shape)
     results, calls = {}, {}
-    for fused in (False, True):
-        moe.FUSED_KERNELS = fused
-        with _counting(moe, KERNEL_ENTRY_POINTS) as calls[fused]:
-            results[fused] = _experts_step(*case)
-    moe.FUSED_KERNELS = True
+    in_k, moe.LORA_IN_GEMM_K = moe.LORA_IN_GEMM_K, False  # the in-place update's kernels; the K path: check_lora_in_gemm_k
+    try:
+        for fused in (False, True):
+            moe.FUSED_KERNELS = fused
+            with _counting(moe, KERNEL_ENTRY_POINTS) as calls[fused]:
+                results[fused] = _experts_step(*case)
+    finally:
+        moe.FUSED_KERNELS, moe.LORA_IN_GEMM_K = True, in_k
     errs = {k: err(results[True][k], results[False][k]) for k in results[False]}
     # the comparison means something only if the fused run took every kernel and the other took none
     took_paths = calls[True] == FUSED_CALLS and not any(calls[False].values())
@@ -210,14 +213,15 @@ def check_lora_in_gemm_k(dtype, device, tol: float, n_tokens: int = 37, err=_rel
     case = _experts_case("bf16", dtype, device, n_tokens, **shape)
     rank = shape.get("rank", 4)
     results, widths = {}, []
-    real = moe._GroupedLoraLinearInK.apply
+    real, saved = moe._GroupedLoraLinearInK.apply, (moe.LORA_IN_GEMM_K, moe.LORA_IN_GEMM_K_DTYPES)
     moe._GroupedLoraLinearInK.apply = lambda *a: widths.append(a[0].shape[1]) or real(*a)
+    moe.LORA_IN_GEMM_K_DTYPES = (dtype,)  # the interpreter runs float32
     try:
         for in_k in (False, True):
             moe.LORA_IN_GEMM_K = in_k
             results[in_k] = _experts_step(*case)
     finally:
-        moe.LORA_IN_GEMM_K = False
+        moe.LORA_IN_GEMM_K, moe.LORA_IN_GEMM_K_DTYPES = saved
         moe._GroupedLoraLinearInK.apply = real
     errs = {k: err(results[True][k], results[False][k]) for k in results[False]}
     _, H, I = shape.get("dims", EXPERT_DIMS)
