@@ -11,8 +11,10 @@ Mask semantics, shared by every path here: query i may attend key j iff
 and, on sliding-window layers, also i - j < sliding_window (transformers' `sliding_window_overlay`:
 kv_idx > q_idx - sliding_window). A padding query attends nothing; with a sink its output is exactly 0.
 
-`PackedFlexAttention` (the layer class on the flex path) computes q/k/v with one LoRA projection call
-and runs RoPE inside the compiled flex function; its math is transformers' GptOssAttention.forward.
+`PackedFlexAttention` (the layer class on the GPU paths) computes q/k/v with one LoRA projection call and runs
+RoPE inside the compiled flex function, or compiled before model/triton_attention.py's kernels when the mask is
+`DocumentSpans` (`model.attention: triton`: faster for short packed rows, slower than flex at 64K; bench/RESULTS.md,
+session 7); its math is transformers' GptOssAttention.forward.
 
 Sinks: GPT-OSS appends a learned per-head logit s_h as an extra softmax column and drops it, so
     out = sum_j exp(x_j) v_j / (sum_j exp(x_j) + exp(s_h)) = flex_out * sigmoid(lse - s_h)
