@@ -89,6 +89,7 @@ def main() -> None:
     x = torch.randn(args.tokens, args.hidden, generator=g)
     grad_out = torch.randn(args.tokens, args.hidden, generator=g)
     inputs = [t.to(device) for t in (x, indices, weights, grad_out)]
+    saved = moe.FUSED_KERNELS, moe.LORA_IN_GEMM_K
     moe.FUSED_KERNELS, moe.LORA_IN_GEMM_K = False, False
     reference = copy.deepcopy(base).to(device=device, dtype=torch.float32)
     want = step(reference, *inputs)
@@ -106,7 +107,7 @@ def main() -> None:
         rec["after_steps"] = args.steps
         rec["lora_weights_vs_fp32"] = [round(float((a - b).norm() / b.norm()), 6) for a, b in zip(trained, want_weights)]
         emit(args.out, rec)
-    moe.FUSED_KERNELS, moe.LORA_IN_GEMM_K = True, False
+    moe.FUSED_KERNELS, moe.LORA_IN_GEMM_K = saved  # (True, True) by default since session 7
 
 
 if __name__ == "__main__":

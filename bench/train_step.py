@@ -789,10 +789,11 @@ def main() -> None:
     p.add_argument("--attention", default="flex", choices=("flex", "triton"),
                    help="ours: model.attention on the GPU (flex, or model/triton_attention.py's kernels)")
     p.add_argument("--flex-options", default=None, help="JSON for attention.FLEX_KERNEL_OPTIONS (kernel options)")
-    p.add_argument("--lora-in-gemm-k", action="store_true",
-                   help="ours: moe.LORA_IN_GEMM_K on (the default since session 7; kept so older plans still run)")
-    p.add_argument("--no-lora-in-gemm-k", action="store_true",
-                   help="ours: moe.LORA_IN_GEMM_K off (the in-place LoRA update of bf16 expert outputs, the reference)")
+    lora_k = p.add_mutually_exclusive_group()
+    lora_k.add_argument("--lora-in-gemm-k", action="store_true",
+                        help="ours: moe.LORA_IN_GEMM_K on (the default since session 7; kept so older plans still run)")
+    lora_k.add_argument("--no-lora-in-gemm-k", action="store_true",
+                        help="ours: moe.LORA_IN_GEMM_K off (the in-place LoRA update of bf16 expert outputs, the reference)")
     p.add_argument("--transformers-layer-loop", action="store_true",
                    help="ours: transformers' decoder loop (residual adds apart from the norms), for an A/B")
     p.add_argument("--cuda-graph", action="store_true", help="ours: the step as one CUDA graph (GraphedTrainStep)")

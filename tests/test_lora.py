@@ -279,3 +279,23 @@ def test_lora_projections_under_autocast_and_with_lora_disabled():
     with lora_disabled(torch.nn.ModuleList([q, v])):
         base = lora_projections(x, [q, v])
     torch.testing.assert_close(base[0], q.base_layer(x))
+
+
+@pytest.mark.parametrize("experts", ["reference", "grouped"])
+def test_merge_lora_leaves_the_model_it_merges_untouched(experts):
+    """merge_lora adds the deltas to base_state_dict's tensors in place: they must be copies even where the dtype
+    already matches (float32 here), else the merge writes W + delta into the model being trained."""
+    from rustforge.model.lora import merge_lora
+
+    model = _base_model()
+    if experts == "grouped":
+        install_experts(model, "grouped", "bf16", None)
+    apply_lora(model, LoraConfig(r=4, alpha=8, targets=ALL_TARGETS))
+    _randomize_lora(model)
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    merged = merge_lora(model, torch.float32)
+    after = model.state_dict()
+    assert all(torch.equal(after[n], t) for n, t in before.items()), [n for n, t in before.items()
+                                                                      if not torch.equal(after[n], t)][:5]
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged.state_dict()[q], before["model.layers.0.self_attn.q_proj.base_layer.weight"])

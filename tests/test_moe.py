@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -569,3 +571,48 @@ def test_lora_in_gemm_k_keeps_the_small_lora_updates_bf16_rounding_drops(monkeyp
         falls[(dtype, in_k)] = losses[0] - losses[-1]
     truth, in_k, in_place = falls[("float32", False)], falls[("bfloat16", True)], falls[("bfloat16", False)]
     assert abs(in_k - truth) < 0.5 * abs(in_place - truth), falls
+
+
+def test_the_weights_readers_see_through_lora_in_gemm_k_s_buffer(tmp_path):
+    """With LORA_IN_GEMM_K on (the default for bf16 models) a forward moves the bf16 expert weight into the first
+    rows of the wider [E, in + P, out] buffer: the parameter becomes a non-contiguous view. What reads it must not
+    care: the state dict (through the `.contiguous()` safetensors writers take), a state-dict load (into the view:
+    the next forward uses the loaded weight), the rollout engine's merged experts, a change of dtype."""
+    from safetensors.torch import load_file, save_file
+
+    from rustforge.model import moe
+    from rustforge.rollout.weights import _MergedExperts
+
+    assert moe.LORA_IN_GEMM_K and torch.bfloat16 in moe.LORA_IN_GEMM_K_DTYPES
+    x = torch.randn(23, H, generator=torch.Generator().manual_seed(5)).bfloat16()
+    idx, w = _routing(23)
+    _, grouped = _lora_pair()
+    grouped = grouped.to(torch.bfloat16)
+    weight = grouped.gate_up_proj.detach().clone()
+    with torch.no_grad():
+        grouped(x, idx, w)
+    assert not grouped.gate_up_proj.is_contiguous() and "gate_up_proj" in grouped._aug_weights  # the K path ran
+    torch.testing.assert_close(grouped.gate_up_proj.detach(), weight, rtol=0, atol=0)
+    # state dict -> safetensors (as loader.write_gptoss / the exports write: .contiguous()) -> back
+    save_file({k: v.contiguous() for k, v in grouped.state_dict().items()}, str(tmp_path / "experts.safetensors"))
+    loaded = load_file(str(tmp_path / "experts.safetensors"))
+    torch.testing.assert_close(loaded["gate_up_proj"], weight, rtol=0, atol=0)
+    # a load writes into the view, so the K path's buffer holds the new weight at once
+    other = weight * 0.5
+    grouped.load_state_dict({"gate_up_proj": other}, strict=False)
+    fresh = copy.deepcopy(grouped)  # its own contiguous weight and a buffer built anew
+    fresh._aug_weights.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(grouped(x, idx, w), fresh(x, idx, w), rtol=0, atol=0)
+    # the rollout engine's merged experts: dense W + scaling * A @ B
+    merged = _MergedExperts(grouped)
+    merged.refresh()
+    want = other.float() + grouped.lora_scaling * torch.bmm(grouped.lora_gate_up_A.float(), grouped.lora_gate_up_B.float())
+    torch.testing.assert_close(merged.buffers["gate_up_proj"], want.bfloat16(), rtol=0, atol=0)
+    # module.to(float32): contiguous float32 weights, the wider buffers dropped, the reference path
+    grouped.float()
+    assert grouped.gate_up_proj.is_contiguous() and not grouped._aug_weights
+    torch.testing.assert_close(grouped.gate_up_proj.detach(), other.float(), rtol=0, atol=0)
+    with torch.no_grad():
+        grouped(x.float(), idx, w)
+    assert not grouped._aug_weights

@@ -113,14 +113,19 @@ def _kernel_inputs(qkv: list, layout: str):
 
 
 SMALL_BLOCKS = ((16, 16, 4, 1), (16, 16, 4, 1))
-# (rows of document lengths, seq_len, window, sinks, layout): documents crossing block edges, padding inside and at the
-# end, a window shorter than a block and one longer, two batch rows
+UNEVEN_BLOCKS = ((16, 32, 4, 1), (32, 16, 4, 1))  # BLOCK_M != BLOCK_N both ways
+# (rows of document lengths, seq_len, window, sinks, layout, blocks): documents crossing block edges, padding inside
+# and at the end, a window shorter than a block and one longer, two batch rows. The last two make the block ranges
+# tight (an off-by-one in them drops a needed block): a window = 2 mod the block size (the forward's / dQ's first
+# key block, dK/dV's last query block) and a document ending at 33 = 2 x 16 + 1 (dK/dV's last query block)
 INTERPRETER_CASES = [
-    ([[20, 7, -3, 15]], 45, None, True, "bthd"),
-    ([[20, 7, -3, 15], [45]], 45, 5, True, "bhtd"),
-    ([[30, -2, 13], [9, 9, 9]], 45, 24, False, "fused"),
-    ([[45]], 45, None, False, "bthd"),
-    ([[12, 33]], 45, 7, True, "mixed"),
+    ([[20, 7, -3, 15]], 45, None, True, "bthd", SMALL_BLOCKS),
+    ([[20, 7, -3, 15], [45]], 45, 5, True, "bhtd", SMALL_BLOCKS),
+    ([[30, -2, 13], [9, 9, 9]], 45, 24, False, "fused", SMALL_BLOCKS),
+    ([[45]], 45, None, False, "bthd", SMALL_BLOCKS),
+    ([[12, 33]], 45, 7, True, "mixed", SMALL_BLOCKS),
+    ([[33, 12], [45]], 45, 18, True, "bhtd", SMALL_BLOCKS),
+    ([[33, -1, 11], [70]], 70, 2, True, "fused", UNEVEN_BLOCKS),
 ]
 
 
@@ -130,6 +135,55 @@ def test_document_spans():
     assert starts.tolist() == [0, 0, 0, 4, 5, 5, 5, 8] + [8] * 8
     assert ends.tolist() == [3, 3, 3, 3, 4, 7, 7, 7] + [16] * 8
     assert starts.dtype == ends.dtype == torch.int32
+    # batch rows are separate documents even where one row ends and the next begins with the same id
+    starts, ends = ta.document_spans(torch.zeros(2, 4, dtype=torch.long))
+    assert starts.tolist() == [0, 0, 0, 0, 4, 4, 4, 4] and ends.tolist() == [4, 4, 4, 4, 8, 8, 8, 8]
+
+
+def _spans_mask(doc_ids, window):
+    """The kernels' rule as a dense [B, T, T] mask: flat query i attends flat key j iff start[i] <= j <= i (and
+    i - j < window)."""
+    batch, seq_len = doc_ids.shape
+    starts, ends = ta.document_spans(doc_ids)
+    flat = torch.arange(batch * seq_len).view(batch, seq_len)
+    i, j = flat[:, :, None], flat[:, None, :]
+    allowed = (starts.long().view(batch, seq_len)[:, :, None] <= j) & (j <= i)
+    if window is not None:
+        allowed &= i - j < window
+    # ends, as the dK/dV kernel reads them: every query of key j lies in [j, end[j])
+    assert not (allowed & (i >= ends.long().view(batch, seq_len)[:, None, :])).any()
+    return allowed
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_document_spans_give_the_reference_mask_for_contiguous_documents(window):
+    """The kernels' documents are runs of equal ids (attention.py's module docstring): the reference's mask for
+    every layout the packers make (ids 0, 1, 2, ... in order, padding inside or at the end), not for an id that
+    comes back after another (there two documents, one for the reference)."""
+    from rustforge.model.attention import allowed_pairs
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        rows = [[int(n) * (1 if torch.rand(1, generator=g) < 0.8 else -1)
+                 for n in torch.randint(1, 9, (5,), generator=g)] for _ in range(3)]
+        doc_ids = torch.tensor([_doc_ids(24, lengths) for lengths in rows])
+        assert torch.equal(_spans_mask(doc_ids, window), allowed_pairs(doc_ids, window)), rows
+    returning = torch.tensor([[0, 0, 1, 0]])
+    assert not torch.equal(_spans_mask(returning, window), allowed_pairs(returning, window))
+
+
+def test_rejects_inputs_the_kernels_would_misread():
+    spans = ta.document_spans(torch.zeros(1, 4, dtype=torch.long))
+    q, kv = torch.zeros(1, 4, 4, 16), torch.zeros(1, 4, 2, 16)
+    with pytest.raises(ValueError, match=r"starts and ends must be \[B \* T\] = \[8\]"):
+        ta.packed_sink_attention(torch.zeros(2, 4, 4, 16), torch.zeros(2, 4, 2, 16), torch.zeros(2, 4, 2, 16), None,
+                                 *spans, None)
+    with pytest.raises(ValueError, match="share a dtype"):
+        ta.packed_sink_attention(q, kv, kv.double(), None, *spans, None)
+    with pytest.raises(ValueError, match=r"k, v \[B, T, Hkv, D\]"):
+        ta.packed_sink_attention(q, kv, kv[:, :3], None, *spans, None)
+    with pytest.raises(ValueError, match=r"sinks must be \[Hq\] = \[4\]"):
+        ta.packed_sink_attention(q, kv, kv, torch.zeros(2), *spans, None)
 
 
 def test_dense_reference_is_the_loop_reference():
@@ -185,6 +239,6 @@ def test_gpu_small_shapes_without_sinks():
 
 if __name__ == "__main__":  # the interpreter run (TRITON_INTERPRET=1 set by the caller)
     cases = [(f"case{i}", lambda c=c, i=i: check_attention(c[0], c[1], 4, 2, 16, c[2], c[3], torch.float32, "cpu",
-                                                           tol=1e-4, blocks=SMALL_BLOCKS, seed=i, layout=c[4]))
+                                                           tol=1e-4, blocks=c[5], seed=i, layout=c[4]))
              for i, c in enumerate(INTERPRETER_CASES)]
     sys.exit(run_interpreter_cases(cases))

@@ -10,6 +10,10 @@ Mask semantics, shared by every path here: query i may attend key j iff
     doc_ids[b, i] == doc_ids[b, j] and doc_ids[b, i] >= 0 and j <= i
 and, on sliding-window layers, also i - j < sliding_window (transformers' `sliding_window_overlay`:
 kv_idx > q_idx - sliding_window). A padding query attends nothing; with a sink its output is exactly 0.
+One exception: the Triton kernels (`DocumentSpans`) take a document to be a contiguous run of equal ids, so two runs
+of one id apart (e.g. [0, 0, 1, 0]) are two documents there and one here. The same mask for every producer of
+doc_ids (data/packing.py, train/grpo._micro_batch, train/core_agent.item_sequence: ids 0, 1, 2, ... in order per
+row, -1 padding), whose documents are contiguous and numbered apart.
 
 `PackedFlexAttention` (the layer class on the GPU paths) computes q/k/v with one LoRA projection call and runs
 RoPE inside the compiled flex function, or compiled before model/triton_attention.py's kernels when the mask is
@@ -216,6 +220,13 @@ def rotate_half_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
 
 
+def rope_qk(query: Tensor, key: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """RoPE on q/k in the projections' layout [B, T, H, D] (cos/sin [B, T, D/2]); one fused kernel each way when
+    compiled (`_compiled_on_gpu`)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return rotate_half_pairs(query, cos, sin), rotate_half_pairs(key, cos, sin)
+
+
 def flex_attention_with_rope_and_sinks(
     query: Tensor, key: Tensor, value: Tensor, cos: Tensor, sin: Tensor, block_mask, sinks: Tensor | None, scale: float
 ) -> Tensor:
@@ -224,17 +235,9 @@ def flex_attention_with_rope_and_sinks(
     way instead of ~8 strided elementwise passes, and its backward kernel writes q's and k's gradients straight
     in the projections' layout (given [B, H, T, D] views instead, the projections' backward copied dq into
     rows: 47 us a layer in the profile of run 14; the whole step measured 0.25% faster, run 16, within noise)."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    query, key = rotate_half_pairs(query, cos, sin), rotate_half_pairs(key, cos, sin)
+    query, key = rope_qk(query, key, cos, sin)
     return flex_attention_with_sinks(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), block_mask,
                                      sinks, scale)
-
-
-def rope_qk(query: Tensor, key: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """RoPE on q/k in the projections' layout [B, T, H, D] (cos/sin [B, T, D/2]); one fused kernel each way when
-    compiled (`_compiled_on_gpu`)."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return rotate_half_pairs(query, cos, sin), rotate_half_pairs(key, cos, sin)
 
 
 def triton_attention_with_rope_and_sinks(
@@ -276,11 +279,6 @@ def rustforge_flex_attention(
         )
     if dropout:
         raise ValueError(f"{FLEX_IMPLEMENTATION_NAME}: attention dropout is not supported (got {dropout})")
-    if query.device.type == "cpu" and any(t.requires_grad for t in (query, key, value)):
-        raise NotImplementedError(
-            f"{FLEX_IMPLEMENTATION_NAME}: torch's flex attention has no CPU backward; use the 'eager' "
-            "attention implementation for CPU training"
-        )
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     if isinstance(attention_mask, DocumentSpans):  # the kernels take [B, T, H, D]: transposed views, no copy
         from rustforge.model.triton_attention import packed_sink_attention
@@ -288,6 +286,11 @@ def rustforge_flex_attention(
         out = packed_sink_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), s_aux,
                                     attention_mask.starts, attention_mask.ends, attention_mask.window, scale)
         return out, None
+    if query.device.type == "cpu" and any(t.requires_grad for t in (query, key, value)):
+        raise NotImplementedError(
+            f"{FLEX_IMPLEMENTATION_NAME}: torch's flex attention has no CPU backward; use the 'eager' "
+            "attention implementation for CPU training"
+        )
     attend = _compiled_on_gpu(flex_attention_with_sinks, query.device)
     return attend(query, key, value, attention_mask, s_aux, scale), None
 

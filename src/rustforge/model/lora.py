@@ -574,15 +574,17 @@ def adapter_lora_config(config: dict) -> LoraConfig:
 
 
 def base_state_dict(model: nn.Module, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """The model's weights WITHOUT its LoRA under transformers' names and layouts (experts dense), in dtype."""
+    """The model's weights WITHOUT its LoRA under transformers' names and layouts (experts dense), in dtype: copies,
+    also where the dtype already matches (merge_lora adds the deltas to them in place; `.to(same dtype)` would hand
+    back the model's own tensors, and the merge would write into the model being trained)."""
     hf = _unwrap(model)
     out: dict[str, torch.Tensor] = {}
     replaced: list[str] = []
     for name, module in hf.named_modules():
         if isinstance(module, LoraLinear):
-            out[f"{name}.weight"] = module.base_layer.weight.detach().to(dtype)
+            out[f"{name}.weight"] = module.base_layer.weight.detach().to(dtype, copy=True)
             if module.base_layer.bias is not None:
-                out[f"{name}.bias"] = module.base_layer.bias.detach().to(dtype)
+                out[f"{name}.bias"] = module.base_layer.bias.detach().to(dtype, copy=True)
             replaced.append(f"{name}.")
         elif isinstance(module, (GroupedExperts, ReferenceLoraExperts)):
             gate_up, gate_up_bias, down, down_bias = (
@@ -592,11 +594,11 @@ def base_state_dict(model: nn.Module, dtype=torch.float32) -> dict[str, torch.Te
             )  # fmt: skip
             for key, value in (("gate_up_proj", gate_up), ("gate_up_proj_bias", gate_up_bias),
                                ("down_proj", down), ("down_proj_bias", down_bias)):  # fmt: skip
-                out[f"{name}.{key}"] = value.detach().to(dtype)
+                out[f"{name}.{key}"] = value.detach().to(dtype, copy=True)
             replaced.append(f"{name}.")
     for key, value in hf.state_dict().items():
         if not any(key.startswith(prefix) for prefix in replaced):
-            out[key] = value.detach().to(dtype) if value.is_floating_point() else value
+            out[key] = value.detach().to(dtype, copy=True) if value.is_floating_point() else value.clone()
     return out
 
 

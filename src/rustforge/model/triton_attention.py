@@ -42,7 +42,7 @@ except ImportError:  # CPU-only installs: flex or the eager reference is used
 LOG2E = 1.4426950408889634
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; tests pass smaller blocks for the interpreter. Chosen by
 # bench/attention_kernels.py on the H100 (run 20, 4K tokens in 4 documents, the 20B heads, forward + backward per
-# layer): forward 64 x 64 (0.91 / 0.43 ms full / sliding against 0.92 / 0.46 at 128 x 64); backward 64 x 64 with 4
+# layer): forward 64 x 64 (0.91 / 0.43 ms full / sliding against 0.92 / 0.45 at 128 x 64); backward 64 x 64 with 4
 # warps and 3 stages (2 stages 0.95 / 0.44; 64 x 128, 128 x 64 with 8 warps, 32 x 64: 1.1-1.2 / 0.5-0.8)
 FORWARD_BLOCKS = (64, 64, 4, 3)
 BACKWARD_BLOCKS = (64, 64, 4, 3)  # both dK/dV (keys in blocks of BLOCK_N) and dQ (queries in blocks of BLOCK_M)
@@ -79,7 +79,7 @@ if triton is not None:
         """Element offsets of [len(rows), len(dims)] (or the transpose, by the shapes given) in a [B, T, H, D]
         tensor: flat token index = batch * seq_len + position."""
         return ((rows // seq_len).to(tl.int64) * stride_b + (rows % seq_len).to(tl.int64) * stride_t
-                + heads * stride_h + dims)
+                + heads.to(tl.int64) * stride_h + dims)
 
     @triton.jit
     def _attention_forward_kernel(Q, K, V, Sinks, Out, Lse, Starts, n_tokens, seq_len, q_sb, q_st, q_sh, k_sb, k_st,
@@ -300,17 +300,28 @@ class _PackedSinkAttention(torch.autograd.Function):
 
 
 def packed_sink_attention(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, starts: Tensor, ends: Tensor,
-                          window: int | None, scale: float | None = None,
-                          blocks: tuple = (FORWARD_BLOCKS, BACKWARD_BLOCKS)) -> Tensor:
+                          window: int | None, scale: float | None = None, blocks: tuple | None = None) -> Tensor:
     """Attention of q [B, T, Hq, D] over k/v [B, T, Hkv, D] (any strides with a dense last dim) within the
     documents `document_spans` describes, causal, within `window` keys when given, with a sink logit per query
     head (or none). Returns [B, T, Hq, D] in q's dtype; differentiable in q, k, v and sinks."""
     if q.shape[-1] & (q.shape[-1] - 1) or q.shape[-1] < 16:
         raise ValueError(f"triton attention: head dim must be a power of two >= 16, got {q.shape[-1]}")
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"triton attention: q [B, T, Hq, D] and k, v [B, T, Hkv, D] expected, got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"triton attention: {q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"triton attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    n_tokens = q.shape[0] * q.shape[1]
+    if starts.shape != (n_tokens,) or ends.shape != (n_tokens,):  # the kernels index them by flat token, unchecked
+        raise ValueError(f"triton attention: starts and ends must be [B * T] = [{n_tokens}] (document_spans of this "
+                         f"batch's doc_ids), got {tuple(starts.shape)} and {tuple(ends.shape)}")
+    if sinks is not None and sinks.shape != (q.shape[2],):
+        raise ValueError(f"triton attention: sinks must be [Hq] = [{q.shape[2]}], got {tuple(sinks.shape)}")
     if not triton_attention_available(q):
         raise RuntimeError(f"triton attention: needs a CUDA device with Triton (or TRITON_INTERPRET=1), got "
                            f"{q.dtype} on {q.device}; use model.attention: eager on a CPU")
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    blocks = blocks if blocks is not None else (FORWARD_BLOCKS, BACKWARD_BLOCKS)  # read now: settable
     return _PackedSinkAttention.apply(q, k, v, sinks, starts, ends, int(window or 0), float(scale), blocks)
