@@ -33,7 +33,10 @@ CANDIDATES = {
     "b128x64_w8": (ta.FORWARD_BLOCKS, (128, 64, 8, 3)),
     "b128x128_w8": (ta.FORWARD_BLOCKS, (128, 128, 8, 2)),
     "b32x32_w4": (ta.FORWARD_BLOCKS, (32, 32, 4, 3)),
+    # the default blocks with triton_attention.UNMASKED_INTERIOR on (mask arithmetic only on edge blocks)
+    "unmasked_interior": (ta.FORWARD_BLOCKS, ta.BACKWARD_BLOCKS),
 }
+UNMASKED_CANDIDATES = {"unmasked_interior"}
 
 
 def make_inputs(seq: int, docs: int, device):
@@ -101,6 +104,8 @@ def main() -> None:
     for name, layer_type, fn in cases():
         rec = {"case": name, "layer": layer_type, "seq": args.seq, "docs": args.docs,
                "blocks": None if name == "flex" else CANDIDATES[name]}
+        ta.UNMASKED_INTERIOR = name in UNMASKED_CANDIDATES
+        rec["unmasked_interior"] = ta.UNMASKED_INTERIOR
         try:
             for t in leaves:
                 t.grad = None

@@ -214,6 +214,11 @@ def run_case(args) -> None:
         record["dequant"] = "torch"
     from rustforge.model import moe
 
+    if args.attention_unmasked_interior:
+        from rustforge.model import triton_attention
+
+        triton_attention.UNMASKED_INTERIOR = True
+        record["attention_unmasked_interior"] = True
     if args.no_lora_in_gemm_k:
         moe.LORA_IN_GEMM_K = False
     record["lora_in_gemm_k"] = moe.LORA_IN_GEMM_K
@@ -693,6 +698,14 @@ PLANS = {
         "--case ours --fmt mxfp4 --seqs 65536 --warmup 1 --iters 1 --attention flex",
         "--case ours --fmt mxfp4 --seqs 65536 --warmup 1 --iters 1 --attention triton",
     ],
+    # for session 8: triton_attention.UNMASKED_INTERIOR (prepared in session 7) at 4K and at 64K against flex
+    "s8_attn": [
+        "--case hf --hf-attn flex_attention --seqs 4096 --warmup 1 --iters 3",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --attention triton",
+        "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 12 --cuda-graph --attention triton --attention-unmasked-interior",
+        "--case ours --fmt mxfp4 --seqs 65536 --warmup 1 --iters 1 --attention flex",
+        "--case ours --fmt mxfp4 --seqs 65536 --warmup 1 --iters 1 --attention triton --attention-unmasked-interior",
+    ],
     "s6_profile": [
         "--case ours --fmt bf16 --no-ckpt --seqs 4096 --warmup 2 --iters 2 --profile-seq 4096",
     ],
@@ -788,6 +801,9 @@ def main() -> None:
     p.add_argument("--session4-paths", action="store_true", help="session 5's changes off (use_session4_paths)")
     p.add_argument("--attention", default="flex", choices=("flex", "triton"),
                    help="ours: model.attention on the GPU (flex, or model/triton_attention.py's kernels)")
+    p.add_argument("--attention-unmasked-interior", action="store_true",
+                   help="ours, --attention triton: triton_attention.UNMASKED_INTERIOR on (no mask arithmetic on "
+                        "interior blocks; prepared in session 7, not yet measured)")
     p.add_argument("--flex-options", default=None, help="JSON for attention.FLEX_KERNEL_OPTIONS (kernel options)")
     lora_k = p.add_mutually_exclusive_group()
     lora_k.add_argument("--lora-in-gemm-k", action="store_true",

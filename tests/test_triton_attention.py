@@ -126,6 +126,10 @@ INTERPRETER_CASES = [
     ([[12, 33]], 45, 7, True, "mixed", SMALL_BLOCKS),
     ([[33, 12], [45]], 45, 18, True, "bhtd", SMALL_BLOCKS),
     ([[33, -1, 11], [70]], 70, 2, True, "fused", UNEVEN_BLOCKS),
+    # key blocks that cross into a long document, with query blocks wholly inside it after them (the unmasked
+    # interior must stop at the end of the block's *first* document), with and without a window
+    ([[10, 60], [5, 65]], 70, None, True, "bthd", SMALL_BLOCKS),
+    ([[10, 60]], 70, 40, False, "bthd", UNEVEN_BLOCKS),
 ]
 
 
@@ -237,8 +241,18 @@ def test_gpu_small_shapes_without_sinks():
     assert result["ok"], result
 
 
+def _with_unmasked_interior(on: bool, check):
+    """check() with triton_attention.UNMASKED_INTERIOR set (the loops split into masked and mask-free blocks)."""
+    saved, ta.UNMASKED_INTERIOR = ta.UNMASKED_INTERIOR, on
+    try:
+        return check()
+    finally:
+        ta.UNMASKED_INTERIOR = saved
+
+
 if __name__ == "__main__":  # the interpreter run (TRITON_INTERPRET=1 set by the caller)
-    cases = [(f"case{i}", lambda c=c, i=i: check_attention(c[0], c[1], 4, 2, 16, c[2], c[3], torch.float32, "cpu",
-                                                           tol=1e-4, blocks=c[5], seed=i, layout=c[4]))
-             for i, c in enumerate(INTERPRETER_CASES)]
+    cases = [(f"case{i}{'-unmasked-interior' if on else ''}",
+              lambda c=c, i=i, on=on: _with_unmasked_interior(on, lambda: check_attention(
+                  c[0], c[1], 4, 2, 16, c[2], c[3], torch.float32, "cpu", tol=1e-4, blocks=c[5], seed=i, layout=c[4])))
+             for on in (False, True) for i, c in enumerate(INTERPRETER_CASES)]
     sys.exit(run_interpreter_cases(cases))

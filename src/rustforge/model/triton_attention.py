@@ -45,6 +45,10 @@ LOG2E = 1.4426950408889634
 # layer): forward 64 x 64 (0.91 / 0.43 ms full / sliding against 0.92 / 0.45 at 128 x 64); backward 64 x 64 with 4
 # warps and 3 stages (2 stages 0.95 / 0.44; 64 x 128, 128 x 64 with 8 warps, 32 x 64: 1.1-1.2 / 0.5-0.8)
 FORWARD_BLOCKS = (64, 64, 4, 3)
+# True: blocks that every row (forward, dQ) or every key (dK/dV) of a program attends whole skip the mask arithmetic
+# (FlashAttention-2's split of the loop). Interpreter-tested, not yet measured on a GPU (session 7 ran out of device
+# time): bench/attention_kernels.py's `unmasked_interior` candidate measures it; False is what the step ran with.
+UNMASKED_INTERIOR = False
 BACKWARD_BLOCKS = (64, 64, 4, 3)  # both dK/dV (keys in blocks of BLOCK_N) and dQ (queries in blocks of BLOCK_M)
 
 
@@ -82,10 +86,58 @@ if triton is not None:
                 + heads.to(tl.int64) * stride_h + dims)
 
     @triton.jit
+    def _ceil_to(x, block: tl.constexpr):
+        """The smallest multiple of `block` >= x, for x >= 0."""
+        return ((x + block - 1) // block) * block
+
+    @triton.jit
+    def _forward_keys(acc, m_i, l_i, q, K, V, lo, hi, rows, starts, n_tokens, seq_len, kv_head, k_sb, k_st, k_sh, v_sb,
+                      v_st, v_sh, qk_scale, window, dims, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
+                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        """The forward's online softmax over the key blocks starting in [lo, hi); MASKED=False for blocks every row
+        may attend whole (no mask arithmetic)."""
+        for key0 in range(lo, hi, BLOCK_N):
+            keys = key0 + tl.arange(0, BLOCK_N)
+            key_ok = keys < n_tokens
+            k_t = tl.load(K + _offsets(keys[None, :], kv_head, seq_len, k_sb, k_st, k_sh, dims[:, None]),
+                          mask=key_ok[None, :], other=0.0)  # [D, BLOCK_N]
+            s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+            if MASKED:
+                allowed = (keys[None, :] <= rows[:, None]) & (keys[None, :] >= starts[:, None])
+                if HAS_WINDOW:
+                    allowed = allowed & (rows[:, None] - keys[None, :] < window)
+                s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing yet (no sink)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            v = tl.load(V + _offsets(keys[:, None], kv_head, seq_len, v_sb, v_st, v_sh, dims[None, :]),
+                        mask=key_ok[:, None], other=0.0)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _interior_keys(lo, hi, block, starts, window, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+        """[mid_lo, mid_hi) within [lo, hi): the key blocks that every row of query block `block` may attend whole
+        -- at or after every row's document start, wholly before the block's first row, and (window) within the
+        window of its last row. A padding row (start = row + 1) or a row past the end leaves it empty."""
+        mid_lo = _ceil_to(tl.max(starts, axis=0), BLOCK_N)
+        if HAS_WINDOW:
+            mid_lo = tl.maximum(mid_lo, _ceil_to(tl.maximum(block * BLOCK_M + BLOCK_M - window, 0), BLOCK_N))
+        mid_hi = _ceil_to(tl.maximum(block * BLOCK_M - BLOCK_N + 2, 0), BLOCK_N)
+        mid_lo = tl.minimum(tl.maximum(mid_lo, lo), hi)
+        mid_hi = tl.minimum(tl.maximum(mid_hi, mid_lo), hi)
+        return mid_lo, mid_hi
+
+    @triton.jit
     def _attention_forward_kernel(Q, K, V, Sinks, Out, Lse, Starts, n_tokens, seq_len, q_sb, q_st, q_sh, k_sb, k_st,
                                   k_sh, v_sb, v_st, v_sh, o_sb, o_st, o_sh, qk_scale, window, GROUP: tl.constexpr,
                                   HEAD_DIM: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                                  UNMASKED_INTERIOR: tl.constexpr):
         """One block of BLOCK_M queries of one head: online softmax (log2 domain) over its documents' keys.
         Writes out and lse [Hq, tokens] (log2 units, sink included; +inf for a row with neither keys nor sink)."""
         block, head = tl.program_id(0), tl.program_id(1)
@@ -99,7 +151,8 @@ if triton is not None:
         first_key = tl.min(starts, axis=0)
         if HAS_WINDOW:
             first_key = tl.maximum(first_key, block * BLOCK_M - window + 1)
-        last_key = tl.minimum(block * BLOCK_M + BLOCK_M, n_tokens)  # exclusive
+        lo = (first_key // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(block * BLOCK_M + BLOCK_M, n_tokens)  # exclusive
         if HAS_SINKS:
             sink = tl.load(Sinks + head).to(tl.float32) * 1.4426950408889634
             m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + sink
@@ -108,25 +161,18 @@ if triton is not None:
             m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        for key0 in range((first_key // BLOCK_N) * BLOCK_N, last_key, BLOCK_N):
-            keys = key0 + tl.arange(0, BLOCK_N)
-            key_ok = keys < n_tokens
-            k_t = tl.load(K + _offsets(keys[None, :], kv_head, seq_len, k_sb, k_st, k_sh, dims[:, None]),
-                          mask=key_ok[None, :], other=0.0)  # [D, BLOCK_N]
-            s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
-            allowed = (keys[None, :] <= rows[:, None]) & (keys[None, :] >= starts[:, None])
-            if HAS_WINDOW:
-                allowed = allowed & (rows[:, None] - keys[None, :] < window)
-            s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing yet (no sink)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            v = tl.load(V + _offsets(keys[:, None], kv_head, seq_len, v_sb, v_st, v_sh, dims[None, :]),
-                        mask=key_ok[:, None], other=0.0)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+        if UNMASKED_INTERIOR:
+            mid_lo, mid_hi = _interior_keys(lo, hi, block, starts, window, HAS_WINDOW, BLOCK_M, BLOCK_N)
+            acc, m_i, l_i = _forward_keys(acc, m_i, l_i, q, K, V, lo, mid_lo, rows, starts, n_tokens, seq_len, kv_head,
+                                          k_sb, k_st, k_sh, v_sb, v_st, v_sh, qk_scale, window, dims, HAS_WINDOW, True,
+                                          BLOCK_N, PRECISION)
+            acc, m_i, l_i = _forward_keys(acc, m_i, l_i, q, K, V, mid_lo, mid_hi, rows, starts, n_tokens, seq_len,
+                                          kv_head, k_sb, k_st, k_sh, v_sb, v_st, v_sh, qk_scale, window, dims,
+                                          HAS_WINDOW, False, BLOCK_N, PRECISION)
+            lo = mid_hi
+        acc, m_i, l_i = _forward_keys(acc, m_i, l_i, q, K, V, lo, hi, rows, starts, n_tokens, seq_len, kv_head, k_sb,
+                                      k_st, k_sh, v_sb, v_st, v_sh, qk_scale, window, dims, HAS_WINDOW, True, BLOCK_N,
+                                      PRECISION)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
@@ -148,11 +194,55 @@ if triton is not None:
         tl.store(Delta + head * n_tokens + rows, tl.sum(o * do, axis=1), mask=row_ok)
 
     @triton.jit
+    def _dkdv_rows(grad_k, grad_v, k, v, Q, GradOut, Lse, Delta, Starts, lo, hi, head, keys, n_tokens, seq_len, q_sb,
+                   q_st, q_sh, o_sb, o_st, o_sh, qk_scale, window, dims, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
+                   BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+        """dK, dV of one key block accumulated over the query blocks starting in [lo, hi) of one query head;
+        MASKED=False for query blocks that attend every key of the block."""
+        for row0 in range(lo, hi, BLOCK_M):
+            rows = row0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < n_tokens
+            q_t = tl.load(Q + _offsets(rows[None, :], head, seq_len, q_sb, q_st, q_sh, dims[:, None]),
+                          mask=row_ok[None, :], other=0.0)  # [D, BLOCK_M]
+            lse = tl.load(Lse + head * n_tokens + rows, mask=row_ok, other=float("inf"))
+            s_t = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+            if MASKED:
+                starts = tl.load(Starts + rows, mask=row_ok, other=n_tokens)
+                allowed = (keys[:, None] <= rows[None, :]) & (keys[:, None] >= starts[None, :])
+                if HAS_WINDOW:
+                    allowed = allowed & (rows[None, :] - keys[:, None] < window)
+                p_t = tl.where(allowed, tl.exp2(s_t - lse[None, :]), 0.0)
+            else:
+                p_t = tl.exp2(s_t - lse[None, :])
+            do = tl.load(GradOut + _offsets(rows[:, None], head, seq_len, o_sb, o_st, o_sh, dims[None, :]),
+                         mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+            grad_v += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+            delta = tl.load(Delta + head * n_tokens + rows, mask=row_ok, other=0.0)
+            ds_t = p_t * (dp_t - delta[None, :])
+            grad_k += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
+        return grad_k, grad_v
+
+    @triton.jit
+    def _interior_rows(lo, hi, block, ends, window, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+        """[mid_lo, mid_hi) within [lo, hi): the query blocks that attend every key of key block `block` -- wholly
+        after its last key, before the end of its first key's document (a block that crosses a document end or holds
+        padding leaves it empty), and (window) within the window of its first key."""
+        mid_lo = _ceil_to(block * BLOCK_N + BLOCK_N - 1, BLOCK_M)
+        mid_hi = (tl.min(ends, axis=0) // BLOCK_M) * BLOCK_M
+        if HAS_WINDOW:
+            mid_hi = tl.minimum(mid_hi, ((block * BLOCK_N + window) // BLOCK_M) * BLOCK_M)
+        mid_lo = tl.minimum(tl.maximum(mid_lo, lo), hi)
+        mid_hi = tl.minimum(tl.maximum(mid_hi, mid_lo), hi)
+        return mid_lo, mid_hi
+
+    @triton.jit
     def _attention_dkdv_kernel(Q, K, V, GradOut, Lse, Delta, Starts, Ends, GradK, GradV, n_tokens, seq_len, q_sb, q_st,
-                               q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, o_sb, o_st, o_sh, g_sb, g_st, g_sh, qk_scale, sm_scale,
-                               window,
-                               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                               q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, o_sb, o_st, o_sh, g_sb, g_st, g_sh, qk_scale,
+                               sm_scale, window, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                               UNMASKED_INTERIOR: tl.constexpr):
         """dK, dV of one block of BLOCK_N keys of one kv head: every query head of the group, every query block
         from the keys' first row to the end of their documents (or of their window). dK/dV share strides g_*."""
         block, kv_head = tl.program_id(0), tl.program_id(1)
@@ -164,51 +254,70 @@ if triton is not None:
         v = tl.load(V + _offsets(keys[:, None], kv_head, seq_len, v_sb, v_st, v_sh, dims[None, :]), mask=key_ok[:, None],
                     other=0.0)
         ends = tl.load(Ends + keys, mask=key_ok, other=0)
-        first_row = block * BLOCK_N
-        last_row = tl.minimum(tl.max(ends, axis=0), n_tokens)  # exclusive
+        lo = ((block * BLOCK_N) // BLOCK_M) * BLOCK_M
+        hi = tl.minimum(tl.max(ends, axis=0), n_tokens)  # exclusive
         if HAS_WINDOW:
-            last_row = tl.minimum(last_row, block * BLOCK_N + BLOCK_N - 1 + window)
+            hi = tl.minimum(hi, block * BLOCK_N + BLOCK_N - 1 + window)
+        mid_lo, mid_hi = hi, hi
+        if UNMASKED_INTERIOR:
+            mid_lo, mid_hi = _interior_rows(lo, hi, block, ends, window, HAS_WINDOW, BLOCK_M, BLOCK_N)
         grad_k = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         grad_v = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         for g in range(GROUP):
             head = kv_head * GROUP + g
-            for row0 in range((first_row // BLOCK_M) * BLOCK_M, last_row, BLOCK_M):
-                rows = row0 + tl.arange(0, BLOCK_M)
-                row_ok = rows < n_tokens
-                q_t = tl.load(Q + _offsets(rows[None, :], head, seq_len, q_sb, q_st, q_sh, dims[:, None]),
-                              mask=row_ok[None, :], other=0.0)  # [D, BLOCK_M]
-                starts = tl.load(Starts + rows, mask=row_ok, other=n_tokens)
-                lse = tl.load(Lse + head * n_tokens + rows, mask=row_ok, other=float("inf"))
-                s_t = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
-                allowed = (keys[:, None] <= rows[None, :]) & (keys[:, None] >= starts[None, :])
-                if HAS_WINDOW:
-                    allowed = allowed & (rows[None, :] - keys[:, None] < window)
-                p_t = tl.where(allowed, tl.exp2(s_t - lse[None, :]), 0.0)
-                do = tl.load(GradOut + _offsets(rows[:, None], head, seq_len, o_sb, o_st, o_sh, dims[None, :]),
-                             mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
-                grad_v += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-                dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
-                delta = tl.load(Delta + head * n_tokens + rows, mask=row_ok, other=0.0)
-                ds_t = p_t * (dp_t - delta[None, :])
-                grad_k += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
+            grad_k, grad_v = _dkdv_rows(grad_k, grad_v, k, v, Q, GradOut, Lse, Delta, Starts, lo, mid_lo, head, keys,
+                                        n_tokens, seq_len, q_sb, q_st, q_sh, o_sb, o_st, o_sh, qk_scale, window, dims,
+                                        HAS_WINDOW, True, BLOCK_M, PRECISION)
+            if UNMASKED_INTERIOR:
+                grad_k, grad_v = _dkdv_rows(grad_k, grad_v, k, v, Q, GradOut, Lse, Delta, Starts, mid_lo, mid_hi, head,
+                                            keys, n_tokens, seq_len, q_sb, q_st, q_sh, o_sb, o_st, o_sh, qk_scale,
+                                            window, dims, HAS_WINDOW, False, BLOCK_M, PRECISION)
+                grad_k, grad_v = _dkdv_rows(grad_k, grad_v, k, v, Q, GradOut, Lse, Delta, Starts, mid_hi, hi, head,
+                                            keys, n_tokens, seq_len, q_sb, q_st, q_sh, o_sb, o_st, o_sh, qk_scale,
+                                            window, dims, HAS_WINDOW, True, BLOCK_M, PRECISION)
         grad_offsets = _offsets(keys[:, None], kv_head, seq_len, g_sb, g_st, g_sh, dims[None, :])
         tl.store(GradK + grad_offsets, (grad_k * sm_scale).to(GradK.dtype.element_ty), mask=key_ok[:, None])
         tl.store(GradV + grad_offsets, grad_v.to(GradV.dtype.element_ty), mask=key_ok[:, None])
 
     @triton.jit
+    def _dq_keys(grad_q, q, do, lse, delta, K, V, lo, hi, rows, starts, n_tokens, seq_len, kv_head, k_sb, k_st, k_sh,
+                 v_sb, v_st, v_sh, qk_scale, window, dims, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
+                 BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        """dQ of one query block accumulated over the key blocks starting in [lo, hi)."""
+        for key0 in range(lo, hi, BLOCK_N):
+            keys = key0 + tl.arange(0, BLOCK_N)
+            key_ok = keys < n_tokens
+            k_t = tl.load(K + _offsets(keys[None, :], kv_head, seq_len, k_sb, k_st, k_sh, dims[:, None]),
+                          mask=key_ok[None, :], other=0.0)  # [D, BLOCK_N]
+            v_t = tl.load(V + _offsets(keys[None, :], kv_head, seq_len, v_sb, v_st, v_sh, dims[:, None]),
+                          mask=key_ok[None, :], other=0.0)
+            s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+            if MASKED:
+                allowed = (keys[None, :] <= rows[:, None]) & (keys[None, :] >= starts[:, None])
+                if HAS_WINDOW:
+                    allowed = allowed & (rows[:, None] - keys[None, :] < window)
+                p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+            else:
+                p = tl.exp2(s - lse[:, None])
+            dp = tl.dot(do, v_t, input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            grad_q += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION)
+        return grad_q
+
+    @triton.jit
     def _attention_dq_kernel(Q, K, V, GradOut, Lse, Delta, Starts, GradQ, n_tokens, seq_len, q_sb, q_st, q_sh, k_sb,
                              k_st, k_sh, v_sb, v_st, v_sh, o_sb, o_st, o_sh, g_sb, g_st, g_sh, qk_scale, sm_scale, window,
-                             GROUP: tl.constexpr,
-                             HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                             UNMASKED_INTERIOR: tl.constexpr):
         """dQ (strides g_*) of one block of BLOCK_M queries of one head, over the forward's key range."""
         block, head = tl.program_id(0), tl.program_id(1)
         kv_head = head // GROUP
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, HEAD_DIM)
         row_ok = rows < n_tokens
-        q_offsets = _offsets(rows[:, None], head, seq_len, q_sb, q_st, q_sh, dims[None, :])
-        q = tl.load(Q + q_offsets, mask=row_ok[:, None], other=0.0)
+        q = tl.load(Q + _offsets(rows[:, None], head, seq_len, q_sb, q_st, q_sh, dims[None, :]), mask=row_ok[:, None],
+                    other=0.0)
         do = tl.load(GradOut + _offsets(rows[:, None], head, seq_len, o_sb, o_st, o_sh, dims[None, :]),
                      mask=row_ok[:, None], other=0.0)
         starts = tl.load(Starts + rows, mask=row_ok, other=n_tokens)
@@ -217,23 +326,20 @@ if triton is not None:
         first_key = tl.min(starts, axis=0)
         if HAS_WINDOW:
             first_key = tl.maximum(first_key, block * BLOCK_M - window + 1)
-        last_key = tl.minimum(block * BLOCK_M + BLOCK_M, n_tokens)
+        lo = (first_key // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(block * BLOCK_M + BLOCK_M, n_tokens)
         grad_q = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        for key0 in range((first_key // BLOCK_N) * BLOCK_N, last_key, BLOCK_N):
-            keys = key0 + tl.arange(0, BLOCK_N)
-            key_ok = keys < n_tokens
-            k_t = tl.load(K + _offsets(keys[None, :], kv_head, seq_len, k_sb, k_st, k_sh, dims[:, None]),
-                          mask=key_ok[None, :], other=0.0)  # [D, BLOCK_N]
-            v_t = tl.load(V + _offsets(keys[None, :], kv_head, seq_len, v_sb, v_st, v_sh, dims[:, None]),
-                          mask=key_ok[None, :], other=0.0)
-            s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
-            allowed = (keys[None, :] <= rows[:, None]) & (keys[None, :] >= starts[:, None])
-            if HAS_WINDOW:
-                allowed = allowed & (rows[:, None] - keys[None, :] < window)
-            p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, v_t, input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            grad_q += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION)
+        if UNMASKED_INTERIOR:
+            mid_lo, mid_hi = _interior_keys(lo, hi, block, starts, window, HAS_WINDOW, BLOCK_M, BLOCK_N)
+            grad_q = _dq_keys(grad_q, q, do, lse, delta, K, V, lo, mid_lo, rows, starts, n_tokens, seq_len, kv_head,
+                              k_sb, k_st, k_sh, v_sb, v_st, v_sh, qk_scale, window, dims, HAS_WINDOW, True, BLOCK_N,
+                              PRECISION)
+            grad_q = _dq_keys(grad_q, q, do, lse, delta, K, V, mid_lo, mid_hi, rows, starts, n_tokens, seq_len, kv_head,
+                              k_sb, k_st, k_sh, v_sb, v_st, v_sh, qk_scale, window, dims, HAS_WINDOW, False, BLOCK_N,
+                              PRECISION)
+            lo = mid_hi
+        grad_q = _dq_keys(grad_q, q, do, lse, delta, K, V, lo, hi, rows, starts, n_tokens, seq_len, kv_head, k_sb, k_st,
+                          k_sh, v_sb, v_st, v_sh, qk_scale, window, dims, HAS_WINDOW, True, BLOCK_N, PRECISION)
         grad_offsets = _offsets(rows[:, None], head, seq_len, g_sb, g_st, g_sh, dims[None, :])
         tl.store(GradQ + grad_offsets, (grad_q * sm_scale).to(GradQ.dtype.element_ty), mask=row_ok[:, None])
 
@@ -263,7 +369,9 @@ class _PackedSinkAttention(torch.autograd.Function):
             *_strides(q, "q"), *_strides(k, "k"), *_strides(v, "v"), *_strides(out, "out"), scale * LOG2E,
             window,
             GROUP=q_heads // k.shape[2], HEAD_DIM=head_dim, HAS_SINKS=sinks is not None, HAS_WINDOW=window > 0,
-            BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q), num_warps=warps, num_stages=stages)
+            BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q), UNMASKED_INTERIOR=UNMASKED_INTERIOR, num_warps=warps,
+            num_stages=stages)
+        ctx.unmasked_interior = UNMASKED_INTERIOR  # the backward follows its forward's setting
         ctx.save_for_backward(q, k, v, sinks, starts, ends, out, lse)
         ctx.window, ctx.scale, ctx.blocks = window, scale, blocks
         return out
@@ -284,7 +392,8 @@ class _PackedSinkAttention(torch.autograd.Function):
         grad_k, grad_v = (torch.empty(k.shape, dtype=k.dtype, device=k.device) for _ in range(2))
         block_m, block_n, warps, stages = ctx.blocks[1]
         common = dict(GROUP=q_heads // kv_heads, HEAD_DIM=head_dim, HAS_WINDOW=ctx.window > 0, BLOCK_M=block_m,
-                      BLOCK_N=block_n, PRECISION=_precision(q), num_warps=warps, num_stages=stages)
+                      BLOCK_N=block_n, PRECISION=_precision(q), UNMASKED_INTERIOR=ctx.unmasked_interior, num_warps=warps,
+                      num_stages=stages)
         _attention_dkdv_kernel[(triton.cdiv(n_tokens, block_n), kv_heads)](
             q, k, v, grad_out, lse, delta, starts, ends, grad_k, grad_v, n_tokens, seq_len, *strides,
             *_strides(grad_k, "grad_k"), ctx.scale * LOG2E, ctx.scale, ctx.window, **common)
