@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from flex_tune import packed_rope_and_documents
 from records import emit
 
 from rustforge.model import attention
@@ -44,11 +45,7 @@ def make_inputs(seq: int, docs: int, device):
     q, k, v = (torch.randn(1, seq, heads, 64, generator=g).to(device, torch.bfloat16).requires_grad_()
                for heads in (64, 8, 8))
     sinks = torch.randn(64, generator=g).to(device, torch.float32).requires_grad_()
-    pos = torch.arange(seq) % (seq // docs)
-    inv_freq = 1.0 / (150000 ** (torch.arange(0, 64, 2).float() / 64))
-    freqs = pos[:, None].float() * inv_freq[None]
-    cos, sin = freqs.cos()[None].to(device, torch.bfloat16), freqs.sin()[None].to(device, torch.bfloat16)
-    doc_ids = (torch.arange(seq) // (seq // docs)).clamp(max=docs - 1)[None].to(device)
+    cos, sin, doc_ids = packed_rope_and_documents(seq, docs, device)
     grad = torch.randn(1, seq, 64, 64, generator=g).to(device, torch.bfloat16)
     return (q, k, v, sinks), cos, sin, doc_ids, grad
 

@@ -54,12 +54,18 @@ def make_inputs(seq: int, docs: int, device):
     k = torch.randn(1, 8, seq, 64, generator=g).to(device, torch.bfloat16).requires_grad_()
     v = torch.randn(1, 8, seq, 64, generator=g).to(device, torch.bfloat16).requires_grad_()
     sinks = torch.randn(64, generator=g).to(device, torch.bfloat16).requires_grad_()
+    return (q, k, v, sinks, *packed_rope_and_documents(seq, docs, device))
+
+
+def packed_rope_and_documents(seq: int, docs: int, device):
+    """RoPE tables (cos, sin [1, seq, 32] bf16; positions restart per document) and doc_ids [1, seq] of a row of
+    `docs` equal documents: the attention benchmarks' packed batch."""
     pos = torch.arange(seq) % (seq // docs)
     inv_freq = 1.0 / (150000 ** (torch.arange(0, 64, 2).float() / 64))
     freqs = pos[:, None].float() * inv_freq[None]
     cos, sin = freqs.cos()[None].to(device, torch.bfloat16), freqs.sin()[None].to(device, torch.bfloat16)
     doc_ids = (torch.arange(seq) // (seq // docs)).clamp(max=docs - 1)[None].to(device)
-    return q, k, v, sinks, cos, sin, doc_ids
+    return cos, sin, doc_ids
 
 
 def run(fn, q, k, v, sinks, cos, sin, mask, grad):

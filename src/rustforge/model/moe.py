@@ -462,10 +462,10 @@ class _ClampedSwiGLU(torch.autograd.Function):
         """pad > 0: the output lands in the first columns of [S, I + pad] (as _GatherSorted's)."""
         ctx.save_for_backward(gate_up)
         ctx.alpha, ctx.limit = alpha, limit
-        n_out = gate_up.shape[1] // 2
-        out = gate_up.new_empty(gate_up.shape[0], n_out + pad) if pad else None
         if not pad:
             return swiglu_forward(gate_up, alpha, limit) if _fused(gate_up) else swiglu_reference(gate_up, alpha, limit)
+        n_out = gate_up.shape[1] // 2
+        out = gate_up.new_empty(gate_up.shape[0], n_out + pad)
         if _fused(gate_up):
             swiglu_forward(gate_up, alpha, limit, out=out[:, :n_out])
         else:
